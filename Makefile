@@ -1,0 +1,34 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: install install-test quickstart test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@ $(STAMP)
+
+install: $(STAMP)
+install-test: $(TEST_STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m jaxpt.quickstart
+
+test: $(TEST_STAMP)
+	$(PY) -m pytest tests -n 2 --dist loadfile
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check jaxpt tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

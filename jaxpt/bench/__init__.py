@@ -1,0 +1,51 @@
+"""Benchmarks: ``python -m jaxpt.bench <name> ...`` prints one JSON line per run.
+
+Each benchmark is a module ``jaxpt.bench.<name>`` with ``add_arguments(parser)`` and
+``run(args) -> dict``; the shared helpers here measure the machine and the process.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BENCHMARKS = ("sft", "generate", "grpo", "rm")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 1024**2
+
+
+def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:
+    """Measured matmul throughput of device 0 in FLOP/s (best of ``repeats``)."""
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (n, n), dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def median(values) -> float:
+    return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
+def decoder_flops_per_token(config, seq_len: int) -> float:
+    """Forward FLOPs per token of the decoder (matmuls and attention scores)."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
+    per_layer = 2 * d * (n * h + 2 * k * h) + 2 * n * h * d + 3 * 2 * d * f
+    attention = 2 * 2 * n * h * seq_len / 2  # causal: half the scores on average
+    return config.num_layers * (per_layer + attention) + 2 * d * v

@@ -1,0 +1,189 @@
+"""Turn validated rows into token ids and a per-token "trained" mask, and fit them to a length.
+
+A mask here is per token: mask[t] is True when token t is something the model should learn to
+produce (assistant content and its end-of-turn token, or a plain completion and EOS). The
+pipeline later shifts it onto targets.
+"""
+
+import re
+from typing import Literal
+
+import numpy as np
+
+from jaxpt.data.sources import DataError
+
+Overflow = Literal["truncate", "drop"]
+# Outcome of fitting one example to max_length; the pipeline counts each kind.
+Status = Literal["ok", "truncated", "dropped_too_long", "dropped_no_target"]
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of plain text, without BOS/EOS."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def eos_id(tokenizer) -> int:
+    """The end-of-sequence id appended after plain-text completions."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("tokenizer has no eos_token; plain-text completions need one")
+    return int(tokenizer.eos_token_id)
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation followed by the assistant generation prompt."""
+    _require_template(tokenizer)
+    out = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def render_with_assistant_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a 0/1 mask over assistant content + end-of-turn tokens.
+
+    Templates with `{% generation %}` blocks (like the shipped one) use transformers' own
+    assistant mask; other templates fall back to locating each assistant message by rendering
+    the conversation prefix before it.
+    """
+    template = _require_template(tokenizer)
+    if _GENERATION_TAG.search(template):
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return list(out["input_ids"]), list(out["assistant_masks"])
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = _assistant_char_spans(tokenizer, messages, text)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [
+        int(any(start < span_end and end > span_start for span_start, span_end in spans))
+        for start, end in encoding["offset_mapping"]
+    ]
+    return list(encoding["input_ids"]), mask
+
+
+def _assistant_char_spans(tokenizer, messages, text: str) -> list[tuple[int, int]]:
+    """Character spans of each assistant message's content (plus a directly following EOS)."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = (
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if i
+            else ""
+        )
+        start = text.find(message["content"], len(prefix))
+        if not text.startswith(prefix) or start < 0:
+            raise DataError(
+                "cannot locate assistant turns in this chat template's output; "
+                "add {% generation %} blocks to the template"
+            )
+        end = start + len(message["content"])
+        if tokenizer.eos_token and text.startswith(tokenizer.eos_token, end):
+            end += len(tokenizer.eos_token)
+        spans.append((start, end))
+    return spans
+
+
+def _require_template(tokenizer) -> str:
+    try:
+        return tokenizer.get_chat_template()
+    except ValueError:
+        raise DataError(
+            "tokenizer has no chat template; use plain prompt/completion rows"
+        ) from None
+
+
+def tokenize_sft(row: dict, tokenizer, completion_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (int32) and trained mask (bool) of one normalised SFT row.
+
+    Conversational rows train on assistant turns from `train_from` on; prompt/completion text
+    trains on the completion and an appended EOS. `completion_only=False` trains on every token.
+    """
+    if "messages" in row:
+        ids, mask = render_with_assistant_mask(tokenizer, row["messages"])
+        if row["train_from"]:
+            prompt_ids = render_prompt(tokenizer, row["messages"][: row["train_from"]])
+            if ids[: len(prompt_ids)] != prompt_ids:
+                raise DataError("chat template does not render the prompt as a prefix")
+            mask[: len(prompt_ids)] = [0] * len(prompt_ids)
+    else:
+        prompt_ids = encode_text(tokenizer, row["prompt"])
+        completion_ids = encode_text(tokenizer, row["completion"]) + [eos_id(tokenizer)]
+        ids = prompt_ids + completion_ids
+        mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
+    ids_l = np.asarray(ids, np.int32)
+    mask_l = np.asarray(mask, bool) if completion_only else np.ones(len(ids), bool)
+    return ids_l, mask_l
+
+
+def fit_sft(
+    ids_l: np.ndarray, mask_l: np.ndarray, max_length: int, overflow: Overflow
+) -> tuple[np.ndarray, np.ndarray, Status]:
+    """Keep the first `max_length` tokens (or drop the example); drop it if nothing is trained."""
+    status: Status = "ok"
+    if len(ids_l) > max_length:
+        if overflow == "drop":
+            return ids_l, mask_l, "dropped_too_long"
+        ids_l, mask_l, status = ids_l[:max_length], mask_l[:max_length], "truncated"
+    # Token 0 is never a target (nothing precedes it), so it cannot carry the loss.
+    if not mask_l[1:].any():
+        return ids_l, mask_l, "dropped_no_target"
+    return ids_l, mask_l, status
+
+
+def tokenize_preference(row: dict, tokenizer) -> dict:
+    """Tokenize the shared prompt once, then each response after it.
+
+    Returns prompt_ids, {chosen,rejected}_ids, {chosen,rejected}_mask (int lists; the mask marks
+    response tokens that are trained) and margin.
+    """
+    out = {"margin": row["margin"]}
+    if isinstance(row["prompt"], str):
+        out["prompt_ids"] = encode_text(tokenizer, row["prompt"])
+        for side in ("chosen", "rejected"):
+            out[f"{side}_ids"] = encode_text(tokenizer, row[side]) + [eos_id(tokenizer)]
+            out[f"{side}_mask"] = [1] * len(out[f"{side}_ids"])
+        return out
+    prompt_ids = render_prompt(tokenizer, row["prompt"])
+    out["prompt_ids"] = prompt_ids
+    for side in ("chosen", "rejected"):
+        ids, mask = render_with_assistant_mask(tokenizer, row["prompt"] + row[side])
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError("chat template does not render the prompt as a prefix")
+        response_ids, response_mask = ids[len(prompt_ids) :], mask[len(prompt_ids) :]
+        # Drop template text after the last trained token (e.g. the newline after <|im_end|>).
+        last = max((i for i, m in enumerate(response_mask) if m), default=-1)
+        out[f"{side}_ids"], out[f"{side}_mask"] = response_ids[: last + 1], response_mask[: last + 1]
+    return out
+
+
+def fit_preference(
+    pair: dict, max_length: int, max_prompt_length: int, overflow: Overflow
+) -> tuple[dict, Status]:
+    """Fit prompt + each response into `max_length`.
+
+    When too long: the prompt keeps its end (left-truncated) down to
+    max(max_length - longest response, max_prompt_length) tokens, then responses are cut on the
+    right. The prompt/response boundary stays exact.
+    """
+    if not 1 <= max_prompt_length < max_length:
+        raise ValueError(f"need 1 <= max_prompt_length < max_length, got {max_prompt_length}")
+    prompt = pair["prompt_ids"]
+    longest = max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+    status: Status = "ok"
+    if len(prompt) + longest > max_length:
+        if overflow == "drop":
+            return pair, "dropped_too_long"
+        keep = min(len(prompt), max(max_length - longest, max_prompt_length))
+        budget = max_length - keep
+        pair = dict(pair, prompt_ids=prompt[len(prompt) - keep :])
+        for side in ("chosen", "rejected"):
+            pair[f"{side}_ids"] = pair[f"{side}_ids"][:budget]
+            pair[f"{side}_mask"] = pair[f"{side}_mask"][:budget]
+        status = "truncated"
+    if not (any(pair["chosen_mask"]) and any(pair["rejected_mask"]) and pair["prompt_ids"]):
+        return pair, "dropped_no_target"
+    return pair, status

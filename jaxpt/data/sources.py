@@ -1,0 +1,211 @@
+"""Read example rows from files, the hub or memory, and validate them.
+
+Supported row formats (extra columns are ignored):
+
+SFT, conversational      {"messages": [{"role": ..., "content": ...}, ...]}  (>= 1 assistant turn)
+SFT, prompt/completion   {"prompt": str, "completion": str}, or TRL-style
+                         {"prompt": [messages], "completion": [messages]}
+Preference               {"prompt", "chosen", "rejected"}: all plain strings, or a message list
+                         for the prompt and message lists (with an assistant turn) for both
+                         responses; optional "margin" number (absent -> 0.0).
+
+Validated rows are normalised to one of:
+    {"messages": [{"role", "content"}], "train_from": int}   # loss only on messages[train_from:]
+    {"prompt": str, "completion": str}
+    {"prompt": str | messages, "chosen": str | messages, "rejected": ..., "margin": float}
+"""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+ROLES = ("system", "user", "assistant", "tool")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+RowKind = Literal["sft", "preference"]
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the source and the row."""
+
+
+class RowProblem(Exception):
+    """Internal: what is wrong with one row (turned into a DataError with file and row)."""
+
+
+@dataclasses.dataclass
+class LoadedExamples:
+    """Validated, normalised rows and how many were read and skipped."""
+
+    rows: list[dict]
+    source: str
+    num_read: int
+    num_skipped: int
+    skip_reasons: list[str]  # the first few, for logging
+
+
+def load_examples(
+    source: str | Path | list[dict],
+    kind: RowKind = "sft",
+    split: str = "train",
+    skip_invalid: bool = False,
+) -> LoadedExamples:
+    """Load and validate rows from a .jsonl/.json/.parquet file, a hub dataset or a list of dicts.
+
+    A bad row raises DataError naming the source and the 0-based row index, unless
+    `skip_invalid`, in which case it is dropped and counted in `num_skipped`.
+    """
+    normalize = normalize_sft_row if kind == "sft" else normalize_preference_row
+    name = "<memory>" if isinstance(source, list) else str(source)
+    rows, reasons, num_read = [], [], 0
+    for index, where, row in _read_rows(source, split):
+        num_read += 1
+        try:
+            if isinstance(row, RowProblem):
+                raise row
+            rows.append(normalize(row))
+        except RowProblem as problem:
+            message = f"{name}: row {index}{where}: {problem}"
+            if not skip_invalid:
+                raise DataError(message) from None
+            reasons.append(message)
+    return LoadedExamples(rows, name, num_read, len(reasons), reasons[:20])
+
+
+def _read_rows(source, split: str) -> Iterator[tuple[int, str, Any]]:
+    """Yield (row index, location hint, row dict or RowProblem) from any supported source."""
+    if isinstance(source, list):
+        yield from ((i, "", row) for i, row in enumerate(source))
+        return
+    path = Path(source)
+    if path.suffix in FILE_SUFFIXES or path.is_file():
+        if not path.is_file():
+            raise DataError(f"{source}: no such file")
+        if path.suffix == ".parquet":
+            yield from _read_with_datasets("parquet", str(path))
+        elif path.suffix in (".jsonl", ".json"):
+            yield from _read_json(path)
+        else:
+            raise DataError(f"{source}: unsupported file type (use {', '.join(FILE_SUFFIXES)})")
+        return
+    import datasets  # only hub and directory users pay for the import
+
+    try:  # a hub name, or a local directory of data files
+        dataset = datasets.load_dataset(str(source), split=split)
+    except Exception as error:  # noqa: BLE001 - report any loader failure the same way
+        raise DataError(f"{source}: could not load dataset split {split!r}: {error}") from error
+    yield from ((i, "", row) for i, row in enumerate(dataset))
+
+
+def _read_with_datasets(builder: str, path: str) -> Iterator[tuple[int, str, Any]]:
+    import datasets
+
+    dataset = datasets.load_dataset(builder, data_files=path, split="train")
+    yield from ((i, "", row) for i, row in enumerate(dataset))
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, str, Any]]:
+    # Parsed here rather than by `datasets`: Arrow rejects a whole file when one row has a
+    # differently typed field, without saying which row; we want to name (or skip) that row.
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: invalid JSON: {error}") from None
+        yield from ((i, "", row) for i, row in enumerate(rows))
+        return
+    index = 0
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            row = RowProblem(f"invalid JSON: {error}")
+        yield index, f" (line {line_number})", row
+        index += 1
+
+
+def normalize_sft_row(row: Any) -> dict:
+    """Validate one SFT row and return its normalised form; raise RowProblem if it is bad."""
+    _require_dict(row)
+    if "messages" in row:
+        messages = _messages(row["messages"], "messages")
+        _require_assistant(messages, "messages")
+        return {"messages": messages, "train_from": 0}
+    if "prompt" not in row or "completion" not in row:
+        raise RowProblem("needs a 'messages' field, or both 'prompt' and 'completion'")
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return {"prompt": prompt, "completion": completion}
+    if isinstance(prompt, list) and isinstance(completion, list):
+        prompt_messages = _messages(prompt, "prompt")
+        completion_messages = _messages(completion, "completion")
+        _require_assistant(completion_messages, "completion")
+        return {"messages": prompt_messages + completion_messages, "train_from": len(prompt)}
+    raise RowProblem(
+        "'prompt' and 'completion' must both be strings or both be message lists, got "
+        f"{type(prompt).__name__} and {type(completion).__name__}"
+    )
+
+
+def normalize_preference_row(row: Any) -> dict:
+    """Validate one preference row and return its normalised form; raise RowProblem if bad."""
+    _require_dict(row)
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+    if missing:
+        raise RowProblem(f"missing field(s) {', '.join(map(repr, missing))}")
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+        out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    elif all(isinstance(x, list) for x in (prompt, chosen, rejected)):
+        out = {"prompt": _messages(prompt, "prompt")}
+        for field in ("chosen", "rejected"):
+            out[field] = _messages(row[field], field)
+            _require_assistant(out[field], field)
+    else:
+        kinds = ", ".join(type(x).__name__ for x in (prompt, chosen, rejected))
+        raise RowProblem(
+            "'prompt', 'chosen' and 'rejected' must all be strings or all be message lists, "
+            f"got {kinds}"
+        )
+    out["margin"] = _margin(row.get("margin"))
+    return out
+
+
+def _require_dict(row: Any) -> None:
+    if not isinstance(row, dict):
+        raise RowProblem(f"expected a JSON object, got {type(row).__name__}")
+
+
+def _messages(value: Any, field: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise RowProblem(f"'{field}' must be a non-empty list of messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RowProblem(f"'{field}[{i}]' must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise RowProblem(f"'{field}[{i}]' has unknown role {role!r} (expected one of {ROLES})")
+        if not isinstance(content, str):
+            raise RowProblem(
+                f"'{field}[{i}].content' must be a string, got {type(content).__name__}"
+            )
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _require_assistant(messages: list[dict], field: str) -> None:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowProblem(f"'{field}' has no assistant turn to train on")
+
+
+def _margin(value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowProblem(f"'margin' must be a finite number, got {value!r}")
+    return float(value)

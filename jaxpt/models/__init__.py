@@ -1,0 +1,38 @@
+"""jaxpt's causal-LM family and its Hugging Face checkpoint I/O."""
+
+from jaxpt.models.config import (
+    SUPPORTED_ARCHITECTURES,
+    ModelConfig,
+    UnsupportedArchitectureError,
+    config_from_hf,
+    hf_config_from_dict,
+)
+from jaxpt.models.decoder import REMAT_POLICIES, CausalLM, KVCache
+from jaxpt.models.hf_io import (
+    from_pretrained,
+    hf_config_of,
+    init_model,
+    save_pretrained,
+    state_shardings,
+)
+from jaxpt.models.presets import PRESETS, load_model, preset_config, shipped_model_dir
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "CausalLM",
+    "KVCache",
+    "ModelConfig",
+    "REMAT_POLICIES",
+    "UnsupportedArchitectureError",
+    "config_from_hf",
+    "from_pretrained",
+    "hf_config_from_dict",
+    "hf_config_of",
+    "init_model",
+    "load_model",
+    "PRESETS",
+    "preset_config",
+    "shipped_model_dir",
+    "save_pretrained",
+    "state_shardings",
+]

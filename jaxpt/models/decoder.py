@@ -1,0 +1,204 @@
+"""The decoder-only causal LM (Llama / Qwen2 / Qwen3 / Mistral family) in Flax NNX.
+
+Module and parameter names mirror transformers' (``model.layers.0.self_attn.q_proj.weight``)
+so that checkpoint I/O is a name lookup.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxpt.models.config import ModelConfig
+from jaxpt.models.layers import MLP, Attention, RMSNorm, rotary_cos_sin
+from jaxpt.models.layers import attention_mask as build_attention_mask
+from jaxpt.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values [B, S, K, H] plus what the attention mask needs per slot."""
+
+    k: tuple
+    v: tuple
+    segment_ids: jax.Array  # [B, S], 0 = empty or padding
+    positions: jax.Array  # [B, S]
+    index: jax.Array  # scalar int32: the next slot to write
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(
+            k=zeros,
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            segment_ids=jnp.zeros((batch, length), jnp.int32),
+            positions=jnp.zeros((batch, length), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config, *, rngs, dtype, param_dtype, attention_impl=None):
+        norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.self_attn = Attention(
+            config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, implementation=attention_impl
+        )
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, h_btd, cos, sin, mask, kv_cache=None, cache_index=None):
+        attn, kv_cache = self.self_attn(
+            self.input_layernorm(h_btd), cos, sin, mask, kv_cache, cache_index
+        )
+        h_btd = h_btd + attn
+        h_btd = h_btd + self.mlp(self.post_attention_layernorm(h_btd))
+        return constrain(h_btd, ("batch", "seq", "embed")), kv_cache
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab_size, dim, *, rngs, std, dtype, param_dtype):
+        self.weight = nnx.Param(
+            std * jax.random.normal(rngs.params(), (vocab_size, dim), param_dtype),
+            logical_axes=("vocab", "embed"),
+        )
+        self.dtype = dtype
+
+    def __call__(self, ids_bt):
+        return jnp.take(self.weight[...], ids_bt, axis=0).astype(self.dtype)
+
+    def attend(self, h_btd):
+        return jnp.einsum("btd,vd->btv", h_btd, self.weight[...].astype(self.dtype))
+
+
+class Decoder(nnx.Module):
+    def __init__(self, config, *, rngs, dtype, param_dtype, attention_impl=None):
+        c = config
+        self.embed_tokens = Embedding(
+            c.vocab_size, c.hidden_size, rngs=rngs, std=c.initializer_range,
+            dtype=dtype, param_dtype=param_dtype,
+        )
+        self.layers = nnx.List([
+            DecoderLayer(c, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                         attention_impl=attention_impl)
+            for _ in range(c.num_layers)
+        ])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only transformer with an LM head.
+
+    Call with ``input_ids`` [B, T] and optionally ``positions``, ``segment_ids`` (packed
+    documents, 0 = padding) or an ``attention_mask`` (1 = real token). Returns float32
+    logits [B, T, V]; with ``cache`` (a ``KVCache``) returns ``(logits, new_cache)``.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: str = "none",
+        attention_impl: str | None = None,
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose from {list(REMAT_POLICIES)}")
+        self.config = config
+        self.dtype = dtype
+        self.remat = remat
+        self.model = Decoder(
+            config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        )
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Embedding(
+                config.vocab_size, config.hidden_size, rngs=rngs, std=config.initializer_range,
+                dtype=dtype, param_dtype=param_dtype,
+            )
+
+    def logits(self, h_btd):
+        """LM-head logits (float32) from final hidden states."""
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return constrain(head.attend(h_btd).astype(jnp.float32), ("batch", "seq", "vocab"))
+
+    def __call__(
+        self,
+        input_ids,
+        positions=None,
+        segment_ids=None,
+        attention_mask=None,
+        *,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ):
+        ids_bt = jnp.asarray(input_ids, jnp.int32)
+        b, t = ids_bt.shape
+        if segment_ids is None:
+            segment_ids = (
+                jnp.ones((b, t), jnp.int32)
+                if attention_mask is None
+                else jnp.asarray(attention_mask, jnp.int32)
+            )
+        segment_bt = jnp.asarray(segment_ids, jnp.int32)
+        if positions is None:
+            if attention_mask is None:
+                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            else:  # count real tokens so left padding does not shift positions
+                positions = jnp.maximum(jnp.cumsum(segment_bt != 0, axis=1) - 1, 0)
+        positions_bt = jnp.asarray(positions, jnp.int32)
+
+        if cache is None:
+            q_slot_t = jnp.arange(t, dtype=jnp.int32)
+            k_slot_s, k_segment_bs, k_pos_bs = q_slot_t, segment_bt, positions_bt
+        else:
+            q_slot_t = cache.index + jnp.arange(t, dtype=jnp.int32)
+            k_segment_bs = jax.lax.dynamic_update_slice(cache.segment_ids, segment_bt, (0, cache.index))
+            k_pos_bs = jax.lax.dynamic_update_slice(cache.positions, positions_bt, (0, cache.index))
+            k_slot_s = jnp.arange(k_segment_bs.shape[1], dtype=jnp.int32)
+
+        cos, sin = rotary_cos_sin(positions_bt, jnp.asarray(self.config.inv_freq()))
+        masks = {}  # one mask per distinct sliding window
+        h_btd = constrain(self.model.embed_tokens(ids_bt), ("batch", "seq", "embed"))
+        new_k, new_v = [], []
+        policy = REMAT_POLICIES[self.remat]
+
+        def run_layer(layer, h, cos, sin, mask, kv, index):
+            return layer(h, cos, sin, mask, kv, index)
+
+        if self.remat != "none" and cache is None:
+            run_layer = nnx.remat(run_layer, policy=policy, prevent_cse=True)
+
+        for i, layer in enumerate(self.model.layers):
+            window = self.config.sliding_windows[i] if self.config.sliding_windows else None
+            if window not in masks:
+                masks[window] = build_attention_mask(
+                    segment_bt, q_slot_t, positions_bt, k_segment_bs, k_slot_s, k_pos_bs, window
+                )
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            index = None if cache is None else cache.index
+            h_btd, kv = run_layer(layer, h_btd, cos, sin, masks[window], kv, index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        h_btd = self.model.norm(h_btd)
+        out = h_btd if return_hidden else self.logits(h_btd)
+        if cache is None:
+            return out
+        new_cache = KVCache(
+            k=tuple(new_k), v=tuple(new_v), segment_ids=k_segment_bs, positions=k_pos_bs,
+            index=cache.index + t,
+        )
+        return out, new_cache

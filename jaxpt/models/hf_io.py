@@ -1,0 +1,272 @@
+"""Hugging Face checkpoints <-> sharded NNX models.
+
+Loading builds the model abstractly, then materializes each parameter directly on its
+mesh sharding from a memory-mapped safetensors file: every device reads only its own
+slice, so no host ever holds a full copy per device. Saving gathers one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jaxpt.models.config import ModelConfig, config_from_hf, hf_config_from_dict
+from jaxpt.models.decoder import CausalLM
+from jaxpt.models.safetensors_io import SafetensorsFile, write_safetensors
+from jaxpt.sharding import make_mesh, named_sharding
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def _dtype(name_or_dtype):
+    return jnp.dtype(name_or_dtype) if name_or_dtype is not None else jnp.dtype(jnp.float32)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_name(path) -> str:
+    """HF tensor name of an NNX state path, e.g. ``model.layers.0.mlp.up_proj.weight``."""
+    return ".".join(str(p) for p in path)
+
+
+def state_shardings(state: nnx.State, mesh, rules=None):
+    """A tree of NamedShardings matching ``state`` (each Variable by its logical axes)."""
+
+    def sharding_of(var):
+        axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+        return named_sharding(mesh, axes, var.shape, rules)
+
+    return jax.tree.map(sharding_of, state, is_leaf=_is_variable)
+
+
+def _build(config, seed, **model_kwargs) -> CausalLM:
+    return CausalLM(config, rngs=nnx.Rngs(seed), **model_kwargs)
+
+
+def _model_kwargs(dtype, param_dtype, remat, attention_impl):
+    return dict(
+        dtype=_dtype(dtype), param_dtype=_dtype(param_dtype), remat=remat,
+        attention_impl=attention_impl,
+    )
+
+
+def init_model(
+    config: ModelConfig | dict | transformers.PretrainedConfig,
+    *,
+    seed: int = 0,
+    mesh=None,
+    rules=None,
+    dtype="float32",
+    param_dtype="float32",
+    remat: str = "none",
+    attention_impl: str | None = None,
+) -> CausalLM:
+    """A randomly initialized model (seeded), created directly on its mesh shardings."""
+    hf_config = config if not isinstance(config, dict) else hf_config_from_dict(config)
+    model_config = hf_config if isinstance(hf_config, ModelConfig) else config_from_hf(hf_config)
+    mesh = mesh if mesh is not None else make_mesh({}, devices=jax.devices()[:1])
+    kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl)
+    abstract = nnx.eval_shape(lambda: _build(model_config, 0, **kwargs))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+    state = jax.jit(lambda: nnx.state(_build(model_config, seed, **kwargs)), out_shardings=shardings)()
+    model = nnx.merge(graphdef, state)
+    _attach_hf_config(model, hf_config)
+    return model
+
+
+def _attach_hf_config(model, hf_config):
+    # The HF config travels with the model (not as state) so save_pretrained can write it.
+    if isinstance(hf_config, ModelConfig):
+        hf_config = None
+    object.__setattr__(model, "_hf_config", hf_config)
+
+
+def hf_config_of(model) -> transformers.PretrainedConfig:
+    hf_config = getattr(model, "_hf_config", None)
+    if hf_config is None:
+        raise ValueError("this model was built from a bare ModelConfig; pass an HF config to save it")
+    return hf_config
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """A local directory for a checkpoint: the path itself, or a Hub snapshot download."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path):
+        raise ValueError(f"{name_or_path} is a file; from_pretrained expects a model directory")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt"]
+    )
+
+
+def _tensor_files(model_dir: str) -> dict[str, SafetensorsFile]:
+    """Map each tensor name to the (lazily opened) file that holds it."""
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    single_path = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {fn: SafetensorsFile(os.path.join(model_dir, fn)) for fn in set(weight_map.values())}
+        return {name: files[fn] for name, fn in weight_map.items()}
+    if os.path.exists(single_path):
+        file = SafetensorsFile(single_path)
+        return {name: file for name in file.keys()}
+    raise FileNotFoundError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def load_state(abstract_state: nnx.State, tensors: dict, mesh, rules, model_dir: str) -> nnx.State:
+    """Fill an abstract state from safetensors, each tensor straight onto its sharding."""
+    shardings = state_shardings(abstract_state, mesh, rules)
+    flat_shardings = dict(nnx.to_flat_state(shardings))
+    loaded = []
+    for path, var in nnx.to_flat_state(abstract_state):
+        name = param_name(path)
+        if name not in tensors:
+            raise KeyError(f"{model_dir}: checkpoint is missing tensor {name!r}")
+        source = tensors[name].array(name)
+        if tuple(source.shape) != tuple(var.shape):
+            raise ValueError(
+                f"{model_dir}: tensor {name!r} has shape {tuple(source.shape)}, "
+                f"expected {tuple(var.shape)}"
+            )
+        dtype = var.dtype
+
+        def read_slice(index, source=source, dtype=dtype):
+            return np.asarray(source[index]).astype(dtype)
+
+        array = jax.make_array_from_callback(var.shape, flat_shardings[path], read_slice)
+        loaded.append((path, var.replace(array)))
+    return nnx.from_flat_state(loaded)
+
+
+def from_pretrained(
+    name_or_path: str,
+    *,
+    dtype="float32",
+    param_dtype="float32",
+    mesh=None,
+    rules=None,
+    remat: str = "none",
+    attention_impl: str | None = None,
+) -> CausalLM:
+    """Load a Hugging Face causal-LM checkpoint (single or sharded safetensors).
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the weights;
+    ``mesh`` (default: one device) and ``rules`` place every tensor on its sharding.
+    """
+    model_dir = resolve_model_dir(name_or_path)
+    hf_config = transformers.AutoConfig.from_pretrained(model_dir)
+    config = config_from_hf(hf_config)
+    mesh = mesh if mesh is not None else make_mesh({}, devices=jax.devices()[:1])
+    kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl)
+    abstract = nnx.eval_shape(lambda: _build(config, 0, **kwargs))
+    graphdef, abstract_state = nnx.split(abstract)
+    tensors = _tensor_files(model_dir)
+    expected = {param_name(p) for p, _ in nnx.to_flat_state(abstract_state)}
+    unused = sorted(set(tensors) - expected - {"lm_head.weight"})
+    if unused:
+        log.warning("%s: ignoring %d unused tensors, e.g. %s", model_dir, len(unused), unused[:3])
+    state = load_state(abstract_state, tensors, mesh, rules, model_dir)
+    model = nnx.merge(graphdef, state)
+    _attach_hf_config(model, hf_config)
+    return model
+
+
+def host_arrays(state: nnx.State, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, numpy array) per parameter, gathered to the host one tensor at a time."""
+    for path, var in nnx.to_flat_state(state):
+        value = var[...]
+        if not value.is_fully_addressable:
+            value = multihost_utils.process_allgather(value, tiled=True)
+        array = np.asarray(jax.device_get(value))
+        yield param_name(path), array.astype(dtype) if dtype is not None else array
+
+
+def write_checkpoint(
+    model_dir: str, named_arrays, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> list[str]:
+    """Write ``(name, array)`` pairs as safetensors, sharded with an index above the limit."""
+    shards, current, size = [], [], 0
+    for name, array in named_arrays:
+        if current and size + array.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, array))
+        size += array.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        write_safetensors(os.path.join(model_dir, SINGLE_FILE), shards[0])
+        stale = os.path.join(model_dir, INDEX_FILE)
+        if os.path.exists(stale):
+            os.remove(stale)
+        return [SINGLE_FILE]
+    names, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(model_dir, filename), shard)
+        names.append(filename)
+        for name, array in shard:
+            weight_map[name] = filename
+            total += array.nbytes
+    with open(os.path.join(model_dir, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def save_pretrained(
+    model: CausalLM,
+    out_dir: str,
+    *,
+    dtype=None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    hf_config: transformers.PretrainedConfig | None = None,
+) -> str:
+    """Write ``config.json`` and safetensors that ``transformers`` loads.
+
+    ``dtype`` (e.g. ``"bfloat16"``) converts the weights on the way out; the default keeps
+    the parameter dtype. Only process 0 writes; every process must call this.
+    """
+    hf_config = hf_config or hf_config_of(model)
+    state = nnx.state(model, nnx.Param)
+    out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    arrays = host_arrays(state, out_dtype)
+    if jax.process_index() != 0:
+        for _ in arrays:  # take part in the gathers
+            pass
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    first_dtype = None
+
+    def tracked():
+        nonlocal first_dtype
+        for name, array in arrays:
+            first_dtype = first_dtype or array.dtype
+            yield name, array
+
+    write_checkpoint(out_dir, tracked(), max_shard_bytes=max_shard_bytes)
+    hf_config = _copy_config(hf_config)
+    hf_config.dtype = str(np.dtype(first_dtype)) if first_dtype is not None else "float32"
+    hf_config.save_pretrained(out_dir)
+    return out_dir
+
+
+def _copy_config(hf_config):
+    return hf_config.__class__.from_dict(hf_config.to_dict())

@@ -1,0 +1,145 @@
+"""Building blocks of the decoder: linear, RMSNorm, rotary embeddings, attention, MLP.
+
+Weights keep the Hugging Face layout (``[out_features, in_features]``), so checkpoints
+load slice by slice with no transposes, and each parameter names its logical axes
+(``logical_axes`` metadata) for ``jaxpt.sharding``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpt.sharding import constrain
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
+    return std * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ W.T + b`` with ``W`` stored as ``[out, in]``."""
+
+    def __init__(self, in_features, out_features, *, axes, bias, rngs, std, dtype, param_dtype):
+        self.weight = nnx.Param(
+            _normal(rngs, (out_features, in_features), std, param_dtype), logical_axes=axes
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=axes[:1])
+            if bias
+            else None
+        )
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, as transformers does, then cast back."""
+
+    def __init__(self, dim, *, eps, axes=("norm",), dtype, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=axes)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rotary_cos_sin(positions_bt, inv_freq_f):
+    """cos and sin tables [B, T, head_dim] in float32 for the given positions."""
+    angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
+    angles_bth = jnp.concatenate([angles_btf, angles_btf], axis=-1)
+    return jnp.cos(angles_bth), jnp.sin(angles_bth)
+
+
+def apply_rotary(x_btnh, cos_bth, sin_bth):
+    """Rotate query/key heads by position (the half-split layout transformers uses)."""
+    half = x_btnh.shape[-1] // 2
+    rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
+    out = x_btnh.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+    return out.astype(x_btnh.dtype)
+
+
+def attention_mask(q_segment_bt, q_slot_t, q_pos_bt, k_segment_bs, k_slot_s, k_pos_bs, window):
+    """Boolean mask [B, 1, T, S]: causal in slot order, same document, key not padding.
+
+    Slots are indices into the key sequence (the KV cache during decoding); positions are
+    the rotary positions, used for sliding-window attention.
+    """
+    same_doc = q_segment_bt[:, :, None] == k_segment_bs[:, None, :]
+    mask = same_doc & (k_segment_bs[:, None, :] != 0)
+    mask = mask & (k_slot_s[None, None, :] <= q_slot_t[None, :, None])
+    if window is not None:
+        mask = mask & (q_pos_bt[:, :, None] - k_pos_bs[:, None, :] < window)
+    return mask[:, None, :, :]
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional qkv bias and q/k RMSNorm."""
+
+    def __init__(self, config, *, rngs, dtype, param_dtype, implementation=None):
+        c = config
+        std = c.initializer_range
+        common = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
+        d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = Linear(d, n * h, axes=("heads", "embed"), bias=c.qkv_bias, **common)
+        self.k_proj = Linear(d, k * h, axes=("kv_heads", "embed"), bias=c.qkv_bias, **common)
+        self.v_proj = Linear(d, k * h, axes=("kv_heads", "embed"), bias=c.qkv_bias, **common)
+        self.o_proj = Linear(n * h, d, axes=("embed", "heads"), bias=c.o_bias, **common)
+        if c.qk_norm:
+            norm = dict(eps=c.rms_norm_eps, axes=("head_dim",), dtype=dtype, param_dtype=param_dtype)
+            self.q_norm = RMSNorm(h, **norm)
+            self.k_norm = RMSNorm(h, **norm)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.implementation = implementation
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, kv_cache=None, cache_index=None):
+        """Attend; with ``kv_cache=(k_bskh, v_bskh)`` the new keys/values are written at
+        ``cache_index`` and attention runs over the whole cache. Returns (out, new kv)."""
+        b, t, _ = x_btd.shape
+        q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(apply_rotary(q, cos_bth, sin_bth), ("batch", "seq", "heads", None))
+        k = constrain(apply_rotary(k, cos_bth, sin_bth), ("batch", "seq", "kv_heads", None))
+        v = constrain(v, ("batch", "seq", "kv_heads", None))
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            kv_cache = (k, v)
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_b1ts,
+            implementation=self.implementation,
+        )
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config, *, rngs, dtype, param_dtype):
+        c = config
+        common = dict(rngs=rngs, std=c.initializer_range, dtype=dtype, param_dtype=param_dtype)
+        d, f = c.hidden_size, c.intermediate_size
+        self.gate_proj = Linear(d, f, axes=("mlp", "embed"), bias=c.mlp_bias, **common)
+        self.up_proj = Linear(d, f, axes=("mlp", "embed"), bias=c.mlp_bias, **common)
+        self.down_proj = Linear(f, d, axes=("embed", "mlp"), bias=c.mlp_bias, **common)
+
+    def __call__(self, x_btd):
+        h_btf = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        return self.down_proj(constrain(h_btf, ("batch", "seq", "mlp")))

@@ -1,0 +1,135 @@
+"""Meshes and the one table that maps logical axis names to mesh axes.
+
+Models name logical axes only (``embed``, ``vocab``, ``heads``, ...). ``LOGICAL_RULES``
+maps each to zero or more mesh axes of the ``(data, fsdp, tensor)`` mesh; a config may
+override entries. Every sharding in jaxpt is derived here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (str), several mesh axes (tuple), or None (replicated).
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "norm": None,
+    "cache_seq": None,
+}
+
+
+def make_mesh(
+    shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """Build a mesh with axes ``(data, fsdp, tensor)``.
+
+    ``shape`` maps axis names to sizes; one size may be -1 to take the remaining devices.
+    Missing axes get size 1. The default puts every device on ``fsdp``. Axis types are
+    always Auto: the compiler propagates shardings and we constrain activations by hand.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = dict(shape or {"fsdp": -1})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid axes are {MESH_AXES}")
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {shape} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+            f"but {len(devices)} are available"
+        )
+    if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
+        # create_device_mesh orders devices for the physical topology (TPU ICI rings).
+        device_grid = mesh_utils.create_device_mesh(sizes, devices)
+    else:
+        device_grid = np.array(devices).reshape(sizes)
+    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def merged_rules(overrides: Mapping[str, object] | None = None) -> dict:
+    """``LOGICAL_RULES`` with a config's overrides applied (lists become tuples)."""
+    rules = dict(LOGICAL_RULES)
+    for key, value in (overrides or {}).items():
+        rules[key] = tuple(value) if isinstance(value, list) else value
+    return rules
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, object] | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for an array with the given logical axes.
+
+    With ``shape`` and ``mesh`` given, a dimension that the mapped mesh axes do not divide
+    is replicated instead, and a mesh axis is used at most once per array.
+    """
+    rules = LOGICAL_RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(logical_axes):
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes:
+                if shape[dim] % math.prod(mesh.shape[a] for a in axes):
+                    axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    mesh: Mesh, logical_axes: Sequence[str | None], shape=None, rules=None
+) -> NamedSharding:
+    """NamedSharding on ``mesh`` for an array with the given logical axes."""
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
+
+
+def current_mesh():
+    """The mesh set with ``jax.set_mesh``, or None when there is none."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation's sharding under the current mesh; a no-op without one."""
+    mesh = current_mesh()
+    if mesh is None:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding for a batch array: leading axis over the data axes, the rest replicated."""
+    return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1))
