@@ -22,8 +22,9 @@ in training, whatever the seeds.
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 

@@ -96,7 +96,9 @@ def _require_template(tokenizer) -> str:
         ) from None
 
 
-def tokenize_sft(row: dict, tokenizer, completion_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_sft(
+    row: dict, tokenizer, completion_only: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (int32) and trained mask (bool) of one normalised SFT row.
 
     Conversational rows train on assistant turns from `train_from` on; prompt/completion text
@@ -156,7 +158,10 @@ def tokenize_preference(row: dict, tokenizer) -> dict:
         response_ids, response_mask = ids[len(prompt_ids) :], mask[len(prompt_ids) :]
         # Drop template text after the last trained token (e.g. the newline after <|im_end|>).
         last = max((i for i, m in enumerate(response_mask) if m), default=-1)
-        out[f"{side}_ids"], out[f"{side}_mask"] = response_ids[: last + 1], response_mask[: last + 1]
+        out[f"{side}_ids"], out[f"{side}_mask"] = (
+            response_ids[: last + 1],
+            response_mask[: last + 1],
+        )
     return out
 
 

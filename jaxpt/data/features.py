@@ -7,7 +7,7 @@ positions int32, 0.. within each document; segment_ids int32, 1, 2, .. per docum
 padding.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,7 +37,10 @@ class RaggedStore:
         return self._len
 
     def __getitem__(self, index: int) -> dict:
-        row = {key: flat[offsets[index] : offsets[index + 1]] for key, (flat, offsets) in self._ragged.items()}
+        row = {
+            key: flat[offsets[index] : offsets[index + 1]]
+            for key, (flat, offsets) in self._ragged.items()
+        }
         row.update({key: values[index] for key, values in self._scalar.items()})
         return row
 

@@ -14,8 +14,9 @@ The iterator is a Grain DatasetIterator: save `get_state()` with the model check
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grain
 import numpy as np
@@ -31,9 +32,9 @@ class DataStats:
 
     rows_read: int = 0
     skipped_invalid: int = 0
-    truncated: int = 0
-    dropped_too_long: int = 0
-    dropped_no_target: int = 0
+    truncated: int = 0  # kept, but cut to max_length
+    dropped_too_long: int = 0  # overflow="drop"
+    dropped_no_target: int = 0  # nothing left to train on (e.g. truncation cut the answer)
     examples: int = 0  # kept after fitting to max_length
     tokens: int = 0  # per epoch, in kept examples (both responses for pairs)
     target_tokens: int = 0  # per epoch, tokens that carry loss
@@ -98,6 +99,7 @@ def build_sft_pipeline(
     `max_length` (default seq_len) caps each example; `overflow` "truncate" keeps its start,
     "drop" drops it. `num_epochs=None` repeats forever. Shards default to this JAX process.
     """
+    _check_overflow(overflow)
     max_length = seq_len if max_length is None else max_length
     if not 2 <= max_length <= seq_len:
         raise ValueError(f"need 2 <= max_length <= seq_len, got {max_length} and {seq_len}")
@@ -149,6 +151,7 @@ def build_preference_pipeline(
     Too-long pairs keep the end of the prompt (at least `max_prompt_length`, default
     seq_len // 2, tokens of it) and cut responses on the right, or are dropped.
     """
+    _check_overflow(overflow)
     max_prompt_length = seq_len // 2 if max_prompt_length is None else max_prompt_length
     tokenizer = _tokenizer(tokenizer)
     loaded, rows, stats = _load_shard(
@@ -188,7 +191,16 @@ def eval_batches(pipeline: Pipeline, num_batches: int | None = None) -> list[dic
 
 
 def _tokenizer(tokenizer: Any):
-    return load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer
+    return (
+        load_tokenizer(tokenizer)
+        if tokenizer is None or isinstance(tokenizer, (str, Path))
+        else tokenizer
+    )
+
+
+def _check_overflow(overflow: str) -> None:
+    if overflow not in ("truncate", "drop"):
+        raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
 
 
 def _load_shard(source, kind, split, skip_invalid, shard_index, shard_count):
@@ -227,6 +239,15 @@ def _epochs(items: list[dict], name: str, seed: int, shuffle: bool, num_epochs: 
     return dataset if num_epochs == 1 else dataset.repeat(num_epochs)
 
 
+def _use_default_absl_flags() -> None:
+    # Grain's worker start-up reads an absl flag; outside `absl.app.run` nothing has parsed
+    # flags, which raises UnparsedFlagAccessError. Defaults are what we want.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def _finish(
     iter_dataset: grain.IterDataset,
     batch_size: int,
@@ -238,6 +259,7 @@ def _finish(
     batch_fn: Callable = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
     iter_dataset = iter_dataset.batch(batch_size, batch_fn=batch_fn)
     if num_workers > 0:
+        _use_default_absl_flags()
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers)
         )

@@ -18,8 +18,9 @@ Validated rows are normalised to one of:
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 ROLES = ("system", "user", "assistant", "tool")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -93,7 +94,7 @@ def _read_rows(source, split: str) -> Iterator[tuple[int, str, Any]]:
 
     try:  # a hub name, or a local directory of data files
         dataset = datasets.load_dataset(str(source), split=split)
-    except Exception as error:  # noqa: BLE001 - report any loader failure the same way
+    except Exception as error:
         raise DataError(f"{source}: could not load dataset split {split!r}: {error}") from error
     yield from ((i, "", row) for i, row in enumerate(dataset))
 

@@ -1,0 +1,29 @@
+"""Pure loss functions over arrays, shared by the tasks (SFT, RM, DPO, GRPO).
+
+Every loss returns per-example or per-token values plus metrics; the tasks turn them into
+the (numerator, denominator) pair the train step accumulates.
+"""
+
+from jaxpt.losses.logprobs import entropy_from_logits, sequence_logprob, token_logprobs
+from jaxpt.losses.policy import (
+    LOSS_TYPES,
+    aggregate_token_loss,
+    group_advantages,
+    k3_kl,
+    policy_gradient_loss,
+)
+from jaxpt.losses.preference import DPO_LOSS_TYPES, bradley_terry_loss, dpo_loss
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "LOSS_TYPES",
+    "aggregate_token_loss",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "group_advantages",
+    "k3_kl",
+    "policy_gradient_loss",
+    "sequence_logprob",
+    "token_logprobs",
+]
