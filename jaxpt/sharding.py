@@ -95,9 +95,8 @@ def logical_to_spec(
         axes = tuple(a for a in axes if a not in used)
         if mesh is not None:
             axes = tuple(a for a in axes if mesh.shape[a] > 1)
-            if shape is not None and axes:
-                if shape[dim] % math.prod(mesh.shape[a] for a in axes):
-                    axes = ()
+            if shape is not None and axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+                axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)

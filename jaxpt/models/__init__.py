@@ -18,11 +18,12 @@ from jaxpt.models.hf_io import (
 from jaxpt.models.presets import PRESETS, load_model, preset_config, shipped_model_dir
 
 __all__ = [
+    "PRESETS",
+    "REMAT_POLICIES",
     "SUPPORTED_ARCHITECTURES",
     "CausalLM",
     "KVCache",
     "ModelConfig",
-    "REMAT_POLICIES",
     "UnsupportedArchitectureError",
     "config_from_hf",
     "from_pretrained",
@@ -30,9 +31,8 @@ __all__ = [
     "hf_config_of",
     "init_model",
     "load_model",
-    "PRESETS",
     "preset_config",
-    "shipped_model_dir",
     "save_pretrained",
+    "shipped_model_dir",
     "state_shardings",
 ]

@@ -175,14 +175,14 @@ def hf_config_from_dict(config_dict: dict) -> transformers.PretrainedConfig:
     """A ``transformers`` config object from a config.json-style dict."""
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type", None)
+    arch = (config_dict.get("architectures") or [None])[0]
     if model_type is None:
-        arch = (config_dict.get("architectures") or [None])[0]
         inverse = {v: k for k, v in _ARCH_BY_MODEL_TYPE.items()}
         model_type = inverse.get(arch)
     if model_type not in _ARCH_BY_MODEL_TYPE:
+        what = f"model_type {model_type!r}" if model_type else f"architecture {arch!r}"
         raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not supported; jaxpt supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{what} is not supported; jaxpt supports {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     hf_config = transformers.AutoConfig.for_model(model_type, **config_dict)
     if not getattr(hf_config, "architectures", None):

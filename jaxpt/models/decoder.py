@@ -48,7 +48,7 @@ class KVCache:
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config, *, rngs, dtype, param_dtype, attention_impl=None):
-        norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        norm = {"eps": config.rms_norm_eps, "dtype": dtype, "param_dtype": param_dtype}
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.self_attn = Attention(
             config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, implementation=attention_impl
@@ -84,14 +84,25 @@ class Decoder(nnx.Module):
     def __init__(self, config, *, rngs, dtype, param_dtype, attention_impl=None):
         c = config
         self.embed_tokens = Embedding(
-            c.vocab_size, c.hidden_size, rngs=rngs, std=c.initializer_range,
-            dtype=dtype, param_dtype=param_dtype,
+            c.vocab_size,
+            c.hidden_size,
+            rngs=rngs,
+            std=c.initializer_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
         )
-        self.layers = nnx.List([
-            DecoderLayer(c, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                         attention_impl=attention_impl)
-            for _ in range(c.num_layers)
-        ])
+        self.layers = nnx.List(
+            [
+                DecoderLayer(
+                    c,
+                    rngs=rngs,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    attention_impl=attention_impl,
+                )
+                for _ in range(c.num_layers)
+            ]
+        )
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
 
@@ -125,8 +136,12 @@ class CausalLM(nnx.Module):
             self.lm_head = None
         else:
             self.lm_head = Embedding(
-                config.vocab_size, config.hidden_size, rngs=rngs, std=config.initializer_range,
-                dtype=dtype, param_dtype=param_dtype,
+                config.vocab_size,
+                config.hidden_size,
+                rngs=rngs,
+                std=config.initializer_range,
+                dtype=dtype,
+                param_dtype=param_dtype,
             )
 
     def logits(self, h_btd):
@@ -158,6 +173,9 @@ class CausalLM(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             else:  # count real tokens so left padding does not shift positions
                 positions = jnp.maximum(jnp.cumsum(segment_bt != 0, axis=1) - 1, 0)
+            if cache is not None:  # decoding continues after each row's last cached token
+                cached_bs = jnp.where(cache.segment_ids != 0, cache.positions + 1, 0)
+                positions = positions + jnp.max(cached_bs, axis=1, keepdims=True)
         positions_bt = jnp.asarray(positions, jnp.int32)
 
         if cache is None:
@@ -165,7 +183,9 @@ class CausalLM(nnx.Module):
             k_slot_s, k_segment_bs, k_pos_bs = q_slot_t, segment_bt, positions_bt
         else:
             q_slot_t = cache.index + jnp.arange(t, dtype=jnp.int32)
-            k_segment_bs = jax.lax.dynamic_update_slice(cache.segment_ids, segment_bt, (0, cache.index))
+            k_segment_bs = jax.lax.dynamic_update_slice(
+                cache.segment_ids, segment_bt, (0, cache.index)
+            )
             k_pos_bs = jax.lax.dynamic_update_slice(cache.positions, positions_bt, (0, cache.index))
             k_slot_s = jnp.arange(k_segment_bs.shape[1], dtype=jnp.int32)
 
@@ -198,7 +218,10 @@ class CausalLM(nnx.Module):
         if cache is None:
             return out
         new_cache = KVCache(
-            k=tuple(new_k), v=tuple(new_v), segment_ids=k_segment_bs, positions=k_pos_bs,
+            k=tuple(new_k),
+            v=tuple(new_v),
+            segment_ids=k_segment_bs,
+            positions=k_pos_bs,
             index=cache.index + t,
         )
         return out, new_cache

@@ -59,10 +59,12 @@ def _build(config, seed, **model_kwargs) -> CausalLM:
 
 
 def _model_kwargs(dtype, param_dtype, remat, attention_impl):
-    return dict(
-        dtype=_dtype(dtype), param_dtype=_dtype(param_dtype), remat=remat,
-        attention_impl=attention_impl,
-    )
+    return {
+        "dtype": _dtype(dtype),
+        "param_dtype": _dtype(param_dtype),
+        "remat": remat,
+        "attention_impl": attention_impl,
+    }
 
 
 def init_model(
@@ -84,7 +86,9 @@ def init_model(
     abstract = nnx.eval_shape(lambda: _build(model_config, 0, **kwargs))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)
-    state = jax.jit(lambda: nnx.state(_build(model_config, seed, **kwargs)), out_shardings=shardings)()
+    state = jax.jit(
+        lambda: nnx.state(_build(model_config, seed, **kwargs)), out_shardings=shardings
+    )()
     model = nnx.merge(graphdef, state)
     _attach_hf_config(model, hf_config)
     return model
@@ -100,7 +104,9 @@ def _attach_hf_config(model, hf_config):
 def hf_config_of(model) -> transformers.PretrainedConfig:
     hf_config = getattr(model, "_hf_config", None)
     if hf_config is None:
-        raise ValueError("this model was built from a bare ModelConfig; pass an HF config to save it")
+        raise ValueError(
+            "this model was built from a bare ModelConfig; pass an HF config to save it"
+        )
     return hf_config
 
 
@@ -124,11 +130,13 @@ def _tensor_files(model_dir: str) -> dict[str, SafetensorsFile]:
     if os.path.exists(index_path):
         with open(index_path) as f:
             weight_map = json.load(f)["weight_map"]
-        files = {fn: SafetensorsFile(os.path.join(model_dir, fn)) for fn in set(weight_map.values())}
+        files = {
+            fn: SafetensorsFile(os.path.join(model_dir, fn)) for fn in set(weight_map.values())
+        }
         return {name: files[fn] for name, fn in weight_map.items()}
     if os.path.exists(single_path):
         file = SafetensorsFile(single_path)
-        return {name: file for name in file.keys()}
+        return dict.fromkeys(file.keys(), file)
     raise FileNotFoundError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 

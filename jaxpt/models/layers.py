@@ -14,6 +14,12 @@ from flax import nnx
 from jaxpt.sharding import constrain
 
 
+def _along_last(v, ndim):
+    """A vector shaped to broadcast over the last axis of an ``ndim`` array (explicit
+    ranks, so ``jax_numpy_rank_promotion='raise'`` holds)."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
     return std * jax.random.normal(rngs.params(), shape, dtype)
 
@@ -35,7 +41,7 @@ class Linear(nnx.Module):
     def __call__(self, x):
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + _along_last(self.bias[...].astype(self.dtype), y.ndim)
         return y
 
 
@@ -50,12 +56,12 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+        return _along_last(self.weight[...].astype(self.dtype), x.ndim) * x32.astype(self.dtype)
 
 
 def rotary_cos_sin(positions_bt, inv_freq_f):
     """cos and sin tables [B, T, head_dim] in float32 for the given positions."""
-    angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
+    angles_btf = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq_f[None, None, :]
     angles_bth = jnp.concatenate([angles_btf, angles_btf], axis=-1)
     return jnp.cos(angles_bth), jnp.sin(angles_bth)
 
@@ -83,20 +89,41 @@ def attention_mask(q_segment_bt, q_slot_t, q_pos_bt, k_segment_bs, k_slot_s, k_p
     return mask[:, None, :, :]
 
 
+def decode_attention(q_b1nh, k_bskh, v_bskh, mask_b11s):
+    """One query per row against a KV cache, as multiply-and-reduce over the cache's
+    stored [B, S, K, H] layout: a batched dot makes XLA CPU transpose (copy) the whole
+    cache every decode step, which costs more than the attention itself."""
+    b, _, n, h = q_b1nh.shape
+    k = k_bskh.shape[2]
+    q_bkgh = q_b1nh.reshape(b, k, n // k, h).astype(jnp.float32) * (h**-0.5)
+    scores_bskg = jnp.sum(q_bkgh[:, None] * k_bskh[:, :, :, None, :].astype(jnp.float32), -1)
+    mask_bs11 = mask_b11s[:, 0, 0, :, None, None]
+    scores_bskg = jnp.where(mask_bs11, scores_bskg, jnp.finfo(jnp.float32).min)
+    probs_bskg = jax.nn.softmax(scores_bskg, axis=1)
+    v_bsk1h = v_bskh[:, :, :, None, :].astype(jnp.float32)
+    out_bkgh = jnp.sum(probs_bskg[..., None] * v_bsk1h, axis=1)
+    return out_bkgh.reshape(b, 1, n, h).astype(q_b1nh.dtype)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional qkv bias and q/k RMSNorm."""
 
     def __init__(self, config, *, rngs, dtype, param_dtype, implementation=None):
         c = config
         std = c.initializer_range
-        common = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
+        common = {"rngs": rngs, "std": std, "dtype": dtype, "param_dtype": param_dtype}
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         self.q_proj = Linear(d, n * h, axes=("heads", "embed"), bias=c.qkv_bias, **common)
         self.k_proj = Linear(d, k * h, axes=("kv_heads", "embed"), bias=c.qkv_bias, **common)
         self.v_proj = Linear(d, k * h, axes=("kv_heads", "embed"), bias=c.qkv_bias, **common)
         self.o_proj = Linear(n * h, d, axes=("embed", "heads"), bias=c.o_bias, **common)
         if c.qk_norm:
-            norm = dict(eps=c.rms_norm_eps, axes=("head_dim",), dtype=dtype, param_dtype=param_dtype)
+            norm = {
+                "eps": c.rms_norm_eps,
+                "axes": ("head_dim",),
+                "dtype": dtype,
+                "param_dtype": param_dtype,
+            }
             self.q_norm = RMSNorm(h, **norm)
             self.k_norm = RMSNorm(h, **norm)
         else:
@@ -122,10 +149,16 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             kv_cache = (k, v)
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_b1ts,
-            implementation=self.implementation,
-        )
+        if kv_cache is not None and t == 1 and self.implementation is None:
+            out = decode_attention(q, k, v, mask_b1ts)
+        else:
+            out = jax.nn.dot_product_attention(
+                q,
+                k.astype(q.dtype),
+                v.astype(q.dtype),
+                mask=mask_b1ts,
+                implementation=self.implementation,
+            )
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv_cache
 
 
@@ -134,7 +167,12 @@ class MLP(nnx.Module):
 
     def __init__(self, config, *, rngs, dtype, param_dtype):
         c = config
-        common = dict(rngs=rngs, std=c.initializer_range, dtype=dtype, param_dtype=param_dtype)
+        common = {
+            "rngs": rngs,
+            "std": c.initializer_range,
+            "dtype": dtype,
+            "param_dtype": param_dtype,
+        }
         d, f = c.hidden_size, c.intermediate_size
         self.gate_proj = Linear(d, f, axes=("mlp", "embed"), bias=c.mlp_bias, **common)
         self.up_proj = Linear(d, f, axes=("mlp", "embed"), bias=c.mlp_bias, **common)

@@ -1,0 +1,90 @@
+"""SFT train-step throughput: tokens/s, step time and MFU on synthetic packed batches."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from jaxpt.bench import decoder_flops_per_token, measure_matmul_peak, median, peak_rss_mb
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="bench-tiny", help="preset name or HF model dir")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", help="compute dtype")
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--fsdp", type=int, default=-1)
+
+
+def synthetic_batch(rng, batch_size: int, seq_len: int, vocab: int) -> dict:
+    """Random tokens, every token trained, one document per row (no padding)."""
+    ids = rng.integers(1, vocab, (batch_size, seq_len + 1)).astype(np.int32)
+    return {
+        "input_ids": ids[:, :-1],
+        "target_ids": ids[:, 1:],
+        "loss_mask": np.ones((batch_size, seq_len), np.float32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
+        "segment_ids": np.ones((batch_size, seq_len), np.int32),
+    }
+
+
+def run(args) -> dict:
+    from jaxpt.config import OptimSection
+    from jaxpt.models import load_model
+    from jaxpt.optim import make_optimizer
+    from jaxpt.sharding import make_mesh
+    from jaxpt.state import create_train_state, num_params, shardings_of
+    from jaxpt.step import jit_train_step, make_train_step, put_batch
+    from jaxpt.tasks.sft import sft_loss
+
+    mesh = make_mesh({"fsdp": args.fsdp})
+    with jax.set_mesh(mesh):
+        model = load_model(args.model, mesh=mesh, dtype=args.dtype, remat=args.remat)
+        config = model.config
+        tx, schedule = make_optimizer(OptimSection(lr=1e-4, weight_decay=0.01), 10**6)
+        state = create_train_state(model, tx, mesh)
+        del model
+        rng = np.random.default_rng(0)
+        batches = [
+            put_batch(synthetic_batch(rng, args.batch_size, args.seq_len, config.vocab_size), mesh)
+            for _ in range(2)
+        ]
+        step = jit_train_step(
+            make_train_step(sft_loss, tx, args.grad_accum, schedule=schedule),
+            mesh, shardings_of(state), jax.device_get(batches[0]),
+        )
+        start = time.perf_counter()
+        for i in range(args.warmup):
+            state, metrics = step(state, batches[i % 2])
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - start
+        times = []
+        for i in range(args.steps):
+            start = time.perf_counter()
+            state, metrics = step(state, batches[i % 2])
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    step_time = median(times)
+    tokens = args.batch_size * args.seq_len
+    flops_per_token = 3 * decoder_flops_per_token(config, args.seq_len)  # fwd + bwd
+    peak = measure_matmul_peak() * len(jax.devices())
+    return {
+        "model": args.model,
+        "params": num_params(state.params),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "devices": len(jax.devices()),
+        "tokens_per_s": tokens / step_time,
+        "step_time_s": step_time,
+        "mfu": flops_per_token * tokens / step_time / peak,
+        "peak_flops": peak,
+        "compile_s": compile_s,
+        "loss": float(metrics["loss"]),
+        "peak_rss_mb": peak_rss_mb(),
+    }

@@ -1,0 +1,292 @@
+"""Typed run configuration: dataclass schema + YAML file + ``a.b=c`` overrides (OmegaConf).
+
+One frozen dataclass per section. The root schema is assembled from the shared sections
+plus one section per registered task (``sft``, later ``rm``, ``dpo``, ...), so a new task
+adds its options by declaring its own dataclass in its module. Unknown keys, wrong types
+and missing required values are ``ConfigError``s naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+field = dataclasses.field
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    path: str = "jaxpt-tiny"  # preset name (random init), HF checkpoint dir or hub name
+    tokenizer: str | None = None  # None: the model dir's, else the shipped one
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"  # master weights (and optimizer state) dtype
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    attention_impl: str | None = None  # None (XLA) | cudnn
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = 1
+    fsdp: int = -1  # -1: all remaining devices
+    tensor: int = 1
+    rules: dict[str, Any] = dataclasses.field(default_factory=dict)  # LOGICAL_RULES overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticSection:
+    """The shipped arithmetic task, generated into ``<output_dir>/data`` (no download)."""
+
+    num_train: int = 20000
+    num_test: int = 256
+    min_digits: int = 1
+    max_digits: int = 3
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train: str = MISSING  # .jsonl/.json/.parquet file, dataset dir, hub name, or "arithmetic"
+    train_split: str = "train"
+    eval: str | None = None  # same kinds as `train`; None: eval_fraction of train, or none
+    eval_split: str = "test"
+    eval_fraction: float = 0.0  # held out from `train` when `eval` is unset
+    seq_len: int = 512
+    max_length: int | None = None  # per example; default seq_len
+    packing: bool = True
+    completion_only: bool = True
+    truncation: str = "truncate"  # truncate | drop
+    skip_invalid: bool = False
+    num_workers: int = 0
+    shuffle: bool = True
+    arithmetic: ArithmeticSection = dataclasses.field(default_factory=ArithmeticSection)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    max_steps: int = MISSING
+    batch_size: int = 8  # global, in sequences
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the start and the end
+    eval_batches: int = 8
+    eval_at_start: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 1e-4
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 500  # 0: only at the end (and on preemption)
+    keep: int = 2
+    async_save: bool = True  # `async` is a Python keyword
+    resume: bool = True  # resume from the latest checkpoint in output_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbSection:
+    project: str | None = None  # wandb is used only when set
+    name: str | None = None
+    entity: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    tensorboard: bool = True
+    progress: bool = True
+    wandb: WandbSection = dataclasses.field(default_factory=WandbSection)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+    hf: bool = True  # write <output_dir>/hf at the end
+    dtype: str | None = None  # None: keep param_dtype
+
+
+BASE_SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "mesh": MeshSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "optim": OptimSection,
+    "checkpoint": CheckpointSection,
+    "logging": LoggingSection,
+    "export": ExportSection,
+}
+
+CHOICES = {
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "data.truncation": ("truncate", "drop"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+}
+
+
+@functools.cache
+def _make_schema(task_sections: tuple[tuple[str, type], ...]) -> type:
+    return make_schema(dict(task_sections))
+
+
+def make_schema(task_sections: dict[str, type]) -> type:
+    """The root config dataclass: shared keys, shared sections, one section per task."""
+    fields = [
+        ("task", str, field(default="sft")),
+        ("output_dir", str, field(default=MISSING)),
+        ("seed", int, field(default=0)),
+    ]
+    for name, cls in {**BASE_SECTIONS, **task_sections}.items():
+        fields.append((name, cls, field(default_factory=cls)))
+    return dataclasses.make_dataclass("Config", fields, frozen=True)
+
+
+def _task_sections() -> dict[str, type]:
+    from jaxpt.tasks import available_tasks, get_task
+
+    return {name: get_task(name).config_cls for name in available_tasks()}
+
+
+def _valid_keys(node) -> list[str]:
+    if OmegaConf.is_dict(node):
+        return [str(k) for k in node]
+    return []
+
+
+def _parent(schema, full_key: str):
+    node = schema
+    for part in full_key.split(".")[:-1]:
+        if not OmegaConf.is_dict(node) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _explain(error: OmegaConfBaseException, schema) -> ConfigError:
+    full_key = str(getattr(error, "full_key", "") or getattr(error, "key", "") or "?")
+    if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
+        parent = _parent(schema, full_key)
+        leaf = full_key.split(".")[-1]
+        prefix = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+        candidates = _valid_keys(parent) if parent is not None else []
+        close = difflib.get_close_matches(leaf, candidates, n=1, cutoff=0.5)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+        if not close and candidates:
+            hint = f"; valid keys here: {', '.join(prefix + c for c in candidates)}"
+        return ConfigError(f"unknown config key '{full_key}'{hint}")
+    if isinstance(error, MissingMandatoryValue):
+        return ConfigError(f"missing required config key '{full_key}'")
+    if isinstance(error, ValidationError):
+        message = str(error).split("\n")[0]
+        return ConfigError(f"bad value for config key '{full_key}': {message}")
+    return ConfigError(f"config key '{full_key}': {str(error).splitlines()[0]}")
+
+
+def _check_choices_and_ranges(config) -> None:
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}{hint}")
+    positive = {
+        "train.max_steps": config.train.max_steps,
+        "train.batch_size": config.train.batch_size,
+        "train.grad_accum_steps": config.train.grad_accum_steps,
+        "train.log_every": config.train.log_every,
+        "data.seq_len": config.data.seq_len,
+        "checkpoint.keep": config.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if config.train.batch_size % config.train.grad_accum_steps:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({config.train.batch_size}) must be divisible by "
+            f"'train.grad_accum_steps' ({config.train.grad_accum_steps})"
+        )
+    if not 0.0 <= config.data.eval_fraction < 1.0:
+        raise ConfigError("config key 'data.eval_fraction' must be in [0, 1)")
+    if config.optim.lr < 0 or config.optim.warmup_steps < 0:
+        raise ConfigError("config keys 'optim.lr' and 'optim.warmup_steps' must be >= 0")
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    values: dict | None = None,
+):
+    """Parse a YAML file, then ``values`` (a dict), then ``a.b=c`` overrides, into the typed,
+    validated root config."""
+    from jaxpt.tasks import available_tasks
+
+    schema_cls = _make_schema(tuple(_task_sections().items()))
+    schema = OmegaConf.structured(schema_cls)
+    layers = [schema]
+    try:
+        if path is not None:
+            if not os.path.exists(path):
+                raise ConfigError(f"config file {path} does not exist")
+            layers.append(OmegaConf.load(path))
+        if values:
+            layers.append(OmegaConf.create(values))
+        bad = [o for o in overrides or [] if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(*layers)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise _explain(error, schema) from None
+    if config.task not in available_tasks():
+        close = difflib.get_close_matches(config.task, available_tasks(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"config key 'task': unknown task {config.task!r} "
+            f"(available: {', '.join(available_tasks())}){hint}"
+        )
+    _check_choices_and_ranges(config)
+    return config
+
+
+def config_from_dict(values: dict):
+    """The typed config from a plain dict (e.g. one saved with a checkpoint)."""
+    return load_config(None, values=values)
+
+
+def to_dict(config) -> dict:
+    """A plain, YAML/JSON-friendly dict of a config."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def to_yaml(config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def replace(config, *overrides: str):
+    """A validated copy of ``config`` with ``a.b=c`` overrides applied."""
+    return load_config(None, list(overrides), values=to_dict(config))

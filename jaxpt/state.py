@@ -1,0 +1,89 @@
+"""The train state pytree and its sharded initialization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from jaxpt.sharding import replicated
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes; the graphdef is static (not a leaf).
+
+    ``params`` are the trained ``nnx.Param``s (f32 master weights), ``rest`` any other model
+    variables, ``rng`` raw uint32 key data (checkpoint friendly), ``extras`` task state such
+    as frozen reference params (never differentiated or updated by the optimizer).
+    """
+
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    params: nnx.State
+    rest: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+    rng: jax.Array
+    extras: Any = None
+
+    def model(self, params: nnx.State | None = None):
+        """The NNX module with ``params`` (default: this state's)."""
+        return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
+
+    @property
+    def key(self) -> jax.Array:
+        return jax.random.wrap_key_data(self.rng)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params, mesh):
+    """Shardings of ``tx``'s state: moments like their params, scalars replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract,
+        param_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
+def create_train_state(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    *,
+    seed: int = 0,
+    extras: Any = None,
+) -> TrainState:
+    """A TrainState around an already-sharded model.
+
+    The optimizer state is created by ``jax.jit(tx.init, out_shardings=...)`` with the
+    shardings derived from ``jax.eval_shape``, so Adam moments shard exactly like their
+    params (on an Auto mesh they would otherwise come out replicated).
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated(mesh))
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+    return TrainState(graphdef, params, rest, opt_state, step, rng, extras)
+
+
+def shardings_of(tree):
+    """The tree of shardings of a tree of (committed) jax arrays."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def abstract_like(tree, shardings=None):
+    """ShapeDtypeStructs (with shardings) of a tree, e.g. the target of a restore."""
+    shardings = shardings_of(tree) if shardings is None else shardings
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def num_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,131 @@
+"""Checkpoints: exact resume, restore onto another mesh, and SIGTERM (preemption)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxpt.checkpoint import Checkpointer
+from jaxpt.config import load_config
+from jaxpt.data import load_tokenizer
+from jaxpt.loop import run
+from jaxpt.models import init_model, save_pretrained
+from jaxpt.sharding import make_mesh
+from jaxpt.state import create_train_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
+TINY = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128,
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+    "max_position_embeddings": 256, "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny_model"))
+    save_pretrained(init_model(TINY, seed=0), path)
+    load_tokenizer().save_pretrained(path)
+    return path
+
+
+def overrides(output_dir, model_path, **extra):
+    values = {
+        "output_dir": output_dir, "model.path": model_path, "data.seq_len": 64,
+        "train.batch_size": 8, "train.log_every": 1, "data.eval": "null",
+        "data.arithmetic.num_train": 64, "logging.progress": "false",
+        "logging.tensorboard": "false", "export.hf": "false", "checkpoint.every": 2,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def train_rows(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_resume_after_stop_is_bit_exact(tmp_path, tiny_dir):
+    full = str(tmp_path / "full")
+    run(load_config(SFT_TINY, overrides(full, tiny_dir, **{"train.max_steps": 5})))
+    resumed = str(tmp_path / "resumed")
+    config = load_config(SFT_TINY, overrides(resumed, tiny_dir, **{"train.max_steps": 5}))
+    first = run(config, stop_after_step=3)  # as if preempted during step 3
+    assert first.preempted and first.step == 3 and first.hf_dir is None
+    assert sorted(os.listdir(first.checkpoint_dir)) == ["2", "3"]
+    second = run(config)
+    assert not second.preempted and second.step == 5
+    assert sorted(os.listdir(second.checkpoint_dir)) == ["4", "5"]  # keep: 2
+    a, b = train_rows(full), train_rows(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for key in ("loss", "grad_norm", "lr", "tokens"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def test_restore_onto_a_different_mesh(tmp_path, mesh8):
+    tx = optax.adamw(1e-3)
+
+    class Source:
+        def __init__(self, state):
+            self.state = state
+
+        def get_state(self):
+            return self.state
+
+        def set_state(self, state):
+            self.state = state
+
+    with jax.set_mesh(mesh8):
+        saved = create_train_state(init_model(TINY, seed=4, mesh=mesh8), tx, mesh8, seed=9)
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"), async_save=True)
+    checkpointer.save(7, saved, Source({"next_index": 42}), {"task": "sft"})
+    checkpointer.wait()
+    for shape in ({"fsdp": 4, "tensor": 2}, {"data": 8}):
+        mesh = make_mesh(shape)
+        with jax.set_mesh(mesh):
+            fresh = create_train_state(init_model(TINY, seed=5, mesh=mesh), tx, mesh, seed=1)
+        source = Source(None)
+        restored = checkpointer.restore(fresh, source)
+        assert source.state == {"next_index": 42}
+        for a, b, f in zip(jax.tree.leaves(saved), jax.tree.leaves(restored),
+                           jax.tree.leaves(fresh)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert b.sharding == f.sharding
+    assert checkpointer.restore_config() == {"task": "sft"}
+    checkpointer.close()
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_dir):
+    out = tmp_path / "run"
+    args = overrides(str(out), tiny_dir, **{"train.max_steps": 100000, "checkpoint.every": 0})
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxpt.train", "--config", SFT_TINY, *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and train_rows(str(out)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "preempted" in stdout + stderr
+    last = train_rows(str(out))[-1]["step"]
+    assert os.listdir(out / "checkpoints") == [str(last)]
+    assert last < 100000

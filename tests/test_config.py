@@ -1,0 +1,60 @@
+"""Config parsing: YAML + overrides into typed sections, and errors that name the key."""
+
+import os
+
+import pytest
+
+from jaxpt.config import ConfigError, load_config, replace, to_dict
+from jaxpt.train import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
+
+
+def test_yaml_and_overrides_are_typed():
+    config = load_config(SFT_TINY, ["train.max_steps=7", "optim.lr=1e-3", "mesh.rules.embed=null"])
+    assert config.task == "sft"
+    assert config.train.max_steps == 7 and isinstance(config.train.max_steps, int)
+    assert config.optim.lr == pytest.approx(1e-3)
+    assert config.data.train == "arithmetic"
+    assert config.mesh.rules == {"embed": None}
+    assert config.sft.z_loss == 0.0
+    again = load_config(None, values=to_dict(config))
+    assert again == config
+    assert replace(config, "seed=3").seed == 3
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+        ("trian.max_steps=3", "did you mean 'train'?"),
+        ("train.max_step=3", "did you mean 'train.max_steps'?"),
+        ("train.max_steps=abc", "bad value for config key 'train.max_steps'"),
+        ("optim.schedule=cosin", "did you mean 'cosine'?"),
+        ("task=sfft", "unknown task 'sfft'"),
+        ("train.batch_size=6", "divisible by 'train.grad_accum_steps'"),
+    ],
+)
+def test_errors_name_the_key(override, expected):
+    extra = ["train.grad_accum_steps=4"] if "batch_size" in override else []
+    with pytest.raises(ConfigError) as info:
+        load_config(SFT_TINY, [override, *extra])
+    assert expected in str(info.value)
+
+
+def test_missing_required_keys():
+    with pytest.raises(ConfigError, match="missing required config key 'output_dir'"):
+        load_config(None, ["data.train=x.jsonl", "train.max_steps=1"])
+    with pytest.raises(ConfigError, match="'train.max_steps'"):
+        load_config(None, ["data.train=x.jsonl", "output_dir=o"])
+
+
+def test_cli_help_lists_tasks_and_reports_config_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "sft" in out and "supervised fine-tuning" in out
+    assert main(["--config", SFT_TINY, "optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
