@@ -8,11 +8,14 @@ SFT, prompt/completion   {"prompt": str, "completion": str}, or TRL-style
 Preference               {"prompt", "chosen", "rejected"}: all plain strings, or a message list
                          for the prompt and message lists (with an assistant turn) for both
                          responses; optional "margin" number (absent -> 0.0).
+Prompt (RL)              {"prompt": str | [messages]} plus any other columns (e.g. "answer"),
+                         which are kept and passed to reward functions.
 
 Validated rows are normalised to one of:
     {"messages": [{"role", "content"}], "train_from": int}   # loss only on messages[train_from:]
     {"prompt": str, "completion": str}
     {"prompt": str | messages, "chosen": str | messages, "rejected": ..., "margin": float}
+    {"prompt": str | messages, **other columns}
 """
 
 import dataclasses
@@ -24,7 +27,7 @@ from typing import Any, Literal
 
 ROLES = ("system", "user", "assistant", "tool")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-RowKind = Literal["sft", "preference"]
+RowKind = Literal["sft", "preference", "prompt"]
 
 
 class DataError(ValueError):
@@ -57,7 +60,11 @@ def load_examples(
     A bad row raises DataError naming the source and the 0-based row index, unless
     `skip_invalid`, in which case it is dropped and counted in `num_skipped`.
     """
-    normalize = normalize_sft_row if kind == "sft" else normalize_preference_row
+    normalize = {
+        "sft": normalize_sft_row,
+        "preference": normalize_preference_row,
+        "prompt": normalize_prompt_row,
+    }[kind]
     name = "<memory>" if isinstance(source, list) else str(source)
     rows, reasons, num_read = [], [], 0
     for index, where, row in _read_rows(source, split):
@@ -174,6 +181,21 @@ def normalize_preference_row(row: Any) -> dict:
         )
     out["margin"] = _margin(row.get("margin"))
     return out
+
+
+def normalize_prompt_row(row: Any) -> dict:
+    """Validate one RL prompt row (other columns kept for reward functions)."""
+    _require_dict(row)
+    if "prompt" not in row:
+        raise RowProblem("missing field 'prompt'")
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        prompt = _messages(prompt, "prompt")
+        if prompt[-1]["role"] == "assistant":
+            raise RowProblem("'prompt' must not end with an assistant turn")
+    elif not isinstance(prompt, str) or not prompt:
+        raise RowProblem(f"'prompt' must be a non-empty string or a message list, got {prompt!r}")
+    return {**row, "prompt": prompt}
 
 
 def _require_dict(row: Any) -> None:

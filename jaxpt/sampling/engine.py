@@ -1,0 +1,247 @@
+"""The jitted sampler: one prefill, then a ``lax.while_loop`` of single-token decode steps.
+
+Everything between the prompt and the last token runs inside one compiled function over
+a preallocated KV cache that lives in the loop carry (updated in place). The model enters
+as ``(graphdef, state)``: the graphdef is static, the weights are a traced argument, so
+new weights (an RL step) reuse the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxpt.models.decoder import KVCache
+from jaxpt.sampling.config import SamplingConfig
+from jaxpt.sampling.processors import choose_tokens, penalize_repetition, token_logprob
+from jaxpt.sharding import constrain
+
+_TRACES = 0  # times the sampler was traced (= compiled); tests read it via trace_count()
+
+
+def trace_count() -> int:
+    """How many times the sampler has been traced (each trace is one compilation)."""
+    return _TRACES
+
+
+@struct.dataclass
+class SampleArrays:
+    """Padded sampler output; row ``i * num_samples + j`` is sample ``j`` of prompt ``i``.
+
+    - ``tokens_bn``: generated tokens, ``pad_token_id`` after each row's end.
+    - ``logprobs_bn``: log-prob of each token under the distribution it was sampled from
+      (after repetition penalty, temperature, top-k/top-p/min-p and renormalization);
+      0 past the end.
+    - ``model_logprobs_bn``: log-prob under the raw model at temperature 1 with no
+      filtering, ``log_softmax(logits)[token]``: what a teacher-forced training forward
+      pass computes, i.e. the policy log-probs for a GRPO/PPO importance ratio.
+    - ``lengths_b``: number of valid tokens per row (eos / stop sequence included).
+    - ``finished_b``: the row ended with an eos token or a stop sequence.
+    - ``truncated_b``: the row ran out of new tokens before finishing.
+    """
+
+    tokens_bn: jax.Array
+    logprobs_bn: jax.Array
+    model_logprobs_bn: jax.Array
+    lengths_b: jax.Array
+    finished_b: jax.Array
+    truncated_b: jax.Array
+
+    @property
+    def mask_bn(self) -> jax.Array:
+        """1 for generated tokens, 0 for padding."""
+        n = self.tokens_bn.shape[1]
+        return jnp.arange(n, dtype=jnp.int32)[None, :] < self.lengths_b[:, None]
+
+
+class _StaticGraph:
+    """A GraphDef as a jit static argument: equal by value, hashable even when the model
+    carries unhashable static attributes (e.g. its transformers config)."""
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+        try:
+            self._hash = hash(graphdef)
+        except TypeError:  # collisions only cost an equality check
+            self._hash = hash((type(graphdef).__name__, getattr(graphdef, "num_leaves", 0)))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, _StaticGraph) and self.graphdef == other.graphdef
+
+
+def _merge(graphdef, state):
+    states = state if isinstance(state, (tuple, list)) else (state,)
+    return nnx.merge(graphdef, *states)
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+    axes = ("batch", "cache_seq", "kv_heads", None)
+    return cache.replace(
+        k=tuple(constrain(k, axes) for k in cache.k),
+        v=tuple(constrain(v, axes) for v in cache.v),
+        segment_ids=constrain(cache.segment_ids, ("batch", "cache_seq")),
+        positions=constrain(cache.positions, ("batch", "cache_seq")),
+    )
+
+
+def _repeat_rows(x, n: int):
+    return (
+        x if n == 1 or x.ndim == 0 else jnp.repeat(x, n, axis=0, total_repeat_length=x.shape[0] * n)
+    )
+
+
+def _stop_hit(tokens_bn, step, stop_seqs):
+    """Whether the tokens up to column ``step`` end with any stop sequence."""
+    hit_b = jnp.zeros(tokens_bn.shape[:1], bool)
+    for seq in stop_seqs:
+        length = len(seq)
+        start = jnp.maximum(step - length + 1, 0)
+        window_bl = jax.lax.dynamic_slice_in_dim(tokens_bn, start, length, axis=1)
+        matches_b = jnp.all(window_bl == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
+        hit_b = hit_b | (matches_b & (step >= length - 1))
+    return hit_b
+
+
+def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, config):
+    global _TRACES
+    _TRACES += 1
+    model = _merge(graphdef.graphdef, state)
+    n_new, n_samples = config.max_new_tokens, config.num_samples
+    b, t = prompt_ids_bt.shape
+    rows = b * n_samples
+    ids_bt = constrain(prompt_ids_bt.astype(jnp.int32), ("batch", None))
+    segment_bt = constrain((prompt_mask_bt != 0).astype(jnp.int32), ("batch", None))
+    positions_bt = jnp.maximum(jnp.cumsum(segment_bt, axis=1) - 1, 0)
+    prompt_len_b = jnp.sum(segment_bt, axis=1)
+
+    # Prefill; only the last position (every prompt is left-padded to end there) needs
+    # logits, so the [B, T, V] tensor is never built.
+    cache = _constrain_cache(KVCache.init(model.config, b, t + n_new, model.dtype))
+    hidden_btd, cache = model(ids_bt, positions_bt, segment_bt, cache=cache, return_hidden=True)
+    logits_bv = model.logits(hidden_btd[:, -1:, :])[:, 0, :]
+
+    # num_samples: one prefill per prompt, its cache copied to the samples.
+    cache = _constrain_cache(jax.tree.map(lambda x: _repeat_rows(x, n_samples), cache))
+    cache = cache.replace(index=jnp.asarray(t, jnp.int32))
+    logits_bv = _repeat_rows(logits_bv, n_samples)
+    next_pos_b = _repeat_rows(prompt_len_b, n_samples)
+    row_keys_b = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(rows))
+    stop_seqs = tuple(s for s in config.stop if len(s) <= n_new)
+    penalty = config.repetition_penalty
+
+    seen_bv = None
+    if penalty is not None:
+        vocab = logits_bv.shape[-1]
+        seen_bv = jnp.zeros((b, vocab), bool)
+        seen_bv = seen_bv.at[jnp.arange(b)[:, None], ids_bt].max(segment_bt != 0)
+        seen_bv = _repeat_rows(seen_bv, n_samples)
+
+    def pick(step, logits_bv, seen_bv, done_b, out):
+        """Choose the token at column ``step`` and record it (rows already done get pads)."""
+        tokens_bn, logprobs_bn, model_lp_bn, lengths_b = out
+        model_logits_bv = logits_bv
+        if seen_bv is not None:
+            logits_bv = penalize_repetition(logits_bv, seen_bv, penalty)
+        step_keys_b = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_b)
+        token_b, logprob_b = choose_tokens(logits_bv, step_keys_b, config)
+        model_lp_b = token_logprob(model_logits_bv, token_b)
+        keep_b = ~done_b
+        column = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], step, 1)
+        tokens_bn = column(tokens_bn, jnp.where(keep_b, token_b, config.pad_token_id))
+        logprobs_bn = column(logprobs_bn, jnp.where(keep_b, logprob_b, 0.0))
+        model_lp_bn = column(model_lp_bn, jnp.where(keep_b, model_lp_b, 0.0))
+        lengths_b = jnp.where(keep_b, step + 1, lengths_b)
+        ended_b = jnp.any(token_b[:, None] == eos_e[None, :], axis=1)
+        if stop_seqs:
+            ended_b = ended_b | _stop_hit(tokens_bn, step, stop_seqs)
+        return token_b, done_b | ended_b, (tokens_bn, logprobs_bn, model_lp_bn, lengths_b)
+
+    def mark_seen(seen_bv, token_b):
+        if seen_bv is None:
+            return None
+        return seen_bv.at[jnp.arange(rows), token_b].set(True)
+
+    out = (
+        constrain(jnp.full((rows, n_new), config.pad_token_id, jnp.int32), ("batch", None)),
+        constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", None)),
+        constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", None)),
+        jnp.zeros((rows,), jnp.int32),
+    )
+    done_b = jnp.zeros((rows,), bool)
+    token_b, done_b, out = pick(0, logits_bv, seen_bv, done_b, out)
+    seen_bv = mark_seen(seen_bv, token_b)
+
+    def cond(carry):
+        step, _, _, done_b, _, _ = carry
+        return (step < limit) & ~jnp.all(done_b)
+
+    def body(carry):
+        step, cache, token_b, done_b, seen_bv, out = carry
+        pos_b1 = (next_pos_b + step - 1)[:, None]
+        logits_b1v, cache = model(token_b[:, None], pos_b1, jnp.ones_like(pos_b1), cache=cache)
+        token_b, done_b, out = pick(step, logits_b1v[:, 0, :], seen_bv, done_b, out)
+        return step + 1, cache, token_b, done_b, mark_seen(seen_bv, token_b), out
+
+    carry = (jnp.asarray(1, jnp.int32), cache, token_b, done_b, seen_bv, out)
+    _, _, _, done_b, _, out = jax.lax.while_loop(cond, body, carry)
+    tokens_bn, logprobs_bn, model_lp_bn, lengths_b = out
+    return SampleArrays(
+        tokens_bn=tokens_bn,
+        logprobs_bn=logprobs_bn,
+        model_logprobs_bn=model_lp_bn,
+        lengths_b=lengths_b,
+        finished_b=done_b,
+        truncated_b=~done_b,
+    )
+
+
+_sample_jit = jax.jit(_sample, static_argnames=("graphdef", "config"))
+
+
+def sample_arrays(
+    graphdef,
+    state,
+    prompt_ids_bt,
+    prompt_mask_bt,
+    rng,
+    config: SamplingConfig,
+    *,
+    limit: int | jax.Array | None = None,
+) -> SampleArrays:
+    """Sample completions for a left-padded prompt batch; the RL trainer's entry point.
+
+    ``graphdef``/``state`` come from ``nnx.split(model)`` (``state`` may be a tuple of
+    states, e.g. ``(params, rest)``, merged in order); the weights are traced, so new
+    weights do not recompile. ``prompt_ids_bt`` [B, T] is left-padded with
+    ``prompt_mask_bt`` (1 = real token; every row needs at least one). ``rng`` is a JAX key;
+    row ``r`` draws from ``fold_in(fold_in(rng, r), step)``, so samples do not depend on
+    the mesh. ``limit`` (traced, <= ``config.max_new_tokens``) stops earlier without
+    recompiling. Call under ``jax.set_mesh(mesh)`` to run sharded: the batch is split over
+    the data axes and the cache follows the model's logical sharding rules.
+    Output rows are ``B * config.num_samples``; see ``SampleArrays``.
+    """
+    limit = config.max_new_tokens if limit is None else limit
+    limit = jnp.minimum(jnp.asarray(limit, jnp.int32), config.max_new_tokens)
+    # eos ids travel as a padded array (-1 never matches), so changing them reuses the
+    # program; everything else in the config is static.
+    eos = config.eos_token_ids
+    eos_e = np.full(max(4, 1 << (len(eos) - 1).bit_length()), -1, np.int32)
+    eos_e[: len(eos)] = eos
+    static_config = dataclasses.replace(config, eos_token_ids=())
+    return _sample_jit(
+        _StaticGraph(graphdef),
+        state,
+        prompt_ids_bt,
+        prompt_mask_bt,
+        rng,
+        limit,
+        eos_e,
+        config=static_config,
+    )

@@ -1,0 +1,96 @@
+"""Token-by-token streaming for interactive use (the CLI): a jitted prefill, then one
+jitted decode step per token, so each token can be shown as soon as it exists.
+
+Batch generation never uses this; it runs its whole decode loop in one program
+(``engine.sample_arrays``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpt.models.decoder import KVCache
+from jaxpt.sampling.api import bucket, left_pad
+from jaxpt.sampling.config import SamplingConfig
+from jaxpt.sampling.engine import _StaticGraph
+from jaxpt.sampling.processors import choose_tokens
+
+
+def _pick(logits_bv, rng, step, config):
+    keys_b = jax.random.fold_in(jax.random.fold_in(rng, 0), step)[None]
+    return choose_tokens(logits_bv, keys_b, config)[0][0]
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "config", "cache_len"))
+def _prefill(graph, state, ids_bt, mask_bt, rng, *, config, cache_len):
+    model = nnx.merge(graph.graphdef, state)
+    segment_bt = mask_bt.astype(jnp.int32)
+    positions_bt = jnp.maximum(jnp.cumsum(segment_bt, axis=1) - 1, 0)
+    cache = KVCache.init(model.config, 1, cache_len, model.dtype)
+    hidden_btd, cache = model(ids_bt, positions_bt, segment_bt, cache=cache, return_hidden=True)
+    logits_bv = model.logits(hidden_btd[:, -1:, :])[:, 0, :]
+    return cache, _pick(logits_bv, rng, 0, config), jnp.sum(segment_bt, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "config"), donate_argnames=("cache",))
+def _decode_step(graph, state, cache, token_b, pos_b, rng, step, *, config):
+    model = nnx.merge(graph.graphdef, state)
+    logits_b1v, cache = model(
+        token_b[:, None], pos_b[:, None], jnp.ones((1, 1), jnp.int32), cache=cache
+    )
+    return cache, _pick(logits_b1v[:, 0, :], rng, step, config)
+
+
+def stream_tokens(
+    model,
+    prompt: Sequence[int],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int = 0,
+    **sampling,
+) -> Iterator[int]:
+    """Yield the generated tokens of one prompt as they are produced (eos included).
+
+    Accepts the same sampling arguments as ``generate`` (``min_p`` and so on, except
+    ``repetition_penalty``, ``stop`` and ``num_samples``).
+    """
+    config = SamplingConfig.make(
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        **sampling,
+    )
+    eos = set(config.eos_token_ids)
+    config = SamplingConfig.make(
+        max_new_tokens=1,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        min_p=config.min_p,
+    )  # the key the step programs are cached under: no lengths, no eos
+    length = bucket(len(prompt))
+    ids_bt, mask_bt = left_pad([list(prompt)], 1, length)
+    graphdef, state = nnx.split(model)
+    graph, rng = _StaticGraph(graphdef), jax.random.key(seed)
+    cache_len = length + bucket(max_new_tokens)
+    cache, token, pos_b = _prefill(
+        graph, state, ids_bt, mask_bt, rng, config=config, cache_len=cache_len
+    )
+    for step in range(1, max_new_tokens + 1):
+        value = int(token)
+        yield value
+        if value in eos or step == max_new_tokens:
+            return
+        cache, token = _decode_step(
+            graph, state, cache, token[None], pos_b + step - 1, rng, step, config=config
+        )
