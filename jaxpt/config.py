@@ -37,7 +37,7 @@ class ModelSection:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights (and optimizer state) dtype
     remat: str = "none"  # none | full | dots | dots_no_batch
-    attention_impl: str | None = None  # None (XLA) | cudnn
+    attention_impl: str | None = None  # None (auto: einsum on CPU, XLA elsewhere) | einsum | xla | cudnn
 
 
 @dataclasses.dataclass(frozen=True)

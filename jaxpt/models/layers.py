@@ -105,6 +105,38 @@ def decode_attention(q_b1nh, k_bskh, v_bskh, mask_b11s):
     return out_bkgh.reshape(b, 1, n, h).astype(q_b1nh.dtype)
 
 
+def grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts):
+    """Grouped-query attention as two einsums and a float32 softmax.
+
+    Numerically the same as ``jax.nn.dot_product_attention``'s XLA path, but several
+    times faster on CPU, where that path materializes the repeated kv heads and a
+    broadcast mask; the query heads are grouped onto their kv head instead.
+    """
+    b, t, n, h = q_btnh.shape
+    kv = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
+    scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32)
+    scores_bkgts = scores_bkgts * (h**-0.5)
+    mask_b11ts = mask_b1ts[:, :, None, :, :]
+    scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
+    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+    return out_btkgh.reshape(b, t, n, h)
+
+
+def attend(q_btnh, k_bskh, v_bskh, mask_b1ts, implementation=None):
+    """Dispatch attention: ``implementation`` None picks the einsum path on CPU and
+    ``jax.nn.dot_product_attention`` (XLA) elsewhere; ``"einsum"``, ``"xla"`` and
+    ``"cudnn"`` select one explicitly (cudnn is the GPU flash kernel)."""
+    if implementation is None:
+        implementation = "einsum" if jax.default_backend() == "cpu" else "xla"
+    if implementation == "einsum":
+        return grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
+    return jax.nn.dot_product_attention(
+        q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation=implementation
+    )
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional qkv bias and q/k RMSNorm."""
 
@@ -152,13 +184,7 @@ class Attention(nnx.Module):
         if kv_cache is not None and t == 1 and self.implementation is None:
             out = decode_attention(q, k, v, mask_b1ts)
         else:
-            out = jax.nn.dot_product_attention(
-                q,
-                k.astype(q.dtype),
-                v.astype(q.dtype),
-                mask=mask_b1ts,
-                implementation=self.implementation,
-            )
+            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, self.implementation)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv_cache
 
 

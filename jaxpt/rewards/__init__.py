@@ -16,6 +16,8 @@ Built-ins, by config name (`BUILTIN_REWARDS`):
                    `\\boxed{}`; kwarg `pattern` sets another regex.
   code             `code_reward`: fraction of the `tests` column passed by the completion's
                    ```python block, run in the sandbox (`run_untrusted`).
+`load_reward_model(dir)` loads a trained reward model (`rm` task export) as a `RewardModel`
+that scores (prompt, response) pairs; it is imported lazily (it needs the model stack).
 Any other callable is named by import path, "package.module:function". `build_reward_fns`
 turns config specs (names, weights, kwargs) into `RewardFn`s, and `RewardRunner` scores a batch
 with them: per-function float32 arrays (NaN = abstain or failure), the weighted total, counters.
@@ -51,9 +53,19 @@ __all__ = [
     "extract_answer",
     "extract_code",
     "format_reward",
+    "load_reward_model",
     "math_reward",
     "normalize_number",
     "reference_answer",
     "resolve_reward_fn",
     "run_untrusted",
 ]
+
+
+def __getattr__(name):
+    # The reward model pulls in jax and the models; plain reward functions do not need them.
+    if name in ("load_reward_model", "RewardModel"):
+        from jaxpt.rewards import reward_model
+
+        return getattr(reward_model, name)
+    raise AttributeError(f"module 'jaxpt.rewards' has no attribute {name!r}")

@@ -1,0 +1,110 @@
+"""Reward modeling: a Bradley-Terry loss on a scalar head read at the last real token.
+
+The model is a ``SequenceClassifier`` (decoder + ``score``) initialized from a causal-LM
+checkpoint (its ``lm_head`` ignored, the head seeded), a ``...ForSequenceClassification``
+checkpoint, or a preset (random init). Export writes the ``...ForSequenceClassification``
+layout that ``transformers.AutoModelForSequenceClassification`` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from jaxpt.config import ConfigError
+from jaxpt.losses import bradley_terry_loss
+from jaxpt.tasks import _preference as pref
+from jaxpt.tasks.base import LossOutput, RunContext, StepContext, Task, loss_evaluator
+from jaxpt.tasks.sft import resolve_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class RmConfig:
+    center_coef: float = 0.0  # adds center_coef * (r_c + r_r)^2: keeps rewards near zero
+    use_margin: bool = True  # subtract the data's `margin` column inside the sigmoid
+    max_prompt_length: int | None = None  # prompt tokens kept when cutting; None: seq_len // 2
+
+    def __post_init__(self):
+        if self.center_coef < 0:
+            raise ConfigError(f"config key 'rm.center_coef' must be >= 0, got {self.center_coef}")
+
+
+def pair_rewards(model, batch: dict):
+    """(chosen rewards [B], rejected rewards [B]) from one forward pass over both sides."""
+    rows = pref.stack_pairs(batch)
+    scores_2b1 = model(
+        rows["input_ids"], positions=rows["positions"], segment_ids=rows["segment_ids"]
+    )
+    return pref.split_pairs(scores_2b1[:, 0])
+
+
+def rm_loss(
+    model, batch: dict, ctx: StepContext, *, center_coef: float = 0.0, use_margin: bool = True
+) -> LossOutput:
+    """Bradley-Terry ``-log sigmoid(r_c - r_r - margin)`` (+ centering) summed over real
+    pairs / number of real pairs; metrics accuracy, margin, reward_chosen, reward_rejected."""
+    reward_chosen_b, reward_rejected_b = pair_rewards(model, batch)
+    margin_b = batch["margin"] if use_margin else None
+    loss_b, metrics_b = bradley_terry_loss(
+        reward_chosen_b, reward_rejected_b, margin_b, center_coef
+    )
+    return pref.pair_sums(loss_b, metrics_b, batch["pair_mask"])
+
+
+def build(ctx: RunContext):
+    """The classifier on the run's mesh (pad id from the tokenizer, so scores are read where
+    transformers reads them); no extras."""
+    from jaxpt.models.classifier import load_classifier
+
+    cfg = ctx.config.model
+    tokenizer = resolve_tokenizer(ctx)
+    model = load_classifier(
+        cfg.path,
+        seed=ctx.config.seed,
+        mesh=ctx.mesh,
+        rules=ctx.rules,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        remat=cfg.remat,
+        attention_impl=cfg.attention_impl,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}"
+        )
+    return model, None
+
+
+def make_loss(ctx: RunContext):
+    cfg = ctx.task_config
+    return functools.partial(rm_loss, center_coef=cfg.center_coef, use_margin=cfg.use_margin)
+
+
+def make_evaluator(ctx: RunContext):
+    """eval_loss, eval_accuracy (pairwise), eval_margin, eval_reward_chosen/rejected."""
+    batches = pref.make_eval_batches(ctx)
+    return None if batches is None else loss_evaluator(ctx, make_loss(ctx), batches)
+
+
+def export(ctx: RunContext, state, out_dir: str) -> None:
+    """A ``...ForSequenceClassification`` HF checkpoint plus the tokenizer files."""
+    from jaxpt.models.classifier import save_classifier
+
+    save_classifier(state.model(), out_dir, dtype=ctx.config.export.dtype)
+    if ctx.is_main_process:
+        resolve_tokenizer(ctx).save_pretrained(out_dir)
+
+
+TASK = Task(
+    name="rm",
+    description="reward modeling (Bradley-Terry on a scalar head, optional margin/centering)",
+    config_cls=RmConfig,
+    build=build,
+    make_loss=make_loss,
+    make_train_source=pref.make_train_source,
+    make_evaluator=make_evaluator,
+    export=export,
+)

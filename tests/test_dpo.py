@@ -1,0 +1,138 @@
+"""DPO: losses through the task against numpy, response-only log-probs on the ChatML
+template, the frozen reference (in extras or precomputed), 8 devices vs 1, exact resume."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from preference_helpers import (
+    TINY,
+    assert_close_trees,
+    config_for,
+    fast_overrides,
+    make_tiny_dir,
+    train_rows,
+    train_steps,
+)
+
+from jaxpt.data import build_preference_pipeline, generate_preference_pairs, load_tokenizer
+from jaxpt.loop import run
+from jaxpt.models import init_model
+from jaxpt.tasks.base import StepContext
+from jaxpt.tasks.dpo import dpo_task_loss
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_dir(str(tmp_path_factory.mktemp("tiny_lm")))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """3 real pairs and one padding row (pair_mask 0), shipped ChatML tokenizer."""
+    rows = generate_preference_pairs(3, seed=1, split="train")
+    pipeline = build_preference_pipeline(rows, load_tokenizer(), seq_len=80, batch_size=4,
+                                         shuffle=False, num_epochs=1)
+    return next(pipeline)
+
+
+def test_logprobs_cover_the_response_only(batch):
+    tokenizer = load_tokenizer()
+    rows = generate_preference_pairs(3, seed=1, split="train")
+    for side in ("chosen", "rejected"):
+        mask = batch[f"{side}_loss_mask"][0] > 0
+        trained = tokenizer.decode(batch[f"{side}_target_ids"][0][mask])
+        assert trained == rows[0][side][0]["content"] + "<|im_end|>"
+        prompt = tokenizer.decode(batch[f"{side}_input_ids"][0][: np.argmax(mask) + 1])
+        assert prompt.endswith("<|im_start|>assistant\n") and "What is" in prompt
+    assert batch["pair_mask"].tolist() == [1, 1, 1, 0]
+
+
+@nnx.jit
+def _logits(model, ids, positions, segment_ids):
+    return model(ids, positions=positions, segment_ids=segment_ids)
+
+
+def _numpy_logps(model, batch, side):
+    logits = np.asarray(_logits(model, batch[f"{side}_input_ids"], batch[f"{side}_positions"],
+                                batch[f"{side}_segment_ids"]), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    logp -= logits.max(-1, keepdims=True)
+    tok = np.take_along_axis(logp, batch[f"{side}_target_ids"][..., None], -1)[..., 0]
+    return (tok * batch[f"{side}_loss_mask"]).sum(-1)
+
+
+def test_dpo_losses_through_the_task_match_numpy(batch):
+    policy = init_model(TINY, seed=1)
+    reference = init_model(TINY, seed=2)
+    pi_c, pi_r = _numpy_logps(policy, batch, "chosen"), _numpy_logps(policy, batch, "rejected")
+    ref_c, ref_r = (_numpy_logps(reference, batch, s) for s in ("chosen", "rejected"))
+    real = batch["pair_mask"]
+    beta = 0.5
+    h = (pi_c - ref_c) - (pi_r - ref_r)
+    log_sigmoid = lambda x: -np.log1p(np.exp(-x))
+    expected = {
+        "sigmoid": -0.9 * log_sigmoid(beta * h) - 0.1 * log_sigmoid(-beta * h),
+        "ipo": (h - 1 / (2 * beta)) ** 2,
+        "hinge": np.maximum(0, 1 - beta * h),
+    }
+    ref_params = nnx.state(reference, nnx.Param)
+    precomputed = {**batch, "ref_chosen_logps": ref_c.astype(np.float32),
+                   "ref_rejected_logps": ref_r.astype(np.float32)}
+    for loss_type, loss_b in expected.items():
+        kwargs = {"beta": beta, "loss_type": loss_type,
+                  "label_smoothing": 0.1 if loss_type == "sigmoid" else 0.0}
+        # Reference from params in extras, and from precomputed batch columns.
+        for b, extras in ((batch, ref_params), (precomputed, None)):
+            loss_fn = nnx.jit(functools.partial(dpo_task_loss, **kwargs))
+            out = loss_fn(policy, b, StepContext(None, 0, extras))
+            np.testing.assert_allclose(out.numerator, np.sum(loss_b * real), rtol=2e-4)
+            assert float(out.denominator) == 3.0
+    m = out.metrics
+    np.testing.assert_allclose(m["rewards/chosen"], np.sum(beta * (pi_c - ref_c) * real),
+                               rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(m["rewards/margins"], np.sum(beta * h * real), rtol=2e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(m["rewards/accuracy"], np.sum((h > 0) * real))
+    np.testing.assert_allclose(m["logps/chosen"], np.sum(pi_c * real), rtol=1e-5)
+
+
+def test_dpo_8_devices_with_reference_params_match_1_device_precomputed(tmp_path, tiny_dir,
+                                                                        mesh8, mesh1):
+    base = fast_overrides(str(tmp_path), tiny_dir, **{"train.max_steps": 3, "dpo.beta": 0.5})
+    on_the_fly = config_for("dpo", base + ["dpo.precompute_ref=false"])
+    state8, hist8, eval8 = train_steps(on_the_fly, mesh8, 3)
+    # The reference sits in extras, sharded like the policy, and never moves.
+    ref = state8.extras["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
+    up = state8.params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
+    assert ref.sharding.spec == up.sharding.spec
+    initial = init_model(TINY, seed=0)
+    assert_close_trees(state8.extras, nnx.state(initial, nnx.Param), rtol=0, atol=0)
+    assert not np.allclose(np.asarray(up), np.asarray(ref))
+
+    precomputed = config_for("dpo", base + ["dpo.precompute_ref=true"])
+    state1, hist1, eval1 = train_steps(precomputed, mesh1, 3)
+    assert state1.extras is None
+    for key in ("loss", "rewards/margins", "rewards/accuracy", "grad_norm"):
+        np.testing.assert_allclose([h[key] for h in hist8], [h[key] for h in hist1],
+                                   rtol=1e-4, atol=1e-6)
+    for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracy"):
+        np.testing.assert_allclose(eval8[key], eval1[key], rtol=1e-4, atol=1e-6)
+    assert_close_trees(state8.params, state1.params, rtol=1e-4, atol=5e-5)
+    jax.clear_caches()
+
+
+def test_dpo_resumes_exactly_with_precomputed_reference(tmp_path, tiny_dir):
+    extra = {"train.max_steps": 4, "dpo.precompute_ref": "true", "export.hf": "false",
+             "train.eval_batches": 0}
+    full = config_for("dpo", fast_overrides(str(tmp_path / "full"), tiny_dir, **extra))
+    run(full)
+    resumed = config_for("dpo", fast_overrides(str(tmp_path / "resumed"), tiny_dir, **extra))
+    assert run(resumed, stop_after_step=2).preempted
+    assert run(resumed).step == 4
+    a, b = train_rows(str(tmp_path / "full")), train_rows(str(tmp_path / "resumed"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/rejected"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
