@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--tokenizer", help="default: the model dir's, else the shipped one")
     parser.add_argument("-n", "--num-examples", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1234, help="arithmetic problem seed")
+    parser.add_argument("--seed", type=int, default=0, help="arithmetic problem seed")
+    parser.add_argument("--min-digits", type=int, default=1)
     parser.add_argument("--max-digits", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -55,7 +56,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"{args.data}: row {missing[0]} has no 'answer' column")
         task = args.data
     else:
-        rows = arithmetic_eval_rows(args.num_examples, args.seed, max_digits=args.max_digits)
+        rows = arithmetic_eval_rows(
+            args.num_examples, args.seed, min_digits=args.min_digits, max_digits=args.max_digits
+        )
         task = args.task
     result = verifiable_accuracy(
         model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size

@@ -3,7 +3,10 @@
 Stages run in order and share one ``results`` dict; each returns lines for the summary.
 Stage ``sft`` trains the shipped tiny model (random init) with the shipped tokenizer on the
 generated arithmetic task (``configs/sft_tiny.yaml``) and reports held-out loss before and
-after. Later stages (GRPO) append themselves to ``STAGES`` and read ``results["sft"]``.
+after. Stage ``grpo`` then runs GRPO from the SFT export with the math reward
+(``configs/grpo_arith.yaml``) and reports held-out greedy accuracy before and after; the
+last line printed is one JSON object ``{"sft_accuracy", "grpo_accuracy", "sft_model",
+"grpo_model"}``.
 """
 
 from __future__ import annotations
@@ -60,7 +63,50 @@ def stage_sft(args, results: dict) -> list[str]:
     return lines
 
 
-STAGES = [("sft", stage_sft)]
+def stage_grpo(args, results: dict) -> list[str]:
+    """GRPO from the SFT export with the math reward; held-out greedy accuracy before/after."""
+    import json
+
+    from jaxpt.config import load_config
+    from jaxpt.loop import run
+
+    sft = results.get("sft")
+    sft_model = sft["result"].hf_dir if sft else os.path.join(args.output_dir, "sft", "hf")
+    if not sft_model or not os.path.isdir(sft_model):
+        raise SystemExit(f"the GRPO stage needs the SFT model at {sft_model}: run the sft stage")
+    output_dir = os.path.join(args.output_dir, "grpo")
+    overrides = [f"output_dir={output_dir}", f"model.path={sft_model}", *args.overrides]
+    config = load_config(config_path("grpo_arith.yaml"), overrides)
+    start = time.perf_counter()
+    result = run(config)
+    wall = time.perf_counter() - start
+    evals = [e for e in result.evals if "eval_accuracy" in e]
+    before, after = evals[0], evals[-1]
+    a = config.data.arithmetic
+    line = {
+        "sft_accuracy": before["eval_accuracy"],
+        "grpo_accuracy": after["eval_accuracy"],
+        "n": int(after["eval_n"]),
+        "sft_model": os.path.abspath(sft_model),
+        "grpo_model": result.hf_dir,
+    }
+    results["grpo"] = {"result": result, "config": config, "wall_s": wall, "line": line}
+    eval_cmd = (
+        f"python -m jaxpt.eval --model DIR --task arithmetic -n {a.num_test} "
+        f"--seed {a.seed} --min-digits {a.min_digits} --max-digits {a.max_digits}"
+    )
+    return [
+        f"GRPO (math reward, {result.step} steps, {wall:.0f} s)",
+        f"  held-out accuracy {line['sft_accuracy']:.3f} (SFT) -> {line['grpo_accuracy']:.3f} "
+        f"(GRPO), greedy, {line['n']} problems disjoint from training",
+        f"  same numbers via  {eval_cmd}",
+        f"  completions       {os.path.join(result.output_dir, 'completions.jsonl')}",
+        f"  HF export         {result.hf_dir}",
+        json.dumps(line),
+    ]
+
+
+STAGES = [("sft", stage_sft), ("grpo", stage_grpo)]
 
 
 def main(argv=None) -> int:
@@ -78,7 +124,12 @@ def main(argv=None) -> int:
     for name, stage in STAGES:
         if name in wanted:
             summary += stage(args, results)
+    total = sum(r.get("wall_s", 0.0) for r in results.values())
+    summary.insert(0, f"total training wall time {total:.0f} s")
+    last = summary.pop() if "grpo" in results else None
     print("\n".join(["", "== jaxpt quickstart ==", *summary]), flush=True)
+    if last is not None:  # the result line comes last
+        print(last, flush=True)
     return 0
 
 

@@ -1,0 +1,230 @@
+"""The sampler: greedy parity with transformers, exact logprobs, the filtered distribution,
+mesh invariance, bucketing without recompiles, stop sequences and n samples per prompt."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxpt.models import from_pretrained, init_model, save_pretrained
+from jaxpt.sampling import SamplingConfig, generate, sample_arrays, trace_count
+
+BASE = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.3,  # peaked logits: greedy never hinges on float noise
+    "tie_word_embeddings": False,
+}
+ARCHS = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
+    "mistral": {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "sliding_window": 8,
+    },
+}
+PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [42], [7, 7, 8, 120, 64, 2]]
+
+
+def _models(arch, tmp_path_factory, seed=0):
+    model = init_model({**BASE, **ARCHS[arch]}, seed=seed)
+    path = tmp_path_factory.mktemp(arch)
+    save_pretrained(model, str(path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model, hf.eval(), str(path)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _models("llama", tmp_path_factory)
+
+
+def _hf_greedy(hf, prompt, max_new_tokens, **kwargs):
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _cut_after(tokens, eos):
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_greedy_matches_transformers(arch, tmp_path_factory):
+    model, hf, _ = _models(arch, tmp_path_factory)
+    expected = [_hf_greedy(hf, p, 12) for p in PROMPTS]
+    out = generate(model, PROMPTS, max_new_tokens=12)
+    assert out.tokens == expected
+    assert out.finish_reasons == ["length"] * len(PROMPTS)
+
+    # An eos that occurs mid-way in one completion: that row stops there (eos kept).
+    eos = expected[1][5]
+    out = generate(model, PROMPTS, max_new_tokens=12, eos_token_id=eos)
+    assert out.tokens == [_cut_after(t, eos) for t in expected]
+    assert out.finish_reasons[1] == "stop"
+    assert all(len(t) == len(lp) for t, lp in zip(out.tokens, out.logprobs))
+
+
+def test_repetition_penalty_matches_transformers(llama):
+    model, hf, _ = llama
+    expected = [_hf_greedy(hf, p, 10, repetition_penalty=1.5) for p in PROMPTS[:2]]
+    out = generate(model, PROMPTS[:2], max_new_tokens=10, repetition_penalty=1.5)
+    assert out.tokens == expected
+
+
+@jax.jit
+def _log_softmax_forward(graphdef, state, ids_bt):
+    return jax.nn.log_softmax(nnx.merge(graphdef, state)(ids_bt), axis=-1)
+
+
+def _forward_logprobs(model, sequences, length=32):
+    """log_softmax of a plain (no cache) forward pass, right-padded to one jitted shape."""
+    ids_bt = np.zeros((len(sequences), length), np.int32)
+    for row, seq in enumerate(sequences):
+        ids_bt[row, : len(seq)] = seq
+    graphdef, state = nnx.split(model)
+    return np.asarray(_log_softmax_forward(graphdef, state, ids_bt))
+
+
+def test_sampled_logprobs_equal_teacher_forced_forward(llama):
+    model = llama[0]
+    out = generate(model, PROMPTS[:3], max_new_tokens=10, temperature=1.0, seed=3, num_samples=2)
+    assert len(out.tokens) == 6
+    prompts = [PROMPTS[row // 2] for row in range(6)]
+    logprobs_btv = _forward_logprobs(model, [p + t for p, t in zip(prompts, out.tokens)])
+    for row, (prompt, tokens) in enumerate(zip(prompts, out.tokens)):
+        positions = np.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1)
+        reference = logprobs_btv[row, positions, np.asarray(tokens)]
+        np.testing.assert_allclose(out.logprobs[row], reference, atol=1e-4)
+        np.testing.assert_allclose(out.model_logprobs[row], reference, atol=1e-4)
+
+
+def _reference_distribution(logits_v, temperature, top_k=None, top_p=None, min_p=None):
+    """The truncated, renormalized distribution, computed directly (HF's definitions)."""
+    scores = logits_v.astype(np.float64) / temperature
+    keep = np.ones_like(scores, bool)
+    if top_k is not None:
+        keep &= scores >= np.sort(scores)[-top_k]
+    if top_p is not None:
+        probs = np.exp(scores - scores.max()) * keep
+        probs /= probs.sum()
+        order = np.argsort(probs)  # ascending, as transformers does
+        cumulative = np.cumsum(probs[order])
+        keep[order[cumulative <= 1 - top_p]] = False
+    if min_p is not None:
+        probs = np.exp(scores - scores.max()) * keep
+        keep &= probs >= min_p * probs.max()
+    probs = np.exp(scores - scores.max()) * keep
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"temperature": 0.7, "top_k": 12, "top_p": 0.9},
+        {"temperature": 1.5, "min_p": 0.05},
+    ],
+)
+def test_filtered_sampling_distribution(llama, filters):
+    model = llama[0]
+    prompt = PROMPTS[0]
+    # log_softmax differs from the logits by a constant, which every filter ignores.
+    logits_v = _forward_logprobs(model, [prompt])[0, len(prompt) - 1]
+    expected = _reference_distribution(logits_v, **filters)
+    samples = 4096
+    out = generate(model, [prompt], max_new_tokens=1, num_samples=samples, seed=1, **filters)
+    first = np.array([t[0] for t in out.tokens])
+    assert expected[first].min() > 0  # never outside the support
+    # Each reported logprob is the token's log-probability under that distribution.
+    np.testing.assert_allclose(
+        np.array([lp[0] for lp in out.logprobs]), np.log(expected[first]), atol=1e-4
+    )
+    empirical = np.bincount(first, minlength=len(expected)) / samples
+    total_variation = 0.5 * np.abs(empirical - expected).sum()
+    support = int((expected > 0).sum())
+    # E[TV] <= 0.5 * sqrt(support / samples); allow a wide margin over it.
+    assert total_variation < 0.5 * np.sqrt(support / samples) + 0.02, total_variation
+
+
+def test_sharded_generation_matches_single_device(llama, mesh8):
+    model, _, path = llama
+    sharded = from_pretrained(path, mesh=mesh8)
+    prompts = PROMPTS + [[9, 8, 7, 6, 5]]
+    for kwargs in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 7}):
+        single = generate(model, prompts, max_new_tokens=8, **kwargs)
+        multi = generate(sharded, prompts, max_new_tokens=8, **kwargs)
+        assert multi.tokens == single.tokens
+        np.testing.assert_allclose(
+            np.concatenate(multi.logprobs), np.concatenate(single.logprobs), atol=1e-4
+        )
+
+
+def test_same_bucket_and_new_weights_do_not_recompile(tmp_path_factory):
+    model = init_model({**BASE, **ARCHS["llama"], "num_hidden_layers": 1}, seed=5)
+    before = trace_count()
+    generate(model, [[1, 2, 3], [4, 5], [6]], max_new_tokens=10)
+    assert trace_count() == before + 1
+    # Different prompt lengths, batch size and max_new_tokens, all in the same buckets.
+    generate(model, [[1] * 9, [2, 3], [4, 5, 6, 7], [8]], max_new_tokens=14)
+    assert trace_count() == before + 1
+
+    # The RL path: new weights of the same structure reuse the program.
+    graphdef, state = nnx.split(model)
+    config = SamplingConfig(max_new_tokens=16, temperature=0.0)
+    ids_bt = np.ones((4, 16), np.int32)
+    mask_bt = np.ones((4, 16), np.int32)
+    first = sample_arrays(graphdef, state, ids_bt, mask_bt, jax.random.key(0), config)
+    new_state = jax.tree.map(lambda x: x * 1.5, state)
+    second = sample_arrays(graphdef, new_state, ids_bt, mask_bt, jax.random.key(0), config)
+    assert trace_count() == before + 1
+    assert not np.array_equal(first.tokens_bn, second.tokens_bn)
+    assert first.tokens_bn.shape == (4, 16) and bool(first.truncated_b.all())
+
+
+def test_stop_sequences_and_samples_per_prompt(llama):
+    model = llama[0]
+    reference = generate(model, PROMPTS, max_new_tokens=12).tokens
+    stop = reference[0][3:5]
+    out = generate(model, PROMPTS, max_new_tokens=12, stop=[stop, [127, 127, 127]])
+    for tokens, ref in zip(out.tokens, reference):
+        ends = [i + 2 for i in range(len(ref) - 1) if ref[i : i + 2] == stop]
+        assert tokens == (ref[: ends[0]] if ends else ref)
+    assert out.finish_reasons[0] == "stop"
+
+    # n samples per prompt, prompt-major; greedy samples all equal the single completion.
+    greedy = generate(model, PROMPTS[:2], max_new_tokens=12, num_samples=3)
+    assert greedy.tokens == [reference[0]] * 3 + [reference[1]] * 3
+    sampled = generate(model, PROMPTS[:2], max_new_tokens=12, temperature=1.0, num_samples=3)
+    arrays = sampled.arrays
+    assert arrays.tokens_bn.shape == (6, 12)
+    assert arrays.lengths_b.tolist() == [12] * 6
+    assert len({tuple(t) for t in sampled.tokens[:3]}) > 1  # independent draws
+
+
+def test_streaming_matches_batch_generation(llama):
+    from jaxpt.sampling.stream import stream_tokens
+
+    model = llama[0]
+    expected = generate(model, PROMPTS[1:2], max_new_tokens=12).tokens[0]
+    assert list(stream_tokens(model, PROMPTS[1], max_new_tokens=12)) == expected
+    eos = expected[4]
+    assert list(stream_tokens(model, PROMPTS[1], 12, eos_token_id=eos)) == expected[:5]
