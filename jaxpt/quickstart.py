@@ -97,8 +97,11 @@ def stage_grpo(args, results: dict) -> list[str]:
     )
     return [
         f"GRPO (math reward, {result.step} steps, {wall:.0f} s)",
-        f"  held-out accuracy {line['sft_accuracy']:.3f} (SFT) -> {line['grpo_accuracy']:.3f} "
-        f"(GRPO), greedy, {line['n']} problems disjoint from training",
+        (
+            f"  held-out accuracy {line['sft_accuracy']:.3f} (SFT) -> "
+            f"{line['grpo_accuracy']:.3f} (GRPO), greedy, {line['n']} problems disjoint from "
+            "training"
+        ),
         f"  same numbers via  {eval_cmd}",
         f"  completions       {os.path.join(result.output_dir, 'completions.jsonl')}",
         f"  HF export         {result.hf_dir}",

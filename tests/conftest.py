@@ -11,8 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -31,3 +31,11 @@ def mesh1():
     from jaxpt.sharding import make_mesh
 
     return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random HF checkpoint (Llama, 2 layers) with the shipped tokenizer."""
+    from tiny import make_tiny_dir
+
+    return make_tiny_dir(str(tmp_path_factory.mktemp("tiny_model")))

@@ -6,10 +6,9 @@ import os
 
 import jax
 import numpy as np
+from tiny import TINY, make_tiny_dir  # noqa: F401  (re-exported)
 
 from jaxpt.config import load_config
-from jaxpt.data import load_tokenizer
-from jaxpt.models import init_model, save_pretrained
 from jaxpt.optim import make_optimizer
 from jaxpt.sharding import merged_rules
 from jaxpt.state import create_train_state, shardings_of
@@ -17,19 +16,6 @@ from jaxpt.step import jit_train_step, make_train_step, put_batch
 from jaxpt.tasks import RunContext, get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128,
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-    "max_position_embeddings": 256, "tie_word_embeddings": True,
-}
-
-
-def make_tiny_dir(path: str) -> str:
-    """A tiny random causal-LM HF checkpoint with the shipped tokenizer."""
-    save_pretrained(init_model(TINY, seed=0), path)
-    load_tokenizer().save_pretrained(path)
-    return path
 
 
 def fast_overrides(output_dir, model_path, **extra) -> list[str]:

@@ -10,32 +10,17 @@ import time
 import jax
 import numpy as np
 import optax
-import pytest
+from tiny import TINY
 
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import load_config
-from jaxpt.data import load_tokenizer
 from jaxpt.loop import run
-from jaxpt.models import init_model, save_pretrained
+from jaxpt.models import init_model
 from jaxpt.sharding import make_mesh
 from jaxpt.state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
-TINY = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128,
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-    "max_position_embeddings": 256, "tie_word_embeddings": True,
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_model"))
-    save_pretrained(init_model(TINY, seed=0), path)
-    load_tokenizer().save_pretrained(path)
-    return path
 
 
 def overrides(output_dir, model_path, **extra):

@@ -12,7 +12,6 @@ from preference_helpers import (
     assert_close_trees,
     config_for,
     fast_overrides,
-    make_tiny_dir,
     train_rows,
     train_steps,
 )
@@ -22,11 +21,6 @@ from jaxpt.loop import run
 from jaxpt.models import init_model
 from jaxpt.tasks.base import StepContext
 from jaxpt.tasks.dpo import dpo_task_loss
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_dir(str(tmp_path_factory.mktemp("tiny_lm")))
 
 
 @pytest.fixture(scope="module")

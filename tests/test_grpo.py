@@ -7,23 +7,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import TINY
 
 from jaxpt.config import load_config
-from jaxpt.data import load_tokenizer
 from jaxpt.loop import run
 from jaxpt.losses import token_logprobs
-from jaxpt.models import init_model, save_pretrained
+from jaxpt.models import init_model
 from jaxpt.tasks.base import StepContext
 from jaxpt.tasks.grpo import GrpoConfig, _train_batch, grpo_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRPO_ARITH = os.path.join(ROOT, "configs", "grpo_arith.yaml")
-TINY = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128,
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-    "max_position_embeddings": 256, "tie_word_embeddings": True,
-}
 DIGITS = set("0123456789")
 
 
@@ -33,19 +27,10 @@ def digit_fraction(prompts, completions, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("grpo_tiny"))
-    save_pretrained(init_model(TINY, seed=0), path)
-    load_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("grpo_data") / "prompts.jsonl"
     with open(path, "w") as f:
-        for i in range(32):
-            f.write(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n")
+        f.writelines(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(32))
     return str(path)
 
 
@@ -126,7 +111,8 @@ def test_reward_rises_on_a_toy_task(tmp_path, tiny_dir, prompts_file):
     rewards = [r["reward"] for r in rows(out)]
     first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
     assert last > first + 0.15, rewards
-    samples = [json.loads(line) for line in open(os.path.join(out, "completions.jsonl"))]
+    with open(os.path.join(out, "completions.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
     assert len(samples) == 16 and "digit_fraction" in samples[0]["rewards"]
 
 

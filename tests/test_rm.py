@@ -5,7 +5,6 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 import transformers
 from flax import nnx
@@ -13,7 +12,6 @@ from preference_helpers import (
     assert_close_trees,
     config_for,
     fast_overrides,
-    make_tiny_dir,
     train_rows,
     train_steps,
 )
@@ -26,11 +24,6 @@ from jaxpt.models.safetensors_io import SafetensorsFile
 from jaxpt.rewards import load_reward_model
 from jaxpt.tasks.base import StepContext
 from jaxpt.tasks.rm import rm_loss
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_dir(str(tmp_path_factory.mktemp("tiny_lm")))
 
 
 def test_read_position_is_transformers_rightmost_non_pad():

@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny import TINY
 
 from jaxpt.config import load_config
-from jaxpt.data import DataError, load_tokenizer
+from jaxpt.data import DataError
 from jaxpt.data.features import next_token_fields
 from jaxpt.loop import run
-from jaxpt.models import from_pretrained, init_model, save_pretrained
+from jaxpt.models import from_pretrained, init_model
 from jaxpt.sharding import make_mesh
 from jaxpt.state import create_train_state, shardings_of
 from jaxpt.step import _sums_and_grads, jit_train_step, make_train_step, put_batch
@@ -23,21 +24,6 @@ from jaxpt.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
-TINY = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128,
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-    "max_position_embeddings": 256, "tie_word_embeddings": True,
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random HF checkpoint with the shipped tokenizer (fast to compile)."""
-    path = str(tmp_path_factory.mktemp("tiny_model"))
-    save_pretrained(init_model(TINY, seed=0), path)
-    load_tokenizer().save_pretrained(path)
-    return path
 
 
 def fast_overrides(output_dir, model_path, **extra):

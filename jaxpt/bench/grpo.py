@@ -7,6 +7,7 @@ own per-step timings. Compile steps are excluded (``--warmup``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -52,7 +53,7 @@ def run(args) -> dict:
             rows = [r for r in map(json.loads, f) if "time/generate_s" in r]
     # A step's update is timed when the next step starts, so pair step i with row i + 1.
     steps = []
-    for row, following in zip(rows, rows[1:]):
+    for row, following in itertools.pairwise(rows):
         if row["step"] > args.warmup:
             steps.append((row["time/generate_s"], row["time/reward_s"],
                           following["time/update_s"]))

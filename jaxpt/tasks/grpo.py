@@ -82,7 +82,7 @@ def grpo_loss(model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig) -> LossO
     The policy is ``softmax(logits / temperature)``, the distribution the sampler drew from
     (``old_logprobs`` are its log-probs), so the first iteration's ratio is exactly 1.
     """
-    kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+    kwargs = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
     logits_btv = model(batch["input_ids"], **kwargs) / cfg.temperature
     logp_bt = token_logprobs(logits_btv, batch["target_ids"])
     mask_bt = batch["completion_mask"]
@@ -277,7 +277,7 @@ class RolloutSource:
         from jaxpt.sampling import sample_arrays
 
         cfg, g = self.cfg, self.cfg.num_generations
-        lp, lc = cfg.max_prompt_length, cfg.max_completion_length
+        lp = cfg.max_prompt_length
         prompts = [self._prompt_ids(i) for i in indices]
         prompt_ids = np.full((len(prompts), lp), self.pad_id, np.int32)
         prompt_mask = np.zeros((len(prompts), lp), np.int32)
@@ -370,7 +370,7 @@ def _train_batch(prompt_ids, prompt_mask, tokens_bn, lengths_b, logprobs_bn, adv
     target is a generated token (of a kept row), and ``old_logprobs[t]`` is its sampler
     log-prob.
     """
-    b, lp = prompt_ids.shape
+    lp = prompt_ids.shape[1]
     lc = tokens_bn.shape[1]
     completion_valid = np.arange(lc)[None, :] < lengths_b[:, None]
     input_ids = np.concatenate([prompt_ids, tokens_bn.astype(np.int32)], axis=1)
