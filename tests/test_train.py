@@ -167,8 +167,10 @@ def test_fsdp_mesh_matches_single_device(mesh8, mesh1):
     state8, losses8 = _two_steps(mesh8, batches)
     state1, losses1 = _two_steps(mesh1, batches, k=2)  # and accumulation on one device
     np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+    # Adam turns any gradient into a step of about lr (1e-2): where a gradient is tiny, its
+    # float rounding (which differs between the meshes) shows; 1e-5 is 0.1% of one step.
     for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # Adam moments are sharded exactly like their params.
     up = state8.params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
     mu = state8.opt_state[0].mu["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
