@@ -34,18 +34,10 @@ ROW_FIELDS = ("input_ids", "target_ids", "loss_mask", "positions", "segment_ids"
 
 
 def _arithmetic_pairs(ctx: RunContext, split: str) -> list[dict]:
-    from jaxpt.data import generate_preference_pairs, write_jsonl
+    from jaxpt.data import generate_preference_pairs
+    from jaxpt.tasks.sft import generated_arithmetic
 
-    a = ctx.config.data.arithmetic
-    n = a.num_train if split == "train" else a.num_test
-    rows = generate_preference_pairs(
-        n, a.seed, split, min_digits=a.min_digits, max_digits=a.max_digits
-    )
-    if ctx.is_main_process:  # for inspection; every process generates the same rows
-        path = os.path.join(ctx.output_dir, "data", f"arithmetic_pref_{split}.jsonl")
-        if not os.path.exists(path):
-            write_jsonl(path, rows)
-    return rows
+    return generated_arithmetic(ctx, split, generate_preference_pairs, "arithmetic_pref")
 
 
 def preference_sources(ctx: RunContext):

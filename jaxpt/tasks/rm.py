@@ -15,7 +15,7 @@ from jaxpt.config import ConfigError
 from jaxpt.losses import bradley_terry_loss
 from jaxpt.tasks import _preference as pref
 from jaxpt.tasks.base import LossOutput, RunContext, StepContext, Task, loss_evaluator
-from jaxpt.tasks.sft import resolve_tokenizer
+from jaxpt.tasks.sft import export_with_tokenizer, resolve_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +93,7 @@ def export(ctx: RunContext, state, out_dir: str) -> None:
     """A ``...ForSequenceClassification`` HF checkpoint plus the tokenizer files."""
     from jaxpt.models.classifier import save_classifier
 
-    save_classifier(state.model(), out_dir, dtype=ctx.config.export.dtype)
-    if ctx.is_main_process:
-        resolve_tokenizer(ctx).save_pretrained(out_dir)
+    export_with_tokenizer(ctx, state, out_dir, save_classifier)
 
 
 TASK = Task(

@@ -95,20 +95,26 @@ def build(ctx: RunContext):
     return model, None
 
 
-def _arithmetic_rows(ctx: RunContext, split: str) -> list[dict]:
-    from jaxpt.data import generate_examples, write_jsonl
+def generated_arithmetic(ctx: RunContext, split: str, generator, name: str) -> list[dict]:
+    """Rows of the shipped arithmetic task from ``generator`` (examples or preference
+    pairs), also written to ``<output_dir>/data/<name>_<split>.jsonl`` for inspection."""
+    from jaxpt.data import write_jsonl
 
     a = ctx.config.data.arithmetic
     n = a.num_train if split == "train" else a.num_test
-    rows = generate_examples(
-        n, a.seed, split, min_digits=a.min_digits, max_digits=a.max_digits
-    )
-    if ctx.is_main_process:  # for inspection; every process generates the same rows
-        path = os.path.join(ctx.output_dir, "data", f"arithmetic_{split}.jsonl")
+    rows = generator(n, a.seed, split, min_digits=a.min_digits, max_digits=a.max_digits)
+    if ctx.is_main_process:  # every process generates the same rows
+        path = os.path.join(ctx.output_dir, "data", f"{name}_{split}.jsonl")
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_jsonl(path, rows)
     return rows
+
+
+def _arithmetic_rows(ctx: RunContext, split: str) -> list[dict]:
+    from jaxpt.data import generate_examples
+
+    return generated_arithmetic(ctx, split, generate_examples, "arithmetic")
 
 
 def _sources(ctx: RunContext):
@@ -219,13 +225,18 @@ def make_loss(ctx: RunContext):
     return functools.partial(sft_loss, z_loss=ctx.task_config.z_loss)
 
 
-def export(ctx: RunContext, state, out_dir: str) -> None:
-    """An HF checkpoint (safetensors + config) plus the tokenizer files."""
-    from jaxpt.models import save_pretrained
-
-    save_pretrained(state.model(), out_dir, dtype=ctx.config.export.dtype)
+def export_with_tokenizer(ctx: RunContext, state, out_dir: str, save_fn) -> None:
+    """``save_fn(model, out_dir, dtype=...)`` (an HF checkpoint) plus the tokenizer files."""
+    save_fn(state.model(), out_dir, dtype=ctx.config.export.dtype)
     if ctx.is_main_process:
         resolve_tokenizer(ctx).save_pretrained(out_dir)
+
+
+def export(ctx: RunContext, state, out_dir: str) -> None:
+    """An HF causal-LM checkpoint (safetensors + config) plus the tokenizer files."""
+    from jaxpt.models import save_pretrained
+
+    export_with_tokenizer(ctx, state, out_dir, save_pretrained)
 
 
 TASK = Task(
