@@ -19,7 +19,7 @@ import transformers
 from flax import nnx
 
 from jaxpt.models.config import config_from_hf, hf_config_from_dict
-from jaxpt.models.decoder import REMAT_POLICIES, CausalLM, Decoder
+from jaxpt.models.decoder import CausalLM
 from jaxpt.models.hf_io import (
     _attach_hf_config,
     _model_kwargs,
@@ -83,17 +83,12 @@ class SequenceClassifier(CausalLM):
         remat: str = "none",
         attention_impl: str | None = None,
     ):
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; choose from {list(REMAT_POLICIES)}")
-        self.config = config
-        self.dtype = dtype
-        self.remat = remat
+        super().__init__(
+            config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
+            attention_impl=attention_impl, lm_head=False,
+        )
         self.num_labels = num_labels
         self.pad_token_id = pad_token_id
-        self.model = Decoder(
-            config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
-        )
-        self.lm_head = None
         self.score = ScoreHead(
             config.hidden_size,
             num_labels,

@@ -123,7 +123,10 @@ class CausalLM(nnx.Module):
         param_dtype=jnp.float32,
         remat: str = "none",
         attention_impl: str | None = None,
+        lm_head: bool = True,
     ):
+        """``lm_head=False`` builds the decoder alone (heads such as a reward model's score
+        are added by subclasses)."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; choose from {list(REMAT_POLICIES)}")
         self.config = config
@@ -132,7 +135,7 @@ class CausalLM(nnx.Module):
         self.model = Decoder(
             config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
         )
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings or not lm_head:
             self.lm_head = None
         else:
             self.lm_head = Embedding(

@@ -179,18 +179,11 @@ def build(ctx: RunContext):
     from jaxpt.models import load_model
 
     model, _ = sft.build(ctx)
-    cfg, model_cfg = ctx.task_config, ctx.config.model
+    cfg = ctx.task_config
     ref = None
     if cfg.ref_model is not None:
-        ref = load_model(
-            cfg.ref_model,
-            seed=ctx.config.seed,
-            mesh=ctx.mesh,
-            rules=ctx.rules,
-            dtype=model_cfg.dtype,
-            param_dtype=model_cfg.param_dtype,
-            attention_impl=model_cfg.attention_impl,
-        )
+        # The reference is never differentiated: no remat.
+        ref = load_model(cfg.ref_model, **{**sft.model_kwargs(ctx), "remat": "none"})
         _check_same_params(nnx.state(model, nnx.Param), nnx.state(ref, nnx.Param), cfg.ref_model)
     if cfg.precompute_ref:
         d = ctx.config.data

@@ -15,7 +15,7 @@ from jaxpt.config import ConfigError
 from jaxpt.losses import bradley_terry_loss
 from jaxpt.tasks import _preference as pref
 from jaxpt.tasks.base import LossOutput, RunContext, StepContext, Task, loss_evaluator
-from jaxpt.tasks.sft import export_with_tokenizer, resolve_tokenizer
+from jaxpt.tasks.sft import check_vocab, export_with_tokenizer, model_kwargs, resolve_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,25 +56,12 @@ def build(ctx: RunContext):
     transformers reads them); no extras."""
     from jaxpt.models.classifier import load_classifier
 
-    cfg = ctx.config.model
     tokenizer = resolve_tokenizer(ctx)
     model = load_classifier(
-        cfg.path,
-        seed=ctx.config.seed,
-        mesh=ctx.mesh,
-        rules=ctx.rules,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        remat=cfg.remat,
-        attention_impl=cfg.attention_impl,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
+        ctx.config.model.path, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+        **model_kwargs(ctx),
     )
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{model.config.vocab_size}"
-        )
+    check_vocab(tokenizer, model)
     return model, None
 
 

@@ -77,21 +77,30 @@ def resolve_tokenizer(ctx: RunContext):
     return ctx.tokenizer
 
 
-def build(ctx: RunContext):
-    """The causal LM (preset random init or HF checkpoint) on the run's mesh; no extras."""
-    from jaxpt.models import load_model
-
+def model_kwargs(ctx: RunContext) -> dict:
+    """Keyword arguments of every model loader for this run (seed, mesh, dtypes, ...)."""
     cfg = ctx.config.model
-    model = load_model(
-        cfg.path, seed=ctx.config.seed, mesh=ctx.mesh, rules=ctx.rules, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, remat=cfg.remat, attention_impl=cfg.attention_impl,
-    )
-    tokenizer = resolve_tokenizer(ctx)
+    return {
+        "seed": ctx.config.seed, "mesh": ctx.mesh, "rules": ctx.rules, "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype, "remat": cfg.remat, "attention_impl": cfg.attention_impl,
+    }
+
+
+def check_vocab(tokenizer, model) -> None:
+    """Every token id the tokenizer can produce must have an embedding row."""
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model.config.vocab_size}"
         )
+
+
+def build(ctx: RunContext):
+    """The causal LM (preset random init or HF checkpoint) on the run's mesh; no extras."""
+    from jaxpt.models import load_model
+
+    model = load_model(ctx.config.model.path, **model_kwargs(ctx))
+    check_vocab(resolve_tokenizer(ctx), model)
     return model, None
 
 
