@@ -1,11 +1,19 @@
 """Orbax checkpoints of a run: the train state, the data-iterator state and the config.
 
 Layout: ``<output_dir>/checkpoints/<step>/{state,data,config}``. ``state`` is the whole
-TrainState except its static graphdef (params, optimizer state, step, rng, extras) as
+TrainState except its static graphdef (params, optimizer state, step, rng, reference, extras) as
 sharded arrays; ``data`` is the batch source's position, one JSON file per process (Grain's
 Orbax handler); ``config`` the resolved config. Orbax writes each step to a temporary
 directory and renames it when complete, so a checkpoint is either whole or absent. Restores
 go onto whatever shardings the caller's target has, so a run may resume on another mesh.
+
+A checkpoint that was committed but cannot be read back (a data file truncated by a full
+disk or an interrupted copy) is *damaged*: ``restore_latest`` logs which one and why,
+renames it to ``<step>.damaged-<time>`` (a name Orbax ignores; nothing is deleted) and
+tries the next newest. If every checkpoint is damaged it raises ``CheckpointError`` after
+setting them all aside, so a rerun starts from scratch only when asked to. A checkpoint
+whose arrays do not match the run's train state (another model or optimizer) is not
+damaged: that is a ``CheckpointError`` and nothing is renamed.
 """
 
 from __future__ import annotations
@@ -13,15 +21,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxpt.state import TrainState, abstract_like
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint can be resumed from, or one does not fit this run's train state."""
+
+
+class _PositionMismatch(Exception):
+    """The batch source rejected a saved position that was read back intact."""
 
 
 class _SourceItem:
@@ -34,7 +53,11 @@ class _SourceItem:
         return json.dumps(self.source.get_state()).encode()
 
     def set_state(self, state: bytes) -> None:
-        self.source.set_state(json.loads(state))
+        position = json.loads(state)  # a damaged file fails here
+        try:
+            self.source.set_state(position)
+        except Exception as error:
+            raise _PositionMismatch(str(error)) from error
 
     def start_prefetch(self) -> None:  # called by Grain's handler after a restore
         pass
@@ -47,8 +70,25 @@ def _state_tree(state: TrainState) -> dict:
         "opt_state": state.opt_state,
         "step": state.step,
         "rng": state.rng,
+        "ref_params": state.ref_params,
         "extras": state.extras,
     }
+
+
+def _caused_by(error: BaseException | None, cls: type) -> bool:
+    while error is not None:
+        if isinstance(error, cls):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause (TensorStore's wrapper buries it)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return f"{type(error).__name__}: {lines[0][:300]}"
 
 
 class Checkpointer:
@@ -101,6 +141,82 @@ class Checkpointer:
         )
         tree = restored["state"]
         return state.replace(**tree)
+
+    def restore_latest(self, state: TrainState, source) -> TrainState | None:
+        """Restore the newest intact checkpoint (see ``restore``), setting damaged ones
+        aside as described in the module docstring. None when there is no checkpoint."""
+        set_aside = []
+        while (step := self.latest_step()) is not None:
+            error = None
+            try:
+                restored = self.restore(state, source, step)
+            except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise plain Exceptions
+                error = e
+            # Every process must take the same branch, even if only one host's files broke.
+            if jax.process_count() > 1:
+                failed = multihost_utils.process_allgather(np.int32(error is not None))
+                if np.any(failed) and error is None:
+                    error = CheckpointError("another process could not read it")
+            if error is None:
+                return restored
+            if _caused_by(error, _PositionMismatch):
+                raise CheckpointError(
+                    f"the data position saved in {self._step_dir(step)} does not fit this "
+                    f"run's batch source (changed data settings?): {_root_cause(error)}"
+                ) from error
+            self._check_layout(step, state, error)
+            set_aside.append(self._set_aside(step, error))
+        if set_aside:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: set aside {', '.join(set_aside)} "
+                "(see the warnings above). Move one back to retry it, or rerun to start "
+                "from scratch."
+            )
+        return None
+
+    def _check_layout(self, step: int, state: TrainState, error: Exception) -> None:
+        """Raise CheckpointError if ``step``'s saved arrays (as its metadata lists them) do
+        not match ``state``'s: a changed run, not a damaged checkpoint. Unreadable metadata
+        counts as damage and returns."""
+        try:
+            saved = self.manager.metadata(step).item_metadata["state"]
+            saved = {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(saved, sep=".").items()}
+        except Exception:  # noqa: BLE001
+            return
+        wanted = {
+            k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(_state_tree(state), sep=".").items()
+        }
+        if saved == wanted:
+            return
+        differences = sorted(set(saved) ^ set(wanted)) or sorted(
+            k for k in saved if saved[k] != wanted[k]
+        )
+        raise CheckpointError(
+            f"checkpoint {self._step_dir(step)} does not match this run's train state (another "
+            f"model, task or optimizer?); differing arrays include {differences[:3]}. Use a new "
+            "output_dir or set checkpoint.resume=false."
+        ) from error
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _set_aside(self, step: int, error: Exception) -> str:
+        """Rename a damaged step dir out of Orbax's sight; returns its new path."""
+        path = self._step_dir(step)
+        target = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+        suffix = 1
+        while os.path.exists(target):  # damaged again within the same second
+            target, suffix = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{suffix}", suffix + 1
+        log.warning(
+            "checkpoint %s is damaged and cannot be restored (%s); moving it to %s and "
+            "trying the previous one", path, _root_cause(error), target,
+        )
+        if jax.process_index() == 0:  # one rename on a shared filesystem; others wait below
+            os.rename(path, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxpt_set_aside_{step}")
+        self.manager.reload()
+        return target
 
     def restore_config(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step

@@ -86,6 +86,10 @@ class TrainSection:
     eval_every: int = 0  # 0: only at the start and the end
     eval_batches: int = 8
     eval_at_start: bool = True
+    # A step whose loss or gradient is NaN/inf is skipped (params and optimizer state kept);
+    # after this many in a row the run stops with an error, keeping the last finite
+    # checkpoint and exporting nothing. 0: never stop (keep skipping).
+    max_nonfinite_steps: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +169,9 @@ def make_schema(task_sections: dict[str, type]) -> type:
 
 
 def _task_sections() -> dict[str, type]:
-    from jaxpt.tasks import available_tasks, get_task
+    from jaxpt.tasks import config_sections
 
-    return {name: get_task(name).config_cls for name in available_tasks()}
+    return config_sections()
 
 
 def _valid_keys(node) -> list[str]:
@@ -229,6 +233,11 @@ def _check_choices_and_ranges(config) -> None:
             f"config key 'train.batch_size' ({config.train.batch_size}) must be divisible by "
             f"'train.grad_accum_steps' ({config.train.grad_accum_steps})"
         )
+    if config.train.max_nonfinite_steps < 0:
+        raise ConfigError(
+            "config key 'train.max_nonfinite_steps' must be >= 0 (0: never stop), got "
+            f"{config.train.max_nonfinite_steps}"
+        )
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ConfigError("config key 'data.eval_fraction' must be in [0, 1)")
     if config.optim.lr < 0 or config.optim.warmup_steps < 0:
@@ -270,6 +279,11 @@ def load_config(
             f"(available: {', '.join(available_tasks())}){hint}"
         )
     _check_choices_and_ranges(config)
+    from jaxpt.tasks import get_task
+
+    check = get_task(config.task).check_config
+    if check is not None:
+        check(config)
     return config
 
 

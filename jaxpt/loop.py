@@ -1,30 +1,47 @@
 """The one training loop, shared by every task (it never branches on the task).
 
-config -> mesh -> task.build -> TrainState -> batch source / evaluator -> restore the latest
+``setup``: config -> mesh -> task.build -> TrainState -> loss, batch source, evaluator (a
+``Run``, which benchmarks and tests also step by hand). ``train``: restore the newest intact
 checkpoint -> [next batch -> jitted step -> log / eval / checkpoint]* -> final checkpoint ->
-export. SIGTERM (TPU preemption) makes the loop checkpoint after the current step and
-return cleanly.
+export. ``run`` is both. SIGTERM (TPU preemption) makes the loop checkpoint after the
+current step and return cleanly.
+
+A step with a non-finite loss or gradient changes nothing but the step counter (see
+``jaxpt.step.make_train_step``); ``train.max_nonfinite_steps`` of them in a row stop the run
+with ``NonFiniteError``, with no checkpoint written after the last finite step and nothing
+exported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
+from typing import Any, Self
 
 import jax
 import numpy as np
+import optax
 
 from jaxpt import config as config_lib
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.metrics import MetricsWriter, Progress
 from jaxpt.optim import make_optimizer
-from jaxpt.sharding import make_mesh, merged_rules
-from jaxpt.state import create_train_state, num_params, shardings_of
-from jaxpt.step import jit_train_step, make_train_step, put_batch
-from jaxpt.tasks import RunContext, get_task
+from jaxpt.sharding import batch_shards, make_mesh, merged_rules, use_rules
+from jaxpt.state import TrainState, create_train_state, num_params, shardings_of
+from jaxpt.step import (
+    LossFn,
+    all_finite,
+    count_nonfinite,
+    jit_train_step,
+    make_train_step,
+    put_batch,
+)
+from jaxpt.tasks import BatchSource, RunContext, Task, get_task
 
 log = logging.getLogger("jaxpt")
 
@@ -80,50 +97,201 @@ def _fetch(metrics) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def run(config, *, stop_after_step: int | None = None) -> RunResult:
-    """Train per ``config`` (resuming from ``<output_dir>/checkpoints`` if present).
+class NonFiniteError(RuntimeError):
+    """The run diverged: too many train steps in a row had a non-finite loss or gradient,
+    or the final params are not finite. Nothing was checkpointed or exported after it."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class _NonFiniteWatch:
+    """Reads each step's count of consecutive skipped (non-finite) steps and raises
+    ``NonFiniteError`` at ``train.max_nonfinite_steps``.
+
+    A step is checked one step late (``step_done``: by then it has finished, so the read
+    does not stall the device queue) or at once where the loop syncs anyway (``check_now``:
+    logging, checkpointing, the end).
+    """
+
+    def __init__(self, limit: int, writer: MetricsWriter, checkpointer: Checkpointer):
+        self.limit, self.writer, self.checkpointer = limit, writer, checkpointer
+        self.pending = None
+
+    def step_done(self, step: int, metrics: dict) -> None:
+        previous, self.pending = self.pending, (step, metrics)
+        if previous is not None:
+            self._check(*previous)
+
+    def check_now(self, step: int, metrics: dict) -> bool:
+        """Check ``step`` (the latest); True if its update was skipped."""
+        self.pending = None
+        return self._check(step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.check_now(*self.pending)
+
+    def _check(self, step: int, metrics: dict) -> bool:
+        consecutive = int(jax.device_get(metrics["nonfinite_consecutive"]))
+        if not consecutive:
+            return False
+        total = int(jax.device_get(metrics["nonfinite_steps"]))
+        log.warning(
+            "step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+            step, consecutive, total,
+        )
+        if self.limit and consecutive >= self.limit:
+            self.writer.write(step, _fetch(metrics))
+            self.checkpointer.wait()
+            latest = self.checkpointer.latest_step()
+            where = (
+                f"the latest checkpoint (step {latest}) holds the last finite state"
+                if latest is not None else "no checkpoint was written"
+            )
+            raise NonFiniteError(
+                f"step {step}: {consecutive} train steps in a row had a non-finite loss or "
+                f"gradient ({total} skipped in all), reaching config key "
+                f"'train.max_nonfinite_steps' ({self.limit}). Stopped without checkpointing "
+                f"or exporting; {where}. Lower optim.lr, clip with optim.max_grad_norm, or "
+                "check the data.",
+                step,
+            )
+        return True
+
+
+@dataclasses.dataclass
+class Run:
+    """A run set up for training by ``setup``: what ``train`` needs, and what benchmarks and
+    tests use to step a task by hand.
+
+    As a context manager it makes the run's mesh and sharding rules current for its body
+    (``activate``) and closes the batch source on exit. ``state`` is the initial train state;
+    ``train`` replaces it with each new one (the old buffers are donated).
+    """
+
+    config: Any
+    task: Task
+    ctx: RunContext
+    state: TrainState
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    loss_fn: LossFn
+    source: BatchSource
+    evaluate: Callable[[TrainState], dict] | None
+    _active: list = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.ctx.mesh
+
+    @contextlib.contextmanager
+    def activate(self):
+        """The run's mesh and logical-axis rules, for building, jitting and stepping."""
+        with jax.set_mesh(self.mesh), use_rules(self.ctx.rules):
+            yield self
+
+    def jit_step(self, example_batch: dict) -> Callable:
+        """The jitted train step ``(state, device batch) -> (state, metrics)`` for batches
+        shaped like ``example_batch`` (host arrays), with the state's shardings and its
+        buffers donated. Call it (it compiles on the first call) under ``activate()``."""
+        step = make_train_step(
+            self.loss_fn, self.tx, self.config.train.grad_accum_steps, schedule=self.schedule
+        )
+        with self.activate():
+            return jit_train_step(step, self.mesh, self.ctx.state_shardings, example_batch)
+
+    def put_batch(self, batch: dict) -> dict:
+        """A host batch as global device arrays on the run's batch sharding."""
+        with self.activate():
+            return put_batch(batch, self.mesh)
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> Self:
+        context = self.activate()
+        context.__enter__()
+        self._active.append(context)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._active.pop().__exit__(*exc)
+        finally:
+            self.close()
+
+
+def setup(config, *, mesh: jax.sharding.Mesh | None = None) -> Run:
+    """config -> mesh -> model (``task.build``) -> TrainState -> loss, batch source and
+    evaluator. ``mesh`` replaces the one ``config.mesh`` describes (e.g. one device in
+    tests); the config's sharding rules still apply. Writes nothing but what the task's
+    data preparation writes. Close the returned ``Run`` (or use it in a ``with``)."""
+    task = get_task(config.task)
+    cfg_train = config.train
+    if mesh is None:
+        mesh = make_mesh(
+            {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
+        )
+    ctx = RunContext(config, mesh, merged_rules(config.mesh.rules),
+                     os.path.abspath(config.output_dir))
+    with jax.set_mesh(mesh), use_rules(ctx.rules):
+        shards = batch_shards(mesh)
+        if cfg_train.batch_size % (shards * cfg_train.grad_accum_steps):
+            raise config_lib.ConfigError(
+                f"config key 'train.batch_size' ({cfg_train.batch_size}) must be divisible "
+                f"by the mesh's batch shards ({shards}) times 'train.grad_accum_steps' "
+                f"({cfg_train.grad_accum_steps})"
+            )
+        built = task.build(ctx)
+        tx, schedule = make_optimizer(config.optim, cfg_train.max_steps)
+        tx = count_nonfinite(tx)  # skipped steps are counted in the (checkpointed) state
+        state = create_train_state(
+            built.model, tx, mesh, seed=config.seed, ref_params=built.ref_params,
+            extras=built.extras,
+        )
+        del built
+        ctx.state_shardings = shardings_of(state)
+        ctx.summary["params"] = num_params(state.params)
+        loss_fn = task.make_loss(ctx)
+        source = task.make_train_source(ctx)
+        try:
+            evaluate = task.make_evaluator(ctx)
+        except BaseException:
+            source.close()
+            raise
+    return Run(config, task, ctx, state, tx, schedule, loss_fn, source, evaluate)
+
+
+def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
+    """Restore the newest intact checkpoint of ``run`` (if ``checkpoint.resume``), step to
+    ``train.max_steps`` with logging, evaluation and checkpoints, then save and export.
 
     ``stop_after_step`` behaves like a preemption signal arriving during that step (tests).
+    Raises ``NonFiniteError`` when the run diverges (see ``train.max_nonfinite_steps``).
+    Call once per ``Run``; it does not close the run.
     """
-    task = get_task(config.task)
-    cfg_train, out_dir = config.train, os.path.abspath(config.output_dir)
+    config, ctx, task, mesh = run.config, run.ctx, run.task, run.mesh
+    cfg_train, out_dir = config.train, ctx.output_dir
     _write_config(config, out_dir)
     config_dict = config_lib.to_dict(config)
-    mesh = make_mesh(
-        {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
-    )
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg_train.batch_size % (batch_shards * cfg_train.grad_accum_steps):
-        raise config_lib.ConfigError(
-            f"config key 'train.batch_size' ({cfg_train.batch_size}) must be divisible by "
-            f"the mesh's data x fsdp size ({batch_shards}) times 'train.grad_accum_steps' "
-            f"({cfg_train.grad_accum_steps})"
-        )
-    ctx = RunContext(config, mesh, merged_rules(config.mesh.rules), out_dir)
     stop = StopSignal()
-    writer = progress = source = checkpointer = None
+    writer = progress = checkpointer = None
     try:
-        with jax.set_mesh(mesh):
-            model, extras = task.build(ctx)
-            tx, schedule = make_optimizer(config.optim, cfg_train.max_steps)
-            state = create_train_state(model, tx, mesh, seed=config.seed, extras=extras)
-            del model
-            ctx.state_shardings = shardings_of(state)
-            ctx.summary["params"] = num_params(state.params)
-            loss_fn = task.make_loss(ctx)
-            source = task.make_train_source(ctx)
-            evaluate = task.make_evaluator(ctx)
-
+        with run.activate():
             checkpointer = Checkpointer(
                 os.path.join(out_dir, "checkpoints"),
                 keep=config.checkpoint.keep,
                 async_save=config.checkpoint.async_save,
             )
-            start = 0
-            if config.checkpoint.resume and checkpointer.latest_step() is not None:
-                state = checkpointer.restore(state, source)
-                start = int(jax.device_get(state.step))
-                log.info("resumed from %s at step %d", checkpointer.directory, start)
+            state, start = run.state, 0
+            if config.checkpoint.resume:
+                restored = checkpointer.restore_latest(state, run.source)
+                if restored is not None:
+                    state = run.state = restored
+                    start = int(jax.device_get(state.step))
+                    log.info("resumed from %s at step %d", checkpointer.directory, start)
             writer = MetricsWriter(
                 out_dir, tensorboard=config.logging.tensorboard,
                 wandb_cfg=config.logging.wandb, config=config_dict,
@@ -141,9 +309,9 @@ def run(config, *, stop_after_step: int | None = None) -> RunResult:
             evals: list[dict] = []
 
             def run_eval(step: int) -> None:
-                if evaluate is None:
+                if run.evaluate is None:
                     return
-                result = evaluate(state)
+                result = run.evaluate(state)
                 evals.append({"step": step, **result})
                 writer.write(step, result)
                 progress.write(
@@ -154,6 +322,7 @@ def run(config, *, stop_after_step: int | None = None) -> RunResult:
             if start == 0 and cfg_train.eval_at_start:
                 run_eval(0)
 
+            watch = _NonFiniteWatch(cfg_train.max_nonfinite_steps, writer, checkpointer)
             train_step = None
             last_metrics: dict = {}
             last_saved = start if checkpointer.latest_step() == start else None
@@ -162,22 +331,20 @@ def run(config, *, stop_after_step: int | None = None) -> RunResult:
             step = start
             window_start = None
             while step < cfg_train.max_steps:
-                batch, host_metrics = source.next(state)
+                batch, host_metrics = run.source.next(state)
                 if train_step is None:
-                    train_step = jit_train_step(
-                        make_train_step(
-                            loss_fn, tx, cfg_train.grad_accum_steps, schedule=schedule
-                        ),
-                        mesh, ctx.state_shardings, batch,
-                    )
+                    train_step = run.jit_step(batch)
                 state, metrics = train_step(state, put_batch(batch, mesh))
+                run.state = state
                 step += 1
+                watch.step_done(step, metrics)
                 progress.add_tokens(batch_tokens(batch))
                 if window_start is None:  # the first step compiles: not a throughput sample
                     jax.block_until_ready(metrics)
                     progress.tokens_per_second()
                     window_start = step
                 if step % cfg_train.log_every == 0 or step == cfg_train.max_steps:
+                    watch.check_now(step, metrics)
                     last_metrics = {**_fetch(metrics), **host_metrics}
                     rate = progress.tokens_per_second()
                     if rate is not None:
@@ -194,8 +361,12 @@ def run(config, *, stop_after_step: int | None = None) -> RunResult:
                     last_eval = step
                 every = config.checkpoint.every
                 if every and step % every == 0:
-                    checkpointer.save(step, state, source, config_dict)
-                    last_saved = step
+                    # A checkpoint always holds the state after a finite step.
+                    if watch.check_now(step, metrics):
+                        log.warning("step %d was skipped: not checkpointing it", step)
+                    else:
+                        checkpointer.save(step, state, run.source, config_dict)
+                        last_saved = step
                 if (
                     stop.requested
                     or checkpointer.reached_preemption(step)
@@ -204,8 +375,9 @@ def run(config, *, stop_after_step: int | None = None) -> RunResult:
                     preempted = True
                     break
 
+            watch.flush()
             if last_saved != step:
-                checkpointer.save(step, state, source, config_dict, force=True)
+                checkpointer.save(step, state, run.source, config_dict, force=True)
             checkpointer.wait()
             hf_dir = None
             if preempted:
@@ -217,6 +389,11 @@ def run(config, *, stop_after_step: int | None = None) -> RunResult:
                 if last_eval != step:
                     run_eval(step)
                 if config.export.hf:
+                    if not bool(jax.device_get(jax.jit(all_finite)(state.params))):
+                        raise NonFiniteError(
+                            f"step {step}: the final params are not all finite; not "
+                            "exporting them", step,
+                        )
                     hf_dir = os.path.join(out_dir, "hf")
                     task.export(ctx, state, hf_dir)
             return RunResult(
@@ -226,6 +403,13 @@ def run(config, *, stop_after_step: int | None = None) -> RunResult:
             )
     finally:
         stop.close()
-        for closeable in (progress, writer, source, checkpointer):
+        for closeable in (progress, writer, checkpointer):
             if closeable is not None:
                 closeable.close()
+
+
+def run(config, *, stop_after_step: int | None = None) -> RunResult:
+    """Train per ``config`` (``setup`` then ``train``), resuming from
+    ``<output_dir>/checkpoints`` if present."""
+    with setup(config) as prepared:
+        return train(prepared, stop_after_step=stop_after_step)

@@ -2,13 +2,17 @@
 
 Models name logical axes only (``embed``, ``vocab``, ``heads``, ...). ``LOGICAL_RULES``
 maps each to zero or more mesh axes of the ``(data, fsdp, tensor)`` mesh; a config may
-override entries. Every sharding in jaxpt is derived here.
+override entries (``mesh.rules``): a run installs its table with ``use_rules``, and every
+sharding in jaxpt (parameters, activation constraints, batches, the sampler's cache) is
+derived here from the active table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -67,6 +71,37 @@ def make_mesh(
     return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+_ACTIVE_RULES: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "jaxpt_logical_rules", default=None
+)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Mapping[str, object] | None) -> Iterator[dict]:
+    """Make ``rules`` (a full table, e.g. from ``merged_rules``) the active logical-axis
+    table in this context: what ``constrain``, ``batch_sharding`` and every other helper
+    here use when given no explicit rules. None keeps ``LOGICAL_RULES``."""
+    table = dict(LOGICAL_RULES if rules is None else rules)
+    token = _ACTIVE_RULES.set(table)
+    try:
+        yield table
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def active_rules() -> dict:
+    """The logical-axis table in effect (``use_rules``), else ``LOGICAL_RULES``."""
+    rules = _ACTIVE_RULES.get()
+    return LOGICAL_RULES if rules is None else rules
+
+
+def rules_key(rules: Mapping[str, object] | None = None) -> tuple:
+    """A hashable form of a rules table (default: the active one), for jit static args:
+    a program traced under one table is never reused under another."""
+    rules = active_rules() if rules is None else rules
+    return tuple(sorted(rules.items()))
+
+
 def merged_rules(overrides: Mapping[str, object] | None = None) -> dict:
     """``LOGICAL_RULES`` with a config's overrides applied (lists become tuples)."""
     rules = dict(LOGICAL_RULES)
@@ -86,7 +121,7 @@ def logical_to_spec(
     With ``shape`` and ``mesh`` given, a dimension that the mapped mesh axes do not divide
     is replicated instead, and a mesh axis is used at most once per array.
     """
-    rules = LOGICAL_RULES if rules is None else rules
+    rules = active_rules() if rules is None else rules
     used: set[str] = set()
     spec = []
     for dim, name in enumerate(logical_axes):
@@ -130,5 +165,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding for a batch array: leading axis over the data axes, the rest replicated."""
+    """Sharding for a batch array: leading axis over the active rules' ``batch`` axes, the
+    rest replicated."""
     return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1))
+
+
+def batch_shards(mesh) -> int:
+    """How many ways the active rules split a batch's leading axis on ``mesh``."""
+    if mesh is None:
+        return 1
+    target = active_rules().get("batch")
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)

@@ -17,8 +17,9 @@ class TrainState:
     """Everything a train step reads and writes; the graphdef is static (not a leaf).
 
     ``params`` are the trained ``nnx.Param``s (f32 master weights), ``rest`` any other model
-    variables, ``rng`` raw uint32 key data (checkpoint friendly), ``extras`` task state such
-    as frozen reference params (never differentiated or updated by the optimizer).
+    variables, ``rng`` raw uint32 key data (checkpoint friendly), ``ref_params``
+    the frozen reference params of DPO/GRPO/PPO (never differentiated, no optimizer state;
+    None when the task keeps no reference), ``extras`` any other task state.
     """
 
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
@@ -27,6 +28,7 @@ class TrainState:
     opt_state: optax.OptState
     step: jax.Array
     rng: jax.Array
+    ref_params: nnx.State | None = None
     extras: Any = None
 
     def model(self, params: nnx.State | None = None):
@@ -57,6 +59,7 @@ def create_train_state(
     mesh: jax.sharding.Mesh,
     *,
     seed: int = 0,
+    ref_params: nnx.State | None = None,
     extras: Any = None,
 ) -> TrainState:
     """A TrainState around an already-sharded model.
@@ -69,7 +72,20 @@ def create_train_state(
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated(mesh))
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-    return TrainState(graphdef, params, rest, opt_state, step, rng, extras)
+    return TrainState(graphdef, params, rest, opt_state, step, rng, ref_params, extras)
+
+
+def with_params(model: nnx.Module, params: nnx.State) -> nnx.Module:
+    """``model``'s graph and non-param variables with ``params`` swapped in, gradient-stopped
+    (how a loss runs the frozen reference through the policy's architecture)."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, params), rest)
+
+
+def copy_params(model: nnx.Module) -> nnx.State:
+    """A copy of ``model``'s params in their own buffers, shardings kept: a frozen reference
+    that the donated train state can never alias."""
+    return jax.jit(lambda p: jax.tree.map(jnp.copy, p))(nnx.state(model, nnx.Param))
 
 
 def shardings_of(tree):

@@ -1,19 +1,73 @@
-"""The pure train step (with exact gradient accumulation) and the eval step.
+"""The loss contract, the pure train step (with exact gradient accumulation) and the eval step.
 
-See ``jaxpt.tasks.base`` for the loss contract: a task's loss returns numerator and
-denominator sums; the step divides only after summing over all micro-batches.
+``loss_fn(model, batch, step_ctx) -> LossOutput`` returns *sums*, never means:
+
+    numerator    scalar, differentiated: the loss summed over this batch's units
+    denominator  scalar, not differentiated: how many units (tokens, pairs, sequences, ...)
+    metrics      {name: sum}, each reported as sum / denominator (same unit as the loss)
+    totals       {name: sum}, reported as plain totals (e.g. trained tokens)
+
+The train step splits the global batch into ``grad_accum_steps`` micro-batches, sums the
+numerators, denominators, metric sums and gradients of the numerators over them, and only
+then divides: ``loss = sum(num) / sum(den)``, ``grad = sum(grad num) / sum(den)``. Gradient
+accumulation therefore equals one big batch exactly, and packed and unpacked batches give
+the same per-unit normalization. Examples:
+
+    SFT   numerator = sum of per-token CE over trained tokens, denominator = trained tokens
+    DPO   numerator = sum over pairs of -log sigmoid(beta * margin), denominator = pairs
+    GRPO  token-level: sum of token losses / number of completion tokens;
+          sequence-level: sum over sequences of each sequence's mean token loss / sequences;
+          Dr. GRPO: sum of token losses / (num sequences * max completion length)
+
+A denominator of zero (an all-padding batch) gives zero loss and zero gradient.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx, struct
 
 from jaxpt.sharding import batch_sharding, replicated
 from jaxpt.state import TrainState
-from jaxpt.tasks.base import LossFn, LossOutput, StepContext, safe_ratio
+
+
+@struct.dataclass
+class LossOutput:
+    """Sums from one (micro-)batch; see the loss contract in the module docstring."""
+
+    numerator: jax.Array
+    denominator: jax.Array
+    metrics: dict[str, jax.Array] = struct.field(default_factory=dict)
+    totals: dict[str, jax.Array] = struct.field(default_factory=dict)
+
+
+@struct.dataclass
+class StepContext:
+    """What a loss function may read besides the model and the batch."""
+
+    rng: jax.Array  # a fresh key for this (micro-)batch
+    step: jax.Array  # the optimizer step being computed
+    ref_params: nnx.State | None = None  # the frozen reference (DPO, GRPO, PPO), if any
+    extras: Any = None  # other task state carried in TrainState.extras
+
+
+LossFn = Callable[[Any, dict, StepContext], LossOutput]
+
+
+def safe_ratio(numerator, denominator):
+    """numerator / denominator, 0 where the denominator is 0."""
+    denominator = jnp.asarray(denominator, jnp.float32)
+    return jnp.where(denominator > 0, numerator / jnp.maximum(denominator, 1e-30), 0.0)
+
+
+def step_context(state: TrainState, rng: jax.Array) -> StepContext:
+    return StepContext(rng, state.step, state.ref_params, state.extras)
 
 
 def _split_micro(batch: dict, k: int) -> dict:
@@ -31,7 +85,7 @@ def _sums_and_grads(loss_fn: LossFn, state: TrainState, batch: dict, k: int):
     key = jax.random.fold_in(state.key, state.step)
 
     def numerator(params, micro, micro_key):
-        out = loss_fn(state.model(params), micro, StepContext(micro_key, state.step, state.extras))
+        out = loss_fn(state.model(params), micro, step_context(state, micro_key))
         return out.numerator, out
 
     grad_fn = jax.grad(numerator, has_aux=True)
@@ -63,21 +117,46 @@ def make_train_step(
 ):
     """A pure ``(state, batch) -> (state, metrics)``; jit it with ``jit_train_step``.
 
+    A step whose loss or gradient is not all finite is skipped: params and optimizer state
+    come back bit-identical (selected inside the program, as ``optax.apply_if_finite``
+    does), only ``step`` advances (its batch was consumed). With ``tx`` wrapped by
+    ``count_nonfinite`` the optimizer state also counts skipped steps, so the counts are
+    checkpointed and survive a resume.
+
     Metrics (device scalars): loss, grad_norm (before clipping), lr, ``<metric>`` as
-    sum / denominator, ``<total>`` as totals, and ``denominator``.
+    sum / denominator, ``<total>`` as totals, ``denominator``, ``nonfinite`` (1.0 if this
+    step was skipped) and, with ``count_nonfinite``, ``nonfinite_steps`` (skipped so far)
+    and ``nonfinite_consecutive`` (skipped since the last finite step).
     """
 
     def train_step(state: TrainState, batch: dict):
         out, grads = _sums_and_grads(loss_fn, state, batch, grad_accum_steps)
         scale = safe_ratio(1.0, out.denominator)
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        loss = safe_ratio(out.numerator, out.denominator)
+        grad_norm = optax.tree.norm(grads)  # NaN or inf if any gradient entry is
+        # Known before the update, so the select below fuses into it (no extra pass over
+        # params and moments); updates from finite gradients are finite (Adam's are ~lr).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # The optimizer's own counters (Adam's bias correction, its schedule) stay with the
+        # last finite step too; the reported lr follows ``state.step``.
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, opt_state),
+            (state.params, state.opt_state),
+        )
         metrics = {
-            "loss": safe_ratio(out.numerator, out.denominator),
-            "grad_norm": optax.tree.norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "denominator": out.denominator.astype(jnp.float32),
+            "nonfinite": jnp.where(finite, 0.0, 1.0),
         }
+        if isinstance(opt_state, NonFiniteCounts):
+            opt_state = opt_state.record(finite)
+            metrics["nonfinite_steps"] = opt_state.total.astype(jnp.float32)
+            metrics["nonfinite_consecutive"] = opt_state.consecutive.astype(jnp.float32)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         metrics.update({k: safe_ratio(v, out.denominator) for k, v in out.metrics.items()})
@@ -86,6 +165,41 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def all_finite(tree) -> jax.Array:
+    """A scalar bool: every entry of every array in ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class NonFiniteCounts(NamedTuple):
+    """An optimizer state with counts of skipped (non-finite) train steps beside it."""
+
+    inner: optax.OptState
+    total: jax.Array  # int32: steps skipped so far
+    consecutive: jax.Array  # int32: steps skipped since the last finite one
+
+    def record(self, finite: jax.Array) -> NonFiniteCounts:
+        skipped = jnp.logical_not(finite).astype(jnp.int32)
+        return self._replace(
+            total=self.total + skipped, consecutive=(self.consecutive + skipped) * skipped
+        )
+
+
+def count_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` whose state also holds ``NonFiniteCounts``; ``make_train_step`` updates the
+    counts (the transformation itself only passes them through)."""
+
+    def init(params):
+        zero = jnp.zeros((), jnp.int32)
+        return NonFiniteCounts(tx.init(params), zero, zero)
+
+    def update(updates, state: NonFiniteCounts, params=None):
+        updates, inner = tx.update(updates, state.inner, params)
+        return updates, state._replace(inner=inner)
+
+    return optax.GradientTransformation(init, update)
 
 
 def batch_shardings(mesh, batch: dict):
@@ -116,10 +230,35 @@ def make_eval_step(loss_fn: LossFn, mesh, state_shardings, example_batch: dict):
 
     def eval_step(state: TrainState, batch: dict) -> LossOutput:
         key = jax.random.fold_in(state.key, state.step)
-        return loss_fn(state.model(), batch, StepContext(key, state.step, state.extras))
+        return loss_fn(state.model(), batch, step_context(state, key))
 
     return jax.jit(
         eval_step,
         in_shardings=(state_shardings, batch_shardings(mesh, example_batch)),
         out_shardings=replicated(mesh),
     )
+
+
+Evaluator = Callable[[TrainState], dict[str, float]]
+
+
+def loss_evaluator(mesh, state_shardings, loss_fn: LossFn, batches: list[dict]) -> Evaluator:
+    """An evaluator reporting ``eval_loss`` (and ``eval_<metric>``) of ``loss_fn`` over fixed
+    host batches: sums accumulate on device and are fetched once per evaluation."""
+    eval_step = make_eval_step(loss_fn, mesh, state_shardings, batches[0])
+    device_batches = [put_batch(b, mesh) for b in batches]
+
+    def evaluate(state) -> dict[str, float]:
+        total = None
+        for batch in device_batches:
+            out = eval_step(state, batch)
+            total = out if total is None else jax.tree.map(jnp.add, total, out)
+        total = jax.device_get(total)
+        result = {"eval_loss": float(safe_ratio(total.numerator, total.denominator))}
+        for name, value in total.metrics.items():
+            result[f"eval_{name}"] = float(safe_ratio(value, total.denominator))
+        for name, value in total.totals.items():
+            result[f"eval_{name}"] = float(value)
+        return result
+
+    return evaluate

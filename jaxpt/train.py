@@ -1,52 +1,8 @@
-"""``python -m jaxpt.train --config configs/X.yaml [key.sub=value ...]``: run a training job.
+"""``python -m jaxpt.train``: the training command; see ``jaxpt.cli.train``."""
 
-The config's ``task`` picks the job; every key can be overridden on the command line.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 
-
-def _parser() -> argparse.ArgumentParser:
-    from jaxpt.tasks import available_tasks, get_task
-
-    tasks = "\n".join(f"  {name:6s} {get_task(name).description}" for name in available_tasks())
-    return argparse.ArgumentParser(
-        prog="python -m jaxpt.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"tasks (config key 'task'):\n{tasks}\n\nexample:\n"
-        "  python -m jaxpt.train --config configs/sft_tiny.yaml train.max_steps=100 "
-        "output_dir=runs/x",
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax is chatty at INFO
-    from jaxpt.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    from jaxpt.loop import run
-
-    result = run(config)
-    status = "preempted" if result.preempted else "finished"
-    print(f"{status} at step {result.step}; outputs in {result.output_dir}", flush=True)
-    return 0
-
+from jaxpt.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

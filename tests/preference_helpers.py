@@ -1,5 +1,5 @@
 """Shared by test_rm.py and test_dpo.py: a tiny checkpoint, fast overrides, and a few train
-steps of a task on a given mesh (the loop's own pieces, without its all-devices mesh)."""
+steps of a task on a given mesh (the loop's own setup and jitted step, on that mesh)."""
 
 import json
 import os
@@ -9,11 +9,7 @@ import numpy as np
 from tiny import TINY, make_tiny_dir  # noqa: F401  (re-exported)
 
 from jaxpt.config import load_config
-from jaxpt.optim import make_optimizer
-from jaxpt.sharding import merged_rules
-from jaxpt.state import create_train_state, shardings_of
-from jaxpt.step import jit_train_step, make_train_step, put_batch
-from jaxpt.tasks import RunContext, get_task
+from jaxpt.loop import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,29 +33,15 @@ def config_for(name: str, overrides: list[str]):
 
 def train_steps(config, mesh, num_steps: int):
     """(final TrainState, per-step metrics, eval result) of ``num_steps`` steps on ``mesh``."""
-    task = get_task(config.task)
-    ctx = RunContext(config, mesh, merged_rules(config.mesh.rules), config.output_dir)
-    with jax.set_mesh(mesh):
-        model, extras = task.build(ctx)
-        tx, schedule = make_optimizer(config.optim, config.train.max_steps)
-        state = create_train_state(model, tx, mesh, seed=config.seed, extras=extras)
-        ctx.state_shardings = shardings_of(state)
-        source = task.make_train_source(ctx)
-        evaluate = task.make_evaluator(ctx)
-        step_fn = None
-        history = []
+    with setup(config, mesh=mesh) as run:
+        state, step_fn, history = run.state, None, []
         for _ in range(num_steps):
-            batch, _ = source.next(state)
+            batch, _ = run.source.next(state)
             if step_fn is None:
-                step_fn = jit_train_step(
-                    make_train_step(task.make_loss(ctx), tx, config.train.grad_accum_steps,
-                                    schedule=schedule),
-                    mesh, ctx.state_shardings, batch,
-                )
-            state, metrics = step_fn(state, put_batch(batch, mesh))
+                step_fn = run.jit_step(batch)
+            state, metrics = step_fn(state, run.put_batch(batch))
             history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-        evaluation = evaluate(state) if evaluate is not None else None
-        source.close()
+        evaluation = run.evaluate(state) if run.evaluate is not None else None
     return state, history, evaluation
 
 

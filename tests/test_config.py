@@ -58,3 +58,40 @@ def test_cli_help_lists_tasks_and_reports_config_errors(capsys):
     assert "sft" in out and "supervised fine-tuning" in out
     assert main(["--config", SFT_TINY, "optim.lrr=1"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+GRPO_ARITH = os.path.join(ROOT, "configs", "grpo_arith.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.batch_size=30", "'train.batch_size' (30) counts completions"),
+        ("grpo.loss_type=ppo", "config key 'grpo.loss_type' must be one of"),
+        ("grpo.importance_level=seq", "config key 'grpo.importance_level'"),
+        ("grpo.temperature=0", "config key 'grpo.temperature' must be > 0"),
+        ("grpo.num_generations=0", "config key 'grpo.num_generations' must be >= 1"),
+        ("grpo.rewards=[{name: no_such_reward}]", "config key 'grpo.rewards'"),
+    ],
+)
+def test_grpo_options_are_checked_when_the_config_loads(override, expected):
+    # A ConfigError from load_config: before any model, tokenizer or data is touched.
+    with pytest.raises(ConfigError) as info:
+        load_config(GRPO_ARITH, ["output_dir=unused", override])
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["dpo", "rm"])
+def test_examples_never_fall_back_to_a_random_model(tmp_path, monkeypatch, name):
+    """The RM/DPO examples start from the quickstart's SFT model: without it, the run stops
+    with an error that says how to make it (never a silent random init)."""
+    from jaxpt.loop import run
+
+    monkeypatch.chdir(tmp_path)  # no runs/quickstart here
+    config = load_config(os.path.join(ROOT, "configs", f"{name}_tiny.yaml"))
+    assert config.model.path == "runs/quickstart/sft/hf"
+    with pytest.raises(ConfigError) as info:
+        run(config)
+    message = str(info.value)
+    assert "model.path" in message and "make quickstart" in message
+    assert not os.path.exists(tmp_path / f"runs/{name}_tiny/checkpoints")

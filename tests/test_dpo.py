@@ -1,5 +1,5 @@
 """DPO: losses through the task against numpy, response-only log-probs on the ChatML
-template, the frozen reference (in extras or precomputed), 8 devices vs 1, exact resume."""
+template, the frozen reference (in the train state or precomputed), 8 devices vs 1, exact resume."""
 
 import functools
 
@@ -15,11 +15,12 @@ from preference_helpers import (
     train_rows,
     train_steps,
 )
+from tolerances import assert_params_close_after_adam
 
 from jaxpt.data import build_preference_pipeline, generate_preference_pairs, load_tokenizer
 from jaxpt.loop import run
-from jaxpt.models import init_model
-from jaxpt.tasks.base import StepContext
+from jaxpt.models import init_model, save_pretrained
+from jaxpt.step import StepContext
 from jaxpt.tasks.dpo import dpo_task_loss
 
 
@@ -81,7 +82,7 @@ def test_dpo_losses_through_the_task_match_numpy(batch):
         # Reference from params in extras, and from precomputed batch columns.
         for b, extras in ((batch, ref_params), (precomputed, None)):
             loss_fn = nnx.jit(functools.partial(dpo_task_loss, **kwargs))
-            out = loss_fn(policy, b, StepContext(None, 0, extras))
+            out = loss_fn(policy, b, StepContext(None, 0, ref_params=extras))
             np.testing.assert_allclose(out.numerator, np.sum(loss_b * real), rtol=2e-4)
             assert float(out.denominator) == 3.0
     m = out.metrics
@@ -95,26 +96,59 @@ def test_dpo_losses_through_the_task_match_numpy(batch):
 
 def test_dpo_8_devices_with_reference_params_match_1_device_precomputed(tmp_path, tiny_dir,
                                                                         mesh8, mesh1):
-    base = fast_overrides(str(tmp_path), tiny_dir, **{"train.max_steps": 3, "dpo.beta": 0.5})
+    # A reference other than the policy: were they equal, every margin at step 1 would be
+    # float noise and the accuracy the sign of that noise (which differs between CPUs and
+    # meshes). With this one every |beta * margin| in these steps is >= 1e-3 (measured),
+    # 100x the worst float32 noise of a margin (below).
+    ref_dir = str(tmp_path / "reference")
+    save_pretrained(init_model(TINY, seed=1), ref_dir)
+    base = fast_overrides(str(tmp_path), tiny_dir, **{"train.max_steps": 3, "dpo.beta": 0.5,
+                                                      "dpo.ref_model": ref_dir})
     on_the_fly = config_for("dpo", base + ["dpo.precompute_ref=false"])
     state8, hist8, eval8 = train_steps(on_the_fly, mesh8, 3)
-    # The reference sits in extras, sharded like the policy, and never moves.
-    ref = state8.extras["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
+    # The reference sits in TrainState.ref_params, sharded like the policy, and never moves.
+    ref = state8.ref_params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
     up = state8.params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
     assert ref.sharding.spec == up.sharding.spec
-    initial = init_model(TINY, seed=0)
-    assert_close_trees(state8.extras, nnx.state(initial, nnx.Param), rtol=0, atol=0)
-    assert not np.allclose(np.asarray(up), np.asarray(ref))
+    reference = nnx.state(init_model(TINY, seed=1), nnx.Param)
+    assert_close_trees(state8.ref_params, reference, rtol=0, atol=0)
+    initial_up = nnx.state(init_model(TINY, seed=0), nnx.Param)["model"]["layers"][0]["mlp"]
+    assert not np.allclose(np.asarray(up), np.asarray(initial_up["up_proj"]["weight"]))
 
     precomputed = config_for("dpo", base + ["dpo.precompute_ref=true"])
     state1, hist1, eval1 = train_steps(precomputed, mesh1, 3)
-    assert state1.extras is None
-    for key in ("loss", "rewards/margins", "rewards/accuracy", "grad_norm"):
+    assert state1.ref_params is None
+    # Margins are differences of sequence log-probs of size ~100: float32 rounding alone
+    # moves them by up to ~1e-5 (seen: 5e-7), so atol 1e-5, 1000x below a 1e-2 discrepancy.
+    for key in ("loss", "rewards/margins", "grad_norm"):
         np.testing.assert_allclose([h[key] for h in hist8], [h[key] for h in hist1],
-                                   rtol=1e-4, atol=1e-6)
-    for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracy"):
-        np.testing.assert_allclose(eval8[key], eval1[key], rtol=1e-4, atol=1e-6)
-    assert_close_trees(state8.params, state1.params, rtol=1e-4, atol=5e-5)
+                                   rtol=1e-4, atol=1e-5)
+    for key in ("eval_loss", "eval_rewards/margins"):
+        np.testing.assert_allclose(eval8[key], eval1[key], rtol=1e-4, atol=1e-5)
+    # Margins far from 0 (above): the accuracies cannot flip, so they must agree exactly.
+    assert [h["rewards/accuracy"] for h in hist8] == [h["rewards/accuracy"] for h in hist1]
+    assert eval8["eval_rewards/accuracy"] == eval1["eval_rewards/accuracy"]
+    assert_params_close_after_adam(state8.params, state1.params, lr=3e-3, steps=3)
+    jax.clear_caches()
+
+
+def test_dpo_default_reference_is_the_initial_policy_and_stays_apart(tmp_path, tiny_dir, mesh8):
+    """Without dpo.ref_model the reference is a copy of the policy's initial params in their
+    own buffers: donating the policy's every step must leave it untouched."""
+    extra = {"train.max_steps": 2, "dpo.beta": 0.5, "dpo.precompute_ref": "false",
+             "train.eval_batches": 0}
+    config = config_for("dpo", fast_overrides(str(tmp_path), tiny_dir, **extra))
+    state, history, _ = train_steps(config, mesh8, 2)
+    initial = nnx.state(init_model(TINY, seed=0), nnx.Param)
+    assert_close_trees(state.ref_params, initial, rtol=0, atol=0)
+    ref = state.ref_params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
+    up = state.params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
+    assert ref.sharding.spec == up.sharding.spec
+    assert not np.allclose(np.asarray(up), np.asarray(ref))
+    # Policy == reference at step 1: margin 0 and loss log 2, up to float noise (only these
+    # continuous values are compared; the accuracy there would be the sign of the noise).
+    np.testing.assert_allclose(history[0]["loss"], np.log(2), atol=1e-5)
+    np.testing.assert_allclose(history[0]["rewards/margins"], 0.0, atol=1e-5)
     jax.clear_caches()
 
 

@@ -13,8 +13,9 @@ from jaxpt.config import load_config
 from jaxpt.loop import run
 from jaxpt.losses import token_logprobs
 from jaxpt.models import init_model
-from jaxpt.tasks.base import StepContext
-from jaxpt.tasks.grpo import GrpoConfig, _train_batch, grpo_loss
+from jaxpt.step import StepContext
+from jaxpt.tasks.grpo import GrpoConfig, grpo_loss
+from jaxpt.tasks.rollout import Rollout, train_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRPO_ARITH = os.path.join(ROOT, "configs", "grpo_arith.yaml")
@@ -45,6 +46,15 @@ def overrides(output_dir, model_path, prompts, **extra):
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def _train_batch(prompt_ids, prompt_mask, tokens, lengths, logprobs, advantages, keep):
+    rollout = Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=tokens, lengths=lengths,
+        logprobs=logprobs, truncated=np.zeros(len(lengths), bool), texts=[], rows=[],
+        rewards=None, num_prompts=len(lengths),
+    )
+    return train_batch(rollout, advantages, keep)
 
 
 def rows(output_dir):
@@ -107,10 +117,13 @@ def test_first_iteration_loss_is_minus_mean_advantage_and_ignores_prompt_and_pad
 def test_reward_rises_on_a_toy_task(tmp_path, tiny_dir, prompts_file):
     out = str(tmp_path / "toy")
     run(load_config(GRPO_ARITH, overrides(out, tiny_dir, prompts_file, **{
-        "train.max_steps": 16, "optim.lr": 2e-2})))
+        "train.max_steps": 16, "optim.lr": 3e-2})))
     rewards = [r["reward"] for r in rows(out)]
     first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
-    assert last > first + 0.15, rewards
+    # One rounding difference in a sampled token and the run is another random draw, so the
+    # bar must hold for any seed: over 16 seeds the rise was 0.30-0.84 (median 0.74; at lr
+    # 2e-2 it fell to 0.16), and without learning it is 0 +- 0.03.
+    assert last > first + 0.1, rewards
     with open(os.path.join(out, "completions.jsonl")) as f:
         samples = [json.loads(line) for line in f]
     assert len(samples) == 16 and "digit_fraction" in samples[0]["rewards"]

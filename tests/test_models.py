@@ -287,8 +287,13 @@ def test_jaxpt_save_loads_in_transformers(pair, tmp_path):
         str(tmp_path), attn_implementation="eager", dtype=torch.float32
     )
     assert type(hf) is type(pair.hf)
+    # Bit-identical weights. Their logits need not be: the reloaded tensors sit in the
+    # safetensors mmap (other alignment), and MKL may pick other kernels for them.
+    saved, original = hf.state_dict(), pair.hf.state_dict()
+    assert saved.keys() == original.keys()
+    assert all(torch.equal(saved[k], original[k]) for k in saved)
     ids = random_ids(seed=4)
-    assert_close(hf_logits(hf, ids), hf_logits(pair.hf, ids), atol=0.0)
+    assert_close(hf_logits(hf, ids), hf_logits(pair.hf, ids), atol=1e-5)
     assert_close(jax_logits(jm.from_pretrained(str(tmp_path)), ids), hf_logits(hf, ids))
 
 

@@ -228,3 +228,94 @@ def test_streaming_matches_batch_generation(llama):
     assert list(stream_tokens(model, PROMPTS[1], max_new_tokens=12)) == expected
     eos = expected[4]
     assert list(stream_tokens(model, PROMPTS[1], 12, eos_token_id=eos)) == expected[:5]
+
+
+CHATS = [
+    [{"role": "user", "content": "What is 2+3?"}],
+    [{"role": "user", "content": "Hi"}],
+]
+
+
+def test_generate_accepts_tokenizer_output_and_arrays(llama):
+    """Every prompt form a user may pass gives the same completions as plain id lists."""
+    import jax.numpy as jnp
+
+    from jaxpt.data import encode_prompt, load_tokenizer
+
+    model = llama[0]
+    tokenizer = load_tokenizer(None)
+    # transformers 5 returns a BatchEncoding (a mapping), not a list of ids.
+    encodings = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in CHATS]
+    ids = [list(e["input_ids"]) for e in encodings]
+    assert ids == [encode_prompt(tokenizer, m) for m in CHATS]
+    expected = generate(model, ids, max_new_tokens=6).tokens
+
+    left = tokenizer.pad(encodings, padding_side="left", return_tensors="np")
+    right = tokenizer.apply_chat_template(CHATS, add_generation_prompt=True, padding=True)
+    assert np.asarray(left["attention_mask"]).min() == 0  # both batches really are padded
+    assert np.asarray(right["attention_mask"]).min() == 0
+    batches = {
+        "list of BatchEncoding": encodings,
+        "list of dicts": [dict(e) for e in encodings],
+        "list of 1-D arrays": [np.asarray(p) for p in ids],
+        "tuple of tuples": tuple(tuple(p) for p in ids),
+        "left-padded mapping": left,
+        "right-padded mapping": right,
+        "left-padded jax mapping": {k: jnp.asarray(v) for k, v in left.items()},
+    }
+    for form, prompts in batches.items():
+        assert generate(model, prompts, max_new_tokens=6).tokens == expected, form
+    for form, (ids_bt, mask_bt) in {
+        "2-D numpy array + mask": (left["input_ids"], left["attention_mask"]),
+        "2-D jax array + mask": (jnp.asarray(right["input_ids"]), right["attention_mask"]),
+    }.items():
+        out = generate(model, ids_bt, max_new_tokens=6, attention_mask=mask_bt)
+        assert out.tokens == expected, form
+
+    singles = {
+        "one BatchEncoding": encodings[0],
+        "one [1, T] numpy mapping": tokenizer.apply_chat_template(
+            CHATS[0], add_generation_prompt=True, return_tensors="np"
+        ),
+        "flat list of ints": ids[0],
+        "1-D numpy array": np.asarray(ids[0], np.int32),
+        "1-D jax array": jnp.asarray(ids[0]),
+        "list of numpy ints": list(np.asarray(ids[0])),
+    }
+    for form, prompt in singles.items():
+        assert generate(model, prompt, max_new_tokens=6).tokens == expected[:1], form
+    unpadded = np.asarray(ids[0])[None]
+    assert generate(model, unpadded, max_new_tokens=6).tokens == expected[:1]
+
+
+@pytest.mark.parametrize(
+    "prompts",
+    [
+        "What is 2+3?",
+        ["What is 2+3?", "Hi"],
+        [1.0, 2.0],
+        np.array([[1.5, 2.0]]),
+        [[[1, 2]], [[3]]],
+        [[1, 2], [3, [4]]],
+        np.zeros((1, 2, 3), np.int32),
+        [True, False],
+        {"ids": [1, 2]},
+        [{"input_ids": [[1, 2], [3, 4]]}],
+        None,
+    ],
+    ids=[
+        "text", "list of texts", "floats", "float array", "too deep", "ragged nesting",
+        "3-D array", "bools", "mapping without input_ids", "two prompts in one element", "None",
+    ],
+)
+def test_generate_rejects_other_prompt_forms(llama, prompts):
+    with pytest.raises(TypeError, match="generate takes|each element is one prompt"):
+        generate(llama[0], prompts, max_new_tokens=2)
+
+
+def test_generate_prompt_mask_must_match(llama):
+    batch = {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]}
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        generate(llama[0], batch, max_new_tokens=2)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(llama[0], {"input_ids": [[1, 2]], "attention_mask": [[0, 0]]})

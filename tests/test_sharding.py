@@ -65,3 +65,51 @@ def test_constrain_without_and_with_a_mesh(mesh8):
         y = jax.jit(lambda x: constrain(x * 2, ("batch", None)))(x)
     assert y.sharding.is_equivalent_to(NamedSharding(mesh8, P(("data", "fsdp"), None)), 2)
     assert batch_sharding(mesh8, 3).spec == P(("data", "fsdp"), None, None)
+
+
+def test_config_rules_reach_batches_activations_and_the_sampler(mesh8):
+    """``mesh.rules`` overrides (installed with ``use_rules``) change every sharding:
+    batches, activation constraints inside jit, and the sampler's batch split."""
+    from jaxpt.sharding import batch_shards, use_rules
+
+    assert batch_sharding(mesh8, 2).spec == P(("data", "fsdp"), None)
+    assert batch_shards(mesh8) == 4
+    with use_rules(merged_rules({"batch": "data", "embed": None})):
+        assert batch_sharding(mesh8, 2).spec == P("data", None)
+        assert batch_shards(mesh8) == 2
+
+        @jax.jit
+        def f(x):
+            return constrain(x * 2, ("batch", "embed"))
+
+        with jax.set_mesh(mesh8):
+            out = f(jnp.ones((8, 4)))
+        assert out.sharding.is_equivalent_to(NamedSharding(mesh8, P("data", None)), 2)
+    assert batch_sharding(mesh8, 2).spec == P(("data", "fsdp"), None)  # restored on exit
+
+
+def test_sampler_programs_follow_the_active_rules(mesh8):
+    """The same sampler call under two rule tables compiles twice (rules are part of the
+    program), and the output rows are split the way the active table says."""
+    import numpy as np
+    from tiny import TINY
+
+    from jaxpt.models import init_model
+    from jaxpt.sampling import generate
+    from jaxpt.sharding import use_rules
+
+    model = init_model(TINY, seed=0, mesh=mesh8)
+    prompts = [[1, 2, 3], [4, 5]] * 4
+    from jaxpt.sampling.engine import _sample_jit
+
+    default = generate(model, prompts, max_new_tokens=4, mesh=mesh8)
+    programs = _sample_jit._cache_size()
+    generate(model, prompts, max_new_tokens=4, mesh=mesh8)
+    assert _sample_jit._cache_size() == programs  # same rules: the program is reused
+    with use_rules(merged_rules({"batch": None})):
+        replicated_batch = generate(model, prompts, max_new_tokens=4, mesh=mesh8)
+    assert _sample_jit._cache_size() == programs + 1  # another table: its own program
+    # Greedy tokens do not depend on how the batch is split.
+    np.testing.assert_array_equal(
+        np.asarray(default.arrays.tokens_bn), np.asarray(replicated_batch.arrays.tokens_bn)
+    )

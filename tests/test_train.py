@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from tiny import TINY
+from tolerances import assert_params_close_after_adam
 
 from jaxpt.config import load_config
 from jaxpt.data import DataError
@@ -17,8 +18,7 @@ from jaxpt.loop import run
 from jaxpt.models import from_pretrained, init_model
 from jaxpt.sharding import make_mesh
 from jaxpt.state import create_train_state, shardings_of
-from jaxpt.step import _sums_and_grads, jit_train_step, make_train_step, put_batch
-from jaxpt.tasks.base import StepContext
+from jaxpt.step import StepContext, _sums_and_grads, jit_train_step, make_train_step, put_batch
 from jaxpt.tasks.sft import sft_loss
 from jaxpt.train import main
 
@@ -167,10 +167,9 @@ def test_fsdp_mesh_matches_single_device(mesh8, mesh1):
     state8, losses8 = _two_steps(mesh8, batches)
     state1, losses1 = _two_steps(mesh1, batches, k=2)  # and accumulation on one device
     np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
-    # Adam turns any gradient into a step of about lr (1e-2): where a gradient is tiny, its
-    # float rounding (which differs between the meshes) shows; 1e-5 is 0.1% of one step.
-    for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Adam turns a near-zero gradient coordinate's rounding (which differs between the
+    # meshes) into a move of up to lr: seen 9e-6 here, so a flat 1e-5 was a coin toss.
+    assert_params_close_after_adam(state8.params, state1.params, lr=1e-2, steps=2)
     # Adam moments are sharded exactly like their params.
     up = state8.params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
     mu = state8.opt_state[0].mu["model"]["layers"][0]["mlp"]["up_proj"]["weight"]

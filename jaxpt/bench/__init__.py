@@ -1,7 +1,8 @@
 """Benchmarks: ``python -m jaxpt.bench <name> ...`` prints one JSON line per run.
 
 Each benchmark is a module ``jaxpt.bench.<name>`` with ``add_arguments(parser)`` and
-``run(args) -> dict``; the shared helpers here measure the machine and the process.
+``run(args) -> dict``; the shared helpers here measure the machine and the process. The
+command itself is ``jaxpt.cli.bench``.
 """
 
 from __future__ import annotations

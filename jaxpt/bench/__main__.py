@@ -1,32 +1,8 @@
-"""``python -m jaxpt.bench {sft,generate,grpo,rm} ...``: one JSON line per benchmark."""
+"""``python -m jaxpt.bench``: the benchmark command; see ``jaxpt.cli.bench``."""
 
-from __future__ import annotations
-
-import argparse
-import importlib
-import json
 import sys
 
-from jaxpt.bench import BENCHMARKS
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jaxpt.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="benchmark", required=True)
-    modules = {}
-    for name in BENCHMARKS:
-        try:
-            module = importlib.import_module(f"jaxpt.bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"jaxpt.bench.{name}":
-                raise
-            continue
-        modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    result = modules[args.benchmark].run(args)
-    print(json.dumps({"benchmark": args.benchmark, **result}), flush=True)
-
+from jaxpt.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 
 from jaxpt.bench import median, peak_rss_mb
 
@@ -61,32 +60,40 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
     return first, median(times)
 
 
+def bench_config(args, output_dir: str):
+    """An in-memory RM config for the benchmark: ``setup`` builds the classifier, its train
+    state and step (its batch source reads a few shipped arithmetic pairs; the timed calls
+    use random pairs). AdamW at a constant 1e-5, no clipping."""
+    from jaxpt.config import load_config
+
+    return load_config(None, values={
+        "task": "rm", "output_dir": output_dir, "seed": args.seed,
+        "model": {"path": args.model, "dtype": args.dtype},
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+        "data": {"train": "arithmetic", "eval": None, "seq_len": args.seq_len,
+                 "arithmetic": {"num_train": 64}},
+        "rm": {"center_coef": 0.0, "use_margin": True},
+        "train": {"max_steps": 10**6, "batch_size": args.batch_size},
+        "optim": {"lr": 1e-5, "schedule": "constant", "weight_decay": 1e-4,
+                  "max_grad_norm": 0.0},
+    })
+
+
 def run(args) -> dict:
-    from flax import nnx
+    import tempfile
 
-    from jaxpt.models.classifier import load_classifier
-    from jaxpt.sharding import make_mesh
-    from jaxpt.state import create_train_state, shardings_of
-    from jaxpt.step import jit_train_step, make_train_step, put_batch
-    from jaxpt.tasks.rm import pair_rewards, rm_loss
+    from jaxpt.loop import setup
+    from jaxpt.tasks.rm import pair_rewards
 
-    mesh = make_mesh({"fsdp": -1})
-    with jax.set_mesh(mesh):
-        model = load_classifier(
-            args.model, seed=args.seed, mesh=mesh, dtype=args.dtype, pad_token_id=0
+    with tempfile.TemporaryDirectory() as out, setup(bench_config(args, out)) as prepared:
+        state = prepared.state
+        host_batch = random_pairs(
+            np.random.default_rng(args.seed), args.batch_size, args.seq_len,
+            state.model().config.vocab_size,
         )
-        batch = put_batch(
-            random_pairs(
-                np.random.default_rng(args.seed),
-                args.batch_size,
-                args.seq_len,
-                model.config.vocab_size,
-            ),
-            mesh,
-        )
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        score = jax.jit(lambda p, b: pair_rewards(nnx.merge(graphdef, p, rest), b))
-        compile_s, score_s = _timed(lambda: score(params, batch), args.repeats)
+        batch = prepared.put_batch(host_batch)
+        score = jax.jit(lambda params, b: pair_rewards(state.model(params), b))
+        compile_s, score_s = _timed(lambda: score(state.params, batch), args.repeats)
         result = {
             "model": args.model,
             "batch_size": args.batch_size,
@@ -96,14 +103,7 @@ def run(args) -> dict:
             "compile_s": compile_s - score_s,
         }
         if not args.no_train:
-            tx = optax.adamw(1e-5)
-            state = create_train_state(model, tx, mesh)
-            step = jit_train_step(
-                make_train_step(rm_loss, tx),
-                mesh,
-                shardings_of(state),
-                random_pairs(np.random.default_rng(0), 2, 8, 8),
-            )
+            step = prepared.jit_step(host_batch)
             holder = {"state": state}
 
             def train_once():

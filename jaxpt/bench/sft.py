@@ -34,31 +34,39 @@ def synthetic_batch(rng, batch_size: int, seq_len: int, vocab: int) -> dict:
     }
 
 
-def run(args) -> dict:
-    from jaxpt.config import OptimSection
-    from jaxpt.models import load_model
-    from jaxpt.optim import make_optimizer
-    from jaxpt.sharding import make_mesh
-    from jaxpt.state import create_train_state, num_params, shardings_of
-    from jaxpt.step import jit_train_step, make_train_step, put_batch
-    from jaxpt.tasks.sft import sft_loss
+def bench_config(args, output_dir: str):
+    """An in-memory SFT config for the benchmark: ``setup`` builds the run from it (its batch
+    source reads a few shipped arithmetic rows; the timed steps use synthetic batches)."""
+    from jaxpt.config import load_config
 
-    mesh = make_mesh({"fsdp": args.fsdp})
-    with jax.set_mesh(mesh):
-        model = load_model(args.model, mesh=mesh, dtype=args.dtype, remat=args.remat)
-        config = model.config
-        tx, schedule = make_optimizer(OptimSection(lr=1e-4, weight_decay=0.01), 10**6)
-        state = create_train_state(model, tx, mesh)
-        del model
+    return load_config(None, values={
+        "task": "sft", "output_dir": output_dir,
+        "model": {"path": args.model, "dtype": args.dtype, "remat": args.remat},
+        "mesh": {"data": 1, "fsdp": args.fsdp, "tensor": 1},
+        "data": {"train": "arithmetic", "eval": None, "seq_len": args.seq_len,
+                 "arithmetic": {"num_train": 64}},
+        "train": {"max_steps": 10**6, "batch_size": args.batch_size,
+                  "grad_accum_steps": args.grad_accum},
+        "optim": {"lr": 1e-4, "weight_decay": 0.01},
+    })
+
+
+def run(args) -> dict:
+    import tempfile
+
+    from jaxpt.loop import setup
+    from jaxpt.state import num_params
+
+    with tempfile.TemporaryDirectory() as out, setup(bench_config(args, out)) as prepared:
+        config = prepared.state.model().config
         rng = np.random.default_rng(0)
-        batches = [
-            put_batch(synthetic_batch(rng, args.batch_size, args.seq_len, config.vocab_size), mesh)
+        host_batches = [
+            synthetic_batch(rng, args.batch_size, args.seq_len, config.vocab_size)
             for _ in range(2)
         ]
-        step = jit_train_step(
-            make_train_step(sft_loss, tx, args.grad_accum, schedule=schedule),
-            mesh, shardings_of(state), jax.device_get(batches[0]),
-        )
+        batches = [prepared.put_batch(b) for b in host_batches]
+        step = prepared.jit_step(host_batches[0])
+        state = prepared.state
         start = time.perf_counter()
         for i in range(args.warmup):
             state, metrics = step(state, batches[i % 2])
@@ -70,13 +78,14 @@ def run(args) -> dict:
             state, metrics = step(state, batches[i % 2])
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
+        params = num_params(state.params)
     step_time = median(times)
     tokens = args.batch_size * args.seq_len
     flops_per_token = 3 * decoder_flops_per_token(config, args.seq_len)  # fwd + bwd
     peak = measure_matmul_peak() * len(jax.devices())
     return {
         "model": args.model,
-        "params": num_params(state.params),
+        "params": params,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "devices": len(jax.devices()),

@@ -219,3 +219,8 @@ def write_jsonl(path: str | Path, examples: Iterable[dict]) -> Path:
         for example in examples:
             f.write(json.dumps(example) + "\n")
     return path
+
+
+def arithmetic_eval_rows(n: int = 200, seed: int = 0, **task_kwargs) -> list[dict]:
+    """Held-out arithmetic problems (the test split: disjoint from any training split)."""
+    return generate_examples(n, seed, "test", **task_kwargs)

@@ -40,6 +40,26 @@ def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return list(out["input_ids"])
 
 
+def encode_prompt(tokenizer, prompt, *, chat_template: bool = True) -> list[int]:
+    """Token ids of a generation prompt, the one way jaxpt encodes prompts (RL rollouts,
+    evaluation, the generate CLI).
+
+    A message list goes through the chat template with the assistant generation prompt; so
+    does a plain string when the tokenizer has a template (as one user message) unless
+    ``chat_template=False``. Otherwise the raw text is encoded with the tokenizer's special
+    tokens (e.g. BOS), as the model saw text in pretraining.
+    """
+    if isinstance(prompt, list):
+        return render_prompt(tokenizer, prompt)
+    if not isinstance(prompt, str):
+        raise DataError(
+            f"a prompt is a string or a list of chat messages, got {type(prompt).__name__}"
+        )
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return render_prompt(tokenizer, [{"role": "user", "content": prompt}])
+    return list(tokenizer(prompt)["input_ids"])
+
+
 def render_with_assistant_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and a 0/1 mask over assistant content + end-of-turn tokens.
 

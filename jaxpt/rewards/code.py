@@ -6,45 +6,35 @@ Tests come in the dataset's `tests` column, one entry per completion, as either
 - stdin/stdout cases: a list of `{"input": ..., "output": ...}` or `{"inputs": [...],
   "outputs": [...]}` (APPS style); the program runs once per case.
 Either may also arrive JSON-encoded in a string. The reward is the fraction of tests passed
-(`partial_credit=False`: 1.0 only if all pass).
+(`partial_credit=False`: 1.0 only if all pass), always in [0, 1].
+
+The program cannot forge its score. Assert tests run in a separate sandboxed process
+(`run_tests`): each name the program defines is a stub there that calls the program with plain
+data and gets plain data back, and that process alone reports verdicts, on a channel the program
+does not hold. Printing, exiting early, patching builtins or returning an object that equals
+everything earns nothing; only values the tests accept do. Arguments pass by value (changes a
+function makes to its arguments in place are not seen by the tests), and only plain data crosses
+(a test that passes a lambda, or gets back a generator, fails). Builtin names (`abs`, `len`...)
+and the tests' own definitions always win over the program's; a test that calls another of the
+program's functions (e.g. a helper from a HumanEval prompt) trusts that function. stdin/stdout
+cases compare the program's captured output outside the sandbox, and need exit status 0.
 """
 
 import ast
 import json
 import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from jaxpt.rewards.sandbox import run_untrusted
+from jaxpt.rewards.sandbox import run_tests, run_untrusted
 from jaxpt.rewards.text import completion_text
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = {"python", "py", "python3"}
 
-# Appended after the program. Each assert runs on its own, so one failure does not hide the
-# rest, and reports through a line carrying a per-run nonce that the program cannot guess,
-# so printing "passed" or exiting early with status 0 earns nothing.
-_ASSERT_HARNESS = """
-
-def __jaxpt_run_tests(statements, nonce):
-    import os
-    for index, (is_test, source) in enumerate(statements):
-        try:
-            exec(source, globals())
-            ok = True
-        except BaseException:
-            ok = False
-        if is_test:
-            os.write(1, f"\\n{{nonce}} {{index}} {{int(ok)}}\\n".encode())
-        elif not ok:
-            break  # failed setup: the remaining tests count as failed
-
-
-__jaxpt_run_tests({statements!r}, {nonce!r})
-"""
+_MIN_OUTPUT_BYTES = 256 * 1024
 
 
 def extract_code(text: str) -> str | None:
@@ -100,7 +90,10 @@ def _score(code: str, suite: tuple[str, list], partial_credit: bool, run: dict) 
     else:
         passed, total = 0, len(cases)
         for stdin, expected in cases:
-            result = run_untrusted(code, stdin=stdin, max_output_bytes=256 * 1024, **run)
+            # Room for the expected output, so that a correct answer is never cut; a cut one
+            # carries a truncation marker and cannot match.
+            cap = max(_MIN_OUTPUT_BYTES, 2 * len(expected.encode()) + 1024)
+            result = run_untrusted(code, stdin=stdin, max_output_bytes=cap, **run)
             if not (result.ok and _same_output(result.stdout, expected)):
                 if not partial_credit:
                     break
@@ -108,15 +101,13 @@ def _score(code: str, suite: tuple[str, list], partial_credit: bool, run: dict) 
             passed += 1
     if total == 0:
         return 0.0
+    passed = min(passed, total)
     return passed / total if partial_credit else float(passed == total)
 
 
 def _run_asserts(code: str, statements: list[tuple[bool, str]], run: dict) -> int:
-    nonce = secrets.token_hex(16)
-    harness = _ASSERT_HARNESS.format(statements=statements, nonce=nonce)
-    result = run_untrusted(code + "\n" + harness, max_output_bytes=256 * 1024, **run)
-    pattern = re.compile(rf"^{nonce} (\d+) 1$", re.MULTILINE)
-    return len(set(pattern.findall(result.stdout)))
+    result = run_tests(code, statements, **run)
+    return sum(result.verdicts)
 
 
 def _normalize_tests(case_spec: Any) -> tuple[str, list]:
@@ -142,6 +133,8 @@ def _normalize_tests(case_spec: Any) -> tuple[str, list]:
 def _split_statements(source: str) -> list[tuple[bool, str]]:
     """Top-level statements, each marked as a test (an assert) or setup (anything else)."""
     module = ast.parse(source)  # the dataset's tests are trusted; a bad one should raise
+    if not module.body:
+        return []  # nothing to pass: an empty test must not be a free point
     statements = [
         (isinstance(node, ast.Assert), ast.get_source_segment(source, node) or "")
         for node in module.body

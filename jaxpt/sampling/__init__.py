@@ -1,11 +1,18 @@
 """Batched, KV-cached sampling for rollouts and evaluation.
 
-``generate(model, prompts, ...)`` is the list-in, list-out API; ``sample_arrays(graphdef,
+``generate(model, prompts, ...)`` is the list-in, list-out API (prompts as id lists, arrays
+or tokenizer output; see ``prompt_token_lists``); ``sample_arrays(graphdef,
 state, prompt_ids_bt, prompt_mask_bt, rng, config)`` is the jitted array-level entry point
 for RL trainers (current weights, their mesh, no copies).
 """
 
-from jaxpt.sampling.api import GenerateOutput, bucket, generate, left_pad
+from jaxpt.sampling.api import (
+    GenerateOutput,
+    bucket,
+    generate,
+    left_pad,
+    prompt_token_lists,
+)
 from jaxpt.sampling.config import SamplingConfig
 from jaxpt.sampling.engine import SampleArrays, sample_arrays, trace_count
 from jaxpt.sampling.processors import choose_tokens, sampling_logprobs
@@ -18,6 +25,7 @@ __all__ = [
     "choose_tokens",
     "generate",
     "left_pad",
+    "prompt_token_lists",
     "sample_arrays",
     "sampling_logprobs",
     "trace_count",

@@ -1,10 +1,11 @@
-"""``generate``: lists of token ids in, lists of completions out, over the jitted sampler."""
+"""``generate``: token-id prompts in (lists, arrays or tokenizer output), lists of completions
+out, over the jitted sampler."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ from flax import nnx
 
 from jaxpt.sampling.config import SamplingConfig
 from jaxpt.sampling.engine import SampleArrays, sample_arrays
-from jaxpt.sharding import LOGICAL_RULES, batch_sharding
+from jaxpt.sharding import batch_sharding, batch_shards
 
 
 def bucket(n: int, minimum: int = 16, step: int = 256) -> int:
@@ -50,14 +51,6 @@ def _mesh_of(model):
     return None
 
 
-def _batch_shards(mesh) -> int:
-    if mesh is None:
-        return 1
-    axes = LOGICAL_RULES["batch"]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
-
-
 def left_pad(prompts: Sequence[Sequence[int]], batch: int, length: int, pad_id: int = 0):
     """Left-pad prompts into ``[batch, length]`` ids and mask arrays (extra rows empty)."""
     ids_bt = np.full((batch, length), pad_id, np.int32)
@@ -69,9 +62,123 @@ def left_pad(prompts: Sequence[Sequence[int]], batch: int, length: int, pad_id: 
     return ids_bt, mask_bt
 
 
+PROMPT_FORMS = (
+    "a list of prompts (each a list of token ids, a 1-D int array, or a mapping with "
+    "'input_ids' such as tokenizer.apply_chat_template(..., add_generation_prompt=True)); "
+    "one mapping with 'input_ids' of one prompt or a batch (tokenizer output, with an optional "
+    "'attention_mask'); a 1-D int array or a flat list of ints (one prompt); or a 2-D int "
+    "array (a batch)"
+)
+
+
+def _form_error(value, where: str, array=None) -> TypeError:
+    kind = type(value).__name__
+    array = value if array is None and hasattr(value, "dtype") else array
+    if array is not None and array.dtype != object and array.ndim:
+        kind += f" of {array.dtype} with shape {tuple(array.shape)}"
+    hint = ""
+    if isinstance(value, (str, bytes)):
+        hint = " (encode text first: jaxpt.data.encode_prompt(tokenizer, text))"
+    return TypeError(f"{where}: got {kind}{hint}; generate takes {PROMPT_FORMS}")
+
+
+def _is_token_id(x) -> bool:
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (int, np.integer)):
+        return True
+    dtype = getattr(x, "dtype", None)  # a 0-d jax/numpy array, as iterating an array yields
+    return getattr(x, "ndim", None) == 0 and dtype is not None and np.issubdtype(dtype, np.integer)
+
+
+def _token_array(value, where: str) -> np.ndarray:
+    """``value`` as integer ids of rank 1 (a prompt) or 2 (a rectangular batch)."""
+    if isinstance(value, (str, bytes, Mapping)):
+        raise _form_error(value, where)
+    try:
+        ids = np.asarray(value)
+    except (TypeError, ValueError):  # ragged or mixed nesting
+        raise _form_error(value, where) from None
+    if ids.size == 0 and ids.ndim in (1, 2):
+        return ids.astype(np.int64)  # [] has a float dtype; "no tokens" is reported later
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer) or ids.ndim not in (1, 2):
+        raise _form_error(value, where, ids)
+    return ids
+
+
+def _unpadded_rows(ids, mask, where: str) -> list[list[int]]:
+    """Rows of ``ids`` (rank 1 = one row) without the positions where ``mask`` is 0."""
+    ids_bt = np.atleast_2d(ids)
+    if mask is None:
+        return ids_bt.tolist()
+    mask_bt = np.atleast_2d(np.asarray(mask))
+    if mask_bt.shape != ids_bt.shape:
+        raise ValueError(
+            f"{where}: attention_mask has shape {mask_bt.shape}, input_ids {ids_bt.shape}"
+        )
+    return [row[keep != 0].tolist() for row, keep in zip(ids_bt, mask_bt)]
+
+
+def _mapping_rows(mapping: Mapping, where: str) -> list[list[int]]:
+    if "input_ids" not in mapping:
+        raise TypeError(
+            f"{where}: got a mapping without 'input_ids'; generate takes {PROMPT_FORMS}"
+        )
+    ids = _token_array(mapping["input_ids"], f"{where}['input_ids']")
+    return _unpadded_rows(ids, mapping.get("attention_mask"), where)
+
+
+def _one_prompt(item, index: int) -> list[int]:
+    """One element of a list of prompts: exactly one prompt."""
+    where = f"prompts[{index}]"
+    if isinstance(item, Mapping):
+        rows = _mapping_rows(item, where)
+    else:
+        ids = _token_array(item, where)
+        if ids.ndim == 2 and isinstance(item, Sequence):  # a list of lists inside the list
+            raise _form_error(item, where)
+        rows = _unpadded_rows(ids, None, where)
+    if len(rows) != 1:
+        raise TypeError(
+            f"{where} holds {len(rows)} prompts; in a list each element is one prompt "
+            "(pass a batch as one 2-D array or one tokenizer output instead)"
+        )
+    return rows[0]
+
+
+def prompt_token_lists(prompts, attention_mask=None) -> list[list[int]]:
+    """The prompts ``generate`` accepts, as one list of token ids per prompt.
+
+    Accepted: a list whose elements are each one prompt (a list of ids, a 1-D int array,
+    or a mapping with ``input_ids`` such as the ``BatchEncoding`` that
+    ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` returns); one mapping
+    with ``input_ids`` holding one prompt (1-D) or a batch (2-D, e.g. ``tokenizer(texts,
+    padding=True)``); a 1-D int array (one prompt) or 2-D int array (a batch); and a flat
+    list of ints, which is one prompt (a list of prompts holds lists, never bare ints).
+    A mapping's ``attention_mask`` (or the ``attention_mask`` argument, for arrays and
+    rectangular lists) drops the positions where it is 0: left or right padding.
+    Anything else (text, floats, deeper nesting) is a ``TypeError`` naming these forms.
+    """
+    if isinstance(prompts, Mapping):
+        if attention_mask is not None:
+            raise ValueError("a mapping prompt carries its own 'attention_mask'")
+        return _mapping_rows(prompts, "prompts")
+    if isinstance(prompts, (str, bytes)):
+        raise _form_error(prompts, "prompts")
+    if hasattr(prompts, "__array__") and not isinstance(prompts, Sequence):  # numpy, jax, torch
+        return _unpadded_rows(_token_array(prompts, "prompts"), attention_mask, "prompts")
+    if not isinstance(prompts, Iterable):
+        raise _form_error(prompts, "prompts")
+    items = list(prompts)
+    if attention_mask is not None or (items and all(_is_token_id(x) for x in items)):
+        # One prompt (flat ints) or, with a mask, a rectangular batch.
+        return _unpadded_rows(_token_array(items, "prompts"), attention_mask, "prompts")
+    return [_one_prompt(item, i) for i, item in enumerate(items)]
+
+
 def generate(
     model,
-    prompts: Sequence[Sequence[int]],
+    prompts,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -85,8 +192,15 @@ def generate(
     num_samples: int = 1,
     pad_token_id: int = 0,
     mesh=None,
+    attention_mask=None,
 ) -> GenerateOutput:
     """Generate completions for token-id prompts of any lengths with a KV-cached sampler.
+
+    ``prompts`` is a list of token-id lists, or what a tokenizer returns: a list of
+    ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` results, one
+    ``tokenizer(texts, padding=True)`` batch (its ``attention_mask`` drops the padding), or
+    int arrays (1-D one prompt, 2-D a batch, with an optional ``attention_mask``); a flat
+    list of ints is one prompt. See ``prompt_token_lists`` for the exact rules.
 
     ``temperature=0`` is greedy; otherwise tokens are drawn after the repetition penalty,
     temperature, top-k, top-p and min-p (the order transformers uses). ``eos_token_id``
@@ -105,7 +219,7 @@ def generate(
     new batches reuse compiled programs. With weights sharded over a multi-device mesh
     (or ``mesh`` given), the batch is split over its data axes.
     """
-    prompts = [list(map(int, p)) for p in prompts]
+    prompts = prompt_token_lists(prompts, attention_mask)
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     if any(len(p) == 0 for p in prompts):
@@ -123,7 +237,7 @@ def generate(
         pad_token_id=pad_token_id,
     )
     mesh = mesh if mesh is not None else _mesh_of(model)
-    shards = _batch_shards(mesh)
+    shards = batch_shards(mesh)
     batch = shards * bucket(math.ceil(len(prompts) / shards), minimum=1, step=64)
     length = bucket(max(len(p) for p in prompts))
     ids_bt, mask_bt = left_pad(prompts, batch, length, pad_token_id)

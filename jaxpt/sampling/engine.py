@@ -18,7 +18,7 @@ from flax import nnx, struct
 from jaxpt.models.decoder import KVCache
 from jaxpt.sampling.config import SamplingConfig
 from jaxpt.sampling.processors import choose_tokens, penalize_repetition, token_logprob
-from jaxpt.sharding import constrain
+from jaxpt.sharding import constrain, rules_key, use_rules
 
 _TRACES = 0  # times the sampler was traced (= compiled); tests read it via trace_count()
 
@@ -202,7 +202,14 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
     )
 
 
-_sample_jit = jax.jit(_sample, static_argnames=("graphdef", "config"))
+def _sample_under_rules(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e,
+                        config, rules):
+    with use_rules(dict(rules)):
+        return _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, config)
+
+
+# `rules` (the logical-axis table, hashable) is static: a run's mesh.rules shape the cache.
+_sample_jit = jax.jit(_sample_under_rules, static_argnames=("graphdef", "config", "rules"))
 
 
 def sample_arrays(
@@ -244,4 +251,5 @@ def sample_arrays(
         limit,
         eos_e,
         config=static_config,
+        rules=rules_key(),
     )

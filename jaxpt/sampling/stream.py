@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpt.models.decoder import KVCache
-from jaxpt.sampling.api import bucket, left_pad
+from jaxpt.sampling.api import bucket, left_pad, prompt_token_lists
 from jaxpt.sampling.config import SamplingConfig
 from jaxpt.sampling.engine import _StaticGraph
 from jaxpt.sampling.processors import choose_tokens
@@ -59,9 +59,14 @@ def stream_tokens(
 ) -> Iterator[int]:
     """Yield the generated tokens of one prompt as they are produced (eos included).
 
-    Accepts the same sampling arguments as ``generate`` (``min_p`` and so on, except
-    ``repetition_penalty``, ``stop`` and ``num_samples``).
+    ``prompt`` is one prompt in any form ``generate`` accepts (a list of ids, a 1-D array,
+    an ``apply_chat_template`` result). Accepts the same sampling arguments as ``generate``
+    (``min_p`` and so on, except ``repetition_penalty``, ``stop`` and ``num_samples``).
     """
+    rows = prompt_token_lists(prompt)
+    if len(rows) != 1 or not rows[0]:
+        raise ValueError(f"stream_tokens takes one non-empty prompt, got {len(rows)} prompts")
+    prompt = rows[0]
     config = SamplingConfig.make(
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
@@ -79,7 +84,7 @@ def stream_tokens(
         min_p=config.min_p,
     )  # the key the step programs are cached under: no lengths, no eos
     length = bucket(len(prompt))
-    ids_bt, mask_bt = left_pad([list(prompt)], 1, length)
+    ids_bt, mask_bt = left_pad([prompt], 1, length)
     graphdef, state = nnx.split(model)
     graph, rng = _StaticGraph(graphdef), jax.random.key(seed)
     cache_len = length + bucket(max_new_tokens)
@@ -94,3 +99,21 @@ def stream_tokens(
         cache, token = _decode_step(
             graph, state, cache, token[None], pos_b + step - 1, rng, step, config=config
         )
+
+
+def stream_text(model, tokenizer, prompt, **sampling) -> Iterator[str]:
+    """Yield the reply to one prompt as text pieces, as they are generated.
+
+    Special tokens are dropped. Takes the arguments of ``stream_tokens``.
+    """
+    tokens, shown, text = [], "", ""
+    for token in stream_tokens(model, prompt, **sampling):
+        tokens.append(token)
+        # Decode the whole reply each time: a token may complete a multi-byte character,
+        # and until it does the text ends in U+FFFD, which is held back.
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if text.startswith(shown) and len(text) > len(shown) and not text.endswith("\ufffd"):
+            yield text[len(shown) :]
+            shown = text
+    if text.startswith(shown) and len(text) > len(shown):
+        yield text[len(shown) :]

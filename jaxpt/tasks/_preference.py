@@ -1,81 +1,16 @@
-"""What reward modeling and DPO share: preference data sources and pipelines, the
+"""What reward modeling and DPO share: preference pipelines, the
 chosen+rejected batch in one forward pass, and per-pair sums under the loss contract."""
 
 from __future__ import annotations
 
-import os
-
 import jax.numpy as jnp
-import numpy as np
-from omegaconf import OmegaConf
 
-from jaxpt.tasks.base import LossOutput, RunContext
-from jaxpt.tasks.sft import ARITHMETIC, PipelineSource, local_batch_size, resolve_tokenizer
+from jaxpt.step import LossOutput
+from jaxpt.tasks import common
+from jaxpt.tasks.base import RunContext
 
 SIDES = ("chosen", "rejected")
-
-
-def first_existing(*candidates: str) -> str:
-    """The first candidate that is an existing path or a preset name, else the last one.
-
-    Registered as the config resolver ``${first_existing:a,b}``: the tiny RM/DPO configs
-    start from the quickstart SFT output when it exists, else from a random-init preset.
-    """
-    from jaxpt.models import preset_config
-
-    for candidate in candidates:
-        if os.path.exists(candidate) or preset_config(candidate) is not None:
-            return candidate
-    return candidates[-1]
-
-
-OmegaConf.register_resolver("first_existing", first_existing, replace=True)
 ROW_FIELDS = ("input_ids", "target_ids", "loss_mask", "positions", "segment_ids")
-
-
-def _arithmetic_pairs(ctx: RunContext, split: str) -> list[dict]:
-    from jaxpt.data import generate_preference_pairs
-    from jaxpt.tasks.sft import generated_arithmetic
-
-    return generated_arithmetic(ctx, split, generate_preference_pairs, "arithmetic_pref")
-
-
-def preference_sources(ctx: RunContext):
-    """(train source, eval source or None): files/rows for the preference pipeline
-    (made once per run, shared through ``ctx.cache``)."""
-    if "preference_sources" not in ctx.cache:
-        ctx.cache["preference_sources"] = _make_sources(ctx)
-    return ctx.cache["preference_sources"]
-
-
-def _make_sources(ctx: RunContext):
-    from jaxpt.data import LoadedExamples, load_examples
-
-    d = ctx.config.data
-    train = _arithmetic_pairs(ctx, "train") if d.train == ARITHMETIC else d.train
-    if d.eval is not None:
-        return train, _arithmetic_pairs(ctx, "test") if d.eval == ARITHMETIC else d.eval
-    if d.eval_fraction <= 0:
-        return train, None
-    loaded = load_examples(train, "preference", d.train_split, d.skip_invalid)
-    order = np.random.default_rng(ctx.config.seed).permutation(len(loaded.rows))
-    n_eval = max(1, round(d.eval_fraction * len(order)))
-    if n_eval >= len(order):
-        raise ValueError(f"data.eval_fraction={d.eval_fraction} leaves no training rows")
-
-    def pick(idx):
-        return [loaded.rows[i] for i in sorted(idx)]
-
-    train_part = LoadedExamples(
-        pick(order[n_eval:]),
-        loaded.source,
-        loaded.num_read,
-        loaded.num_skipped,
-        loaded.skip_reasons,
-    )
-    return train_part, LoadedExamples(
-        pick(order[:n_eval]), loaded.source + " (eval)", n_eval, 0, []
-    )
 
 
 def build_pipeline(ctx: RunContext, source, *, train: bool, **overrides):
@@ -83,41 +18,20 @@ def build_pipeline(ctx: RunContext, source, *, train: bool, **overrides):
     repeated for training, one ordered pass for evaluation."""
     from jaxpt.data import build_preference_pipeline
 
-    d = ctx.config.data
     kwargs = {
-        "seq_len": d.seq_len,
-        "batch_size": local_batch_size(ctx),
+        **common.pipeline_options(ctx, train=train),
         "max_prompt_length": ctx.task_config.max_prompt_length,
-        "overflow": d.truncation,
-        "skip_invalid": d.skip_invalid,
     }
-    if train:
-        kwargs.update(
-            seed=ctx.config.seed, split=d.train_split, shuffle=d.shuffle, num_workers=d.num_workers
-        )
-    else:
-        kwargs.update(seed=0, split=d.eval_split, shuffle=False, num_epochs=1)
     kwargs.update(overrides)
-    return build_preference_pipeline(source, resolve_tokenizer(ctx), **kwargs)
+    return build_preference_pipeline(source, common.resolve_tokenizer(ctx), **kwargs)
 
 
-def make_train_source(ctx: RunContext) -> PipelineSource:
-    train, _ = preference_sources(ctx)
-    pipeline = build_pipeline(ctx, train, train=True)
-    ctx.summary["data"] = pipeline.stats.as_dict()
-    ctx.summary["data_skip_reasons"] = list(pipeline.skip_reasons)
-    return PipelineSource(pipeline)
+def make_train_source(ctx: RunContext) -> common.PipelineSource:
+    return common.train_pipeline_source(ctx, "preference", build_pipeline)
 
 
 def make_eval_batches(ctx: RunContext) -> list[dict] | None:
-    from jaxpt.data import eval_batches
-
-    _, source = preference_sources(ctx)
-    if source is None or ctx.config.train.eval_batches < 1:
-        return None
-    pipeline = build_pipeline(ctx, source, train=False)
-    ctx.summary["eval_data"] = pipeline.stats.as_dict()
-    return eval_batches(pipeline, ctx.config.train.eval_batches)
+    return common.eval_pipeline_batches(ctx, "preference", build_pipeline)
 
 
 def stack_pairs(batch: dict) -> dict:

@@ -3,33 +3,15 @@
 A task is a ``Task`` record of plain functions, found by name in ``jaxpt.tasks``. The loop
 calls them in a fixed order and never branches on the task:
 
-    model, extras = task.build(ctx)                 # the trained module + frozen task state
+    built = task.build(ctx)                         # the model, its reference, task state
     loss_fn = task.make_loss(ctx)                   # pure LossFn with the task's options bound
     source = task.make_train_source(ctx)            # BatchSource: next(state) -> (batch, host)
     evaluate = task.make_evaluator(ctx)             # (state) -> {"eval_loss": ...} or None
     ... train_step(state, batch) calls loss_fn(model, micro_batch, step_ctx) ...
     task.export(ctx, state, out_dir)                # e.g. an HF checkpoint + tokenizer
 
-LOSS CONTRACT. ``loss_fn(model, batch, step_ctx) -> LossOutput`` returns *sums*, never means:
-
-    numerator    scalar, differentiated: the loss summed over this batch's units
-    denominator  scalar, not differentiated: how many units (tokens, pairs, sequences, ...)
-    metrics      {name: sum}, each reported as sum / denominator (same unit as the loss)
-    totals       {name: sum}, reported as plain totals (e.g. trained tokens)
-
-The train step splits the global batch into ``grad_accum_steps`` micro-batches, sums the
-numerators, denominators, metric sums and gradients of the numerators over them, and only
-then divides: ``loss = sum(num) / sum(den)``, ``grad = sum(grad num) / sum(den)``. Gradient
-accumulation therefore equals one big batch exactly, and packed and unpacked batches give
-the same per-unit normalization. Examples:
-
-    SFT   numerator = sum of per-token CE over trained tokens, denominator = trained tokens
-    DPO   numerator = sum over pairs of -log sigmoid(beta * margin), denominator = pairs
-    GRPO  token-level: sum of token losses / number of completion tokens;
-          sequence-level: sum over sequences of each sequence's mean token loss / sequences;
-          Dr. GRPO: sum of token losses / (num sequences * max completion length)
-
-A denominator of zero (an all-padding batch) gives zero loss and zero gradient.
+The loss contract (``LossOutput``, ``StepContext``) lives with the train step in
+``jaxpt.step``.
 
 BATCH SOURCES. ``next(state)`` receives the current ``TrainState`` so that on-policy tasks
 (GRPO, PPO) can sample rollouts with the current params; file-based tasks ignore it. It
@@ -45,31 +27,19 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import struct
+
+from jaxpt.step import LossFn
 
 
-@struct.dataclass
-class LossOutput:
-    """Sums from one (micro-)batch; see the loss contract in the module docstring."""
+@dataclasses.dataclass
+class BuiltModel:
+    """What ``Task.build`` returns: the trained module, the frozen reference params (DPO,
+    GRPO, PPO; None when no reference is kept) and any other task state."""
 
-    numerator: jax.Array
-    denominator: jax.Array
-    metrics: dict[str, jax.Array] = struct.field(default_factory=dict)
-    totals: dict[str, jax.Array] = struct.field(default_factory=dict)
-
-
-@struct.dataclass
-class StepContext:
-    """What a loss function may read besides the model and the batch."""
-
-    rng: jax.Array  # a fresh key for this (micro-)batch
-    step: jax.Array  # the optimizer step being computed
-    extras: Any = None  # task state carried in TrainState.extras (e.g. reference params)
-
-
-LossFn = Callable[[Any, dict, StepContext], LossOutput]
+    model: Any
+    ref_params: Any = None
+    extras: Any = None
 
 
 class BatchSource(Protocol):
@@ -80,9 +50,6 @@ class BatchSource(Protocol):
     def set_state(self, state: dict) -> None: ...
 
     def close(self) -> None: ...
-
-
-Evaluator = Callable[[Any], dict[str, float]]
 
 
 @dataclasses.dataclass
@@ -118,38 +85,10 @@ class Task:
     name: str
     description: str
     config_cls: type  # the dataclass of this task's config section
-    build: Callable[[RunContext], tuple[Any, Any]]  # -> (nnx model, extras pytree or None)
+    build: Callable[[RunContext], BuiltModel]
     make_loss: Callable[[RunContext], LossFn]  # the pure loss, config options bound
     make_train_source: Callable[[RunContext], BatchSource]
-    make_evaluator: Callable[[RunContext], Evaluator | None]
+    make_evaluator: Callable[[RunContext], Callable | None]  # (state) -> {name: value}
     export: Callable[[RunContext, Any, str], None]  # (ctx, TrainState, out_dir)
-
-
-def safe_ratio(numerator, denominator):
-    """numerator / denominator, 0 where the denominator is 0."""
-    denominator = jnp.asarray(denominator, jnp.float32)
-    return jnp.where(denominator > 0, numerator / jnp.maximum(denominator, 1e-30), 0.0)
-
-
-def loss_evaluator(ctx: RunContext, loss_fn: LossFn, batches: list[dict]) -> Evaluator:
-    """An evaluator reporting ``eval_loss`` (and ``eval_<metric>``) of ``loss_fn`` over fixed
-    host batches: sums accumulate on device and are fetched once per evaluation."""
-    from jaxpt.step import make_eval_step, put_batch
-
-    eval_step = make_eval_step(loss_fn, ctx.mesh, ctx.state_shardings, batches[0])
-    device_batches = [put_batch(b, ctx.mesh) for b in batches]
-
-    def evaluate(state) -> dict[str, float]:
-        total = None
-        for batch in device_batches:
-            out = eval_step(state, batch)
-            total = out if total is None else jax.tree.map(jnp.add, total, out)
-        total = jax.device_get(total)
-        result = {"eval_loss": float(safe_ratio(total.numerator, total.denominator))}
-        for name, value in total.metrics.items():
-            result[f"eval_{name}"] = float(safe_ratio(value, total.denominator))
-        for name, value in total.totals.items():
-            result[f"eval_{name}"] = float(value)
-        return result
-
-    return evaluate
+    # Load-time checks across sections (root config -> None, raises ConfigError).
+    check_config: Callable[[Any], None] | None = None

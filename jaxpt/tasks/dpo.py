@@ -1,7 +1,7 @@
 """Direct preference optimization (sigmoid / cDPO, IPO, hinge) against a frozen reference.
 
 The reference starts as a copy of the policy's initial weights (or ``dpo.ref_model``) and
-lives in ``TrainState.extras``: sharded like the policy, checkpointed with it, never
+lives in ``TrainState.ref_params``: sharded like the policy, checkpointed with it, never
 differentiated and without optimizer state. With ``dpo.precompute_ref`` the reference's
 sequence log-probabilities are computed once per dataset before training, keyed by each
 pair's token content, and attached to every batch by the source, so they follow the pairs
@@ -21,9 +21,11 @@ from flax import nnx
 
 from jaxpt.config import ConfigError
 from jaxpt.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logprob, token_logprobs
+from jaxpt.state import with_params
+from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import _preference as pref
-from jaxpt.tasks import sft
-from jaxpt.tasks.base import LossOutput, RunContext, StepContext, Task, loss_evaluator
+from jaxpt.tasks import common
+from jaxpt.tasks.base import BuiltModel, RunContext, Task
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +66,6 @@ def pair_logps(model, batch: dict):
     return pref.split_pairs(sequence_logprob(logp_bt, rows["loss_mask"]))
 
 
-def reference_model(model, ref_params):
-    """The policy's module with the (gradient-stopped) reference params swapped in."""
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, ref_params), rest)
-
-
 def dpo_task_loss(
     model,
     batch: dict,
@@ -80,12 +76,12 @@ def dpo_task_loss(
     label_smoothing: float = 0.0,
 ) -> LossOutput:
     """DPO summed over real pairs / number of real pairs. Reference log-probs come from the
-    batch (precomputed) or from a forward pass with the reference params in ``ctx.extras``."""
+    batch (precomputed) or from a forward pass with the reference params ``ctx.ref_params``."""
     policy_chosen_b, policy_rejected_b = pair_logps(model, batch)
     if REF_KEYS[0] in batch:
         ref_chosen_b, ref_rejected_b = batch[REF_KEYS[0]], batch[REF_KEYS[1]]
     else:
-        ref_chosen_b, ref_rejected_b = pair_logps(reference_model(model, ctx.extras), batch)
+        ref_chosen_b, ref_rejected_b = pair_logps(with_params(model, ctx.ref_params), batch)
     loss_b, metrics_b = dpo_loss(
         policy_chosen_b,
         policy_rejected_b,
@@ -158,7 +154,7 @@ def attach_reference(batch: dict, table: dict) -> dict:
     return {**batch, REF_KEYS[0]: values[:, 0], REF_KEYS[1]: values[:, 1]}
 
 
-class ReferenceSource(sft.PipelineSource):
+class ReferenceSource(common.PipelineSource):
     """A pipeline source whose batches carry the precomputed reference log-probs."""
 
     def __init__(self, pipeline, table: dict):
@@ -173,41 +169,29 @@ class ReferenceSource(sft.PipelineSource):
 # ------------------------------------------------------------------- the Task
 
 
-def build(ctx: RunContext):
-    """The policy (as SFT builds it) and the reference params as extras, or, with
-    ``precompute_ref``, the reference log-prob table and no extras."""
-    from jaxpt.models import load_model
-
-    model, _ = sft.build(ctx)
+def build(ctx: RunContext) -> BuiltModel:
+    """The policy (as SFT builds it) and the reference params, or, with ``precompute_ref``,
+    the reference log-prob table (in ``ctx.cache``) and no reference params."""
     cfg = ctx.task_config
-    ref = None
+    model = common.build_causal_lm(ctx)
+    if not cfg.precompute_ref:
+        ref_params = common.reference_params(ctx, model, cfg.ref_model, "dpo.ref_model")
+        return BuiltModel(model, ref_params=ref_params)
+    reference = model  # the initial policy, unless a reference model is named
     if cfg.ref_model is not None:
-        # The reference is never differentiated: no remat.
-        ref = load_model(cfg.ref_model, **{**sft.model_kwargs(ctx), "remat": "none"})
-        _check_same_params(nnx.state(model, nnx.Param), nnx.state(ref, nnx.Param), cfg.ref_model)
-    if cfg.precompute_ref:
-        d = ctx.config.data
-        train, evaluation = pref.preference_sources(ctx)
-        sources = [(train, d.train_split)]
-        if evaluation is not None and ctx.config.train.eval_batches > 0:
-            sources.append((evaluation, d.eval_split))
-        table = reference_table(ctx, ref if ref is not None else model, sources)
-        ctx.cache[_TABLE_KEY] = table
-        ctx.summary["reference_pairs"] = len(table)
-        log.info("precomputed reference log-probs of %d pairs", len(table))
-        return model, None
-    if ref is not None:
-        return model, nnx.state(ref, nnx.Param)
-    # Own buffers: the train step donates the policy's, which must not alias the reference.
-    return model, jax.tree.map(lambda x: x.copy(), nnx.state(model, nnx.Param))
-
-
-def _check_same_params(policy, ref, where: str) -> None:
-    shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)
-    if jax.tree.structure(policy) != jax.tree.structure(ref) or shapes(policy) != shapes(ref):
-        raise ConfigError(
-            f"config key 'dpo.ref_model' ({where}) does not have the policy's architecture"
+        reference = with_params(
+            model, common.reference_params(ctx, model, cfg.ref_model, "dpo.ref_model")
         )
+    d = ctx.config.data
+    train, evaluation = common.data_sources(ctx, "preference")
+    sources = [(train, d.train_split)]
+    if evaluation is not None and ctx.config.train.eval_batches > 0:
+        sources.append((evaluation, d.eval_split))
+    table = reference_table(ctx, reference, sources)
+    ctx.cache[_TABLE_KEY] = table
+    ctx.summary["reference_pairs"] = len(table)
+    log.info("precomputed reference log-probs of %d pairs", len(table))
+    return BuiltModel(model)
 
 
 def _table(ctx: RunContext):
@@ -228,7 +212,7 @@ def make_evaluator(ctx: RunContext):
     table = _table(ctx)
     if table is not None:
         batches = [attach_reference(b, table) for b in batches]
-    return loss_evaluator(ctx, make_loss(ctx), batches)
+    return common.batch_loss_evaluator(ctx, make_loss(ctx), batches)
 
 
 def make_loss(ctx: RunContext):
@@ -249,5 +233,5 @@ TASK = Task(
     make_loss=make_loss,
     make_train_source=make_train_source,
     make_evaluator=make_evaluator,
-    export=sft.export,
+    export=common.export_causal_lm,
 )

@@ -13,9 +13,10 @@ import functools
 
 from jaxpt.config import ConfigError
 from jaxpt.losses import bradley_terry_loss
+from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import _preference as pref
-from jaxpt.tasks.base import LossOutput, RunContext, StepContext, Task, loss_evaluator
-from jaxpt.tasks.sft import check_vocab, export_with_tokenizer, model_kwargs, resolve_tokenizer
+from jaxpt.tasks import common
+from jaxpt.tasks.base import BuiltModel, RunContext, Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,18 +52,19 @@ def rm_loss(
     return pref.pair_sums(loss_b, metrics_b, batch["pair_mask"])
 
 
-def build(ctx: RunContext):
+def build(ctx: RunContext) -> BuiltModel:
     """The classifier on the run's mesh (pad id from the tokenizer, so scores are read where
-    transformers reads them); no extras."""
+    transformers reads them)."""
     from jaxpt.models.classifier import load_classifier
 
-    tokenizer = resolve_tokenizer(ctx)
+    common.check_model_path("model.path", ctx.config.model.path)
+    tokenizer = common.resolve_tokenizer(ctx)
     model = load_classifier(
         ctx.config.model.path, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-        **model_kwargs(ctx),
+        **common.model_kwargs(ctx),
     )
-    check_vocab(tokenizer, model)
-    return model, None
+    common.check_vocab(tokenizer, model)
+    return BuiltModel(model)
 
 
 def make_loss(ctx: RunContext):
@@ -73,14 +75,14 @@ def make_loss(ctx: RunContext):
 def make_evaluator(ctx: RunContext):
     """eval_loss, eval_accuracy (pairwise), eval_margin, eval_reward_chosen/rejected."""
     batches = pref.make_eval_batches(ctx)
-    return None if batches is None else loss_evaluator(ctx, make_loss(ctx), batches)
+    return common.batch_loss_evaluator(ctx, make_loss(ctx), batches)
 
 
 def export(ctx: RunContext, state, out_dir: str) -> None:
     """A ``...ForSequenceClassification`` HF checkpoint plus the tokenizer files."""
     from jaxpt.models.classifier import save_classifier
 
-    export_with_tokenizer(ctx, state, out_dir, save_classifier)
+    common.export_with_tokenizer(ctx, state, out_dir, save_classifier)
 
 
 TASK = Task(

@@ -1,4 +1,4 @@
-"""Automated evaluation on verifiable tasks: greedy generation scored by a program."""
+"""Accuracy on verifiable tasks: greedy generation scored by a program (the math reward)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-
-
-def prompt_token_ids(tokenizer, prompt) -> list[int]:
-    """Token ids of an RL/eval prompt: chat template (with the generation prompt) for message
-    lists, or for plain strings when the tokenizer has a template; raw text otherwise."""
-    from jaxpt.data.chat import encode_text, render_prompt
-
-    if isinstance(prompt, list):
-        return render_prompt(tokenizer, prompt)
-    if getattr(tokenizer, "chat_template", None):
-        return render_prompt(tokenizer, [{"role": "user", "content": prompt}])
-    return encode_text(tokenizer, prompt)
-
-
-def arithmetic_eval_rows(n: int = 200, seed: int = 0, **task_kwargs) -> list[dict]:
-    """Held-out arithmetic problems (the test split: disjoint from any training split)."""
-    from jaxpt.data import generate_examples
-
-    return generate_examples(n, seed, "test", **task_kwargs)
 
 
 def verifiable_accuracy(
@@ -35,25 +16,28 @@ def verifiable_accuracy(
     max_new_tokens: int = 64,
     batch_size: int = 64,
     num_examples: int = 3,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> dict:
     """Greedy accuracy of ``model`` on rows with ``prompt`` and ``answer``.
 
     Answers are checked with ``jaxpt.rewards.math_reward`` (final ``#### x`` line,
     ``\\boxed{x}`` or an "answer is" phrase; numbers compared exactly, else math-verify).
+    Generation stops at ``eos_token_id`` (one id or several; default: the tokenizer's eos).
     Returns ``accuracy``, ``n``, the mean completion length and a few examples.
     """
+    from jaxpt.data import encode_prompt
     from jaxpt.rewards import math_reward
     from jaxpt.sampling import generate
 
     if not rows:
         raise ValueError("verifiable_accuracy needs at least one row")
     start = time.perf_counter()
-    eos = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     completions, lengths = [], []
     for begin in range(0, len(rows), batch_size):
         chunk = rows[begin : begin + batch_size]
-        prompts = [prompt_token_ids(tokenizer, r["prompt"]) for r in chunk]
+        prompts = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
         out = generate(
             model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
             eos_token_id=eos, pad_token_id=pad,

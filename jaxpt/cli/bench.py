@@ -1,0 +1,41 @@
+"""``python -m jaxpt.bench {sft,generate,grpo,rm} ...``: one JSON line per benchmark.
+
+Each benchmark is a library module ``jaxpt.bench.<name>`` with ``add_arguments(parser)``
+and ``run(args) -> dict``; this command picks one, runs it and prints its dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    from jaxpt.bench import BENCHMARKS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxpt.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    modules = {}
+    for name in BENCHMARKS:
+        try:
+            module = importlib.import_module(f"jaxpt.bench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"jaxpt.bench.{name}":
+                raise
+            continue
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    result = modules[args.benchmark].run(args)
+    print(json.dumps({"benchmark": args.benchmark, **result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""What every task uses: the model and its tokenizer, the frozen reference, the data sources
+with their eval split (files or the shipped arithmetic task), pipeline batch sources, and
+the HF export."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxpt.config import ConfigError
+from jaxpt.tasks.base import RunContext
+
+log = logging.getLogger(__name__)
+
+ARITHMETIC = "arithmetic"  # data.train / data.eval: the shipped, generated arithmetic task
+
+# Row kinds as `jaxpt.data.load_examples` names them, and the arithmetic generator of each.
+_ARITHMETIC_FILES = {"sft": "arithmetic", "prompt": "arithmetic", "preference": "arithmetic_pref"}
+
+
+# ------------------------------------------------------------------------ model, tokenizer
+
+
+def check_model_path(key: str, path: str) -> None:
+    """A ConfigError when ``path`` (config key ``key``) is neither a preset, an existing
+    directory or file, nor a hub name, saying which command creates it when we know."""
+    from jaxpt.data.tokenizer import is_hub_name
+    from jaxpt.models import preset_config
+
+    if preset_config(path) is not None or os.path.exists(path) or is_hub_name(path):
+        return
+    hint = ""
+    if "quickstart" in os.path.normpath(path).split(os.sep):
+        hint = (
+            "; it is written by the quickstart: run `make quickstart` (or `python -m "
+            "jaxpt.quickstart --stages sft`) first, or point the key at another model"
+        )
+    raise ConfigError(
+        f"config key '{key}': {path!r} is not a preset, an existing model directory or a "
+        f"hub name (org/name){hint}"
+    )
+
+
+def resolve_tokenizer(ctx: RunContext):
+    """The run's tokenizer (``model.tokenizer``, else the model's own), loaded once."""
+    from jaxpt.data import tokenizer_for_model
+
+    if ctx.tokenizer is None:
+        ctx.tokenizer = tokenizer_for_model(ctx.config.model.path, ctx.config.model.tokenizer)
+    return ctx.tokenizer
+
+
+def model_kwargs(ctx: RunContext) -> dict:
+    """Keyword arguments of every model loader for this run (seed, mesh, dtypes, ...)."""
+    cfg = ctx.config.model
+    return {
+        "seed": ctx.config.seed, "mesh": ctx.mesh, "rules": ctx.rules, "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype, "remat": cfg.remat, "attention_impl": cfg.attention_impl,
+    }
+
+
+def check_vocab(tokenizer, model) -> None:
+    """Every token id the tokenizer can produce must have an embedding row."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}"
+        )
+
+
+def build_causal_lm(ctx: RunContext):
+    """The causal LM of ``model.path`` (preset random init or checkpoint) on the run's mesh."""
+    from jaxpt.models import load_model
+
+    check_model_path("model.path", ctx.config.model.path)
+    model = load_model(ctx.config.model.path, **model_kwargs(ctx))
+    check_vocab(resolve_tokenizer(ctx), model)
+    return model
+
+
+def reference_params(ctx: RunContext, policy, ref_model: str | None, key: str) -> nnx.State:
+    """Frozen reference params for ``policy``: loaded from ``ref_model`` (config key ``key``)
+    when set, else a copy of the policy's initial params. Sharded like the policy, in their
+    own buffers (the train state's are donated every step)."""
+    from jaxpt.models import load_model
+    from jaxpt.state import copy_params
+
+    if ref_model is None:
+        return copy_params(policy)
+    check_model_path(key, ref_model)
+    # The reference is never differentiated: no remat.
+    ref = load_model(ref_model, **{**model_kwargs(ctx), "remat": "none"})
+    policy_params, ref_params = nnx.state(policy, nnx.Param), nnx.state(ref, nnx.Param)
+    shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)
+    if jax.tree.structure(policy_params) != jax.tree.structure(ref_params) or shapes(
+        policy_params
+    ) != shapes(ref_params):
+        raise ConfigError(f"config key '{key}' ({ref_model}) does not have the policy's architecture")
+    return ref_params
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def arithmetic_rows(ctx: RunContext, split: str, kind: str) -> list[dict]:
+    """Rows of the shipped arithmetic task: examples (``sft``, ``prompt``) or preference
+    pairs, ``split`` train or test; also written to ``<output_dir>/data/<name>_<split>.jsonl``
+    for inspection."""
+    from jaxpt.data import generate_examples, generate_preference_pairs, write_jsonl
+
+    a = ctx.config.data.arithmetic
+    generator = generate_preference_pairs if kind == "preference" else generate_examples
+    n = a.num_train if split == "train" else a.num_test
+    rows = generator(n, a.seed, split, min_digits=a.min_digits, max_digits=a.max_digits)
+    if ctx.is_main_process:  # every process generates the same rows
+        path = os.path.join(ctx.output_dir, "data", f"{_ARITHMETIC_FILES[kind]}_{split}.jsonl")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_jsonl(path, rows)
+    return rows
+
+
+def data_sources(ctx: RunContext, kind: str):
+    """(train source, eval source or None) of ``kind`` rows for this run, made once.
+
+    A source is what the pipelines and ``load_rows`` take: a path or hub name, generated
+    arithmetic rows, or already loaded rows. ``data.eval`` names the eval data; without it,
+    ``data.eval_fraction`` of the train rows (a seeded choice) is held out.
+    """
+    key = f"data_sources/{kind}"
+    if key not in ctx.cache:
+        ctx.cache[key] = _make_sources(ctx, kind)
+    return ctx.cache[key]
+
+
+def _make_sources(ctx: RunContext, kind: str):
+    from jaxpt.data import LoadedExamples, load_examples
+
+    d = ctx.config.data
+    train = arithmetic_rows(ctx, "train", kind) if d.train == ARITHMETIC else d.train
+    if d.eval is not None:
+        return train, arithmetic_rows(ctx, "test", kind) if d.eval == ARITHMETIC else d.eval
+    if d.eval_fraction <= 0:
+        return train, None
+    loaded = load_examples(train, kind, d.train_split, d.skip_invalid)
+    order = np.random.default_rng(ctx.config.seed).permutation(len(loaded.rows))
+    n_eval = max(1, round(d.eval_fraction * len(order)))
+    if n_eval >= len(order):
+        raise ConfigError(
+            f"config key 'data.eval_fraction' ({d.eval_fraction}) leaves no training rows "
+            f"of {loaded.source}"
+        )
+
+    def pick(indices):
+        return [loaded.rows[i] for i in sorted(indices)]
+
+    train_part = LoadedExamples(
+        pick(order[n_eval:]), loaded.source, loaded.num_read, loaded.num_skipped,
+        loaded.skip_reasons,
+    )
+    eval_part = LoadedExamples(pick(order[:n_eval]), f"{loaded.source} (eval)", n_eval, 0, [])
+    return train_part, eval_part
+
+
+def load_rows(ctx: RunContext, source, kind: str, split: str) -> list[dict]:
+    """The validated rows of a source from ``data_sources``; skipped rows are counted in
+    the run summary (``data.skip_invalid``), any other bad row is a DataError naming it."""
+    from jaxpt.data import LoadedExamples, load_examples
+
+    if source is None:
+        return []
+    if not isinstance(source, LoadedExamples):
+        source = load_examples(source, kind, split, ctx.config.data.skip_invalid)
+    if source.num_skipped:
+        ctx.summary.setdefault("data_skip_reasons", []).extend(source.skip_reasons)
+        data = ctx.summary.setdefault("data", {})
+        data[f"{split}_skipped_invalid"] = data.get(f"{split}_skipped_invalid", 0) + (
+            source.num_skipped
+        )
+    return source.rows
+
+
+def local_batch_size(ctx: RunContext) -> int:
+    """This process's share of ``train.batch_size``."""
+    batch_size, processes = ctx.config.train.batch_size, jax.process_count()
+    if batch_size % processes:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({batch_size}) must divide over {processes} processes"
+        )
+    return batch_size // processes
+
+
+def pipeline_options(ctx: RunContext, *, train: bool) -> dict:
+    """Options every data pipeline takes from the run's config: shuffled and repeated for
+    training, one ordered pass for evaluation."""
+    d = ctx.config.data
+    options = {
+        "seq_len": d.seq_len, "batch_size": local_batch_size(ctx), "overflow": d.truncation,
+        "skip_invalid": d.skip_invalid,
+    }
+    if train:
+        options.update(seed=ctx.config.seed, split=d.train_split, shuffle=d.shuffle,
+                       num_workers=d.num_workers)
+    else:
+        options.update(seed=0, split=d.eval_split, shuffle=False, num_epochs=1)
+    return options
+
+
+class PipelineSource:
+    """A BatchSource over a Grain pipeline (SFT, RM, DPO): ignores the train state."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def next(self, state):
+        return next(self.pipeline), {}
+
+    def get_state(self) -> dict:
+        return self.pipeline.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.pipeline.set_state(state)
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+def train_pipeline_source(ctx: RunContext, kind: str, make_pipeline) -> PipelineSource:
+    """The train source over ``make_pipeline(ctx, source, train=True)`` of the run's ``kind``
+    train data; its data counts go to the run summary."""
+    train, _ = data_sources(ctx, kind)
+    pipeline = make_pipeline(ctx, train, train=True)
+    ctx.summary["data"] = {**ctx.summary.get("data", {}), **pipeline.stats.as_dict()}
+    ctx.summary.setdefault("data_skip_reasons", []).extend(pipeline.skip_reasons)
+    return PipelineSource(pipeline)
+
+
+def eval_pipeline_batches(ctx: RunContext, kind: str, make_pipeline) -> list[dict] | None:
+    """Up to ``train.eval_batches`` fixed host batches of the run's ``kind`` eval data, or
+    None without eval data."""
+    from jaxpt.data import eval_batches
+
+    _, source = data_sources(ctx, kind)
+    if source is None or ctx.config.train.eval_batches < 1:
+        return None
+    pipeline = make_pipeline(ctx, source, train=False)
+    ctx.summary["eval_data"] = pipeline.stats.as_dict()
+    return eval_batches(pipeline, ctx.config.train.eval_batches)
+
+
+def batch_loss_evaluator(ctx: RunContext, loss_fn, batches: list[dict] | None):
+    """An evaluator of ``loss_fn``'s sums over fixed eval batches, or None without any."""
+    from jaxpt.step import loss_evaluator
+
+    if batches is None:
+        return None
+    return loss_evaluator(ctx.mesh, ctx.state_shardings, loss_fn, batches)
+
+
+# -------------------------------------------------------------------------------- export
+
+
+def export_with_tokenizer(ctx: RunContext, state, out_dir: str, save_fn) -> None:
+    """``save_fn(model, out_dir, dtype=...)`` (an HF checkpoint) plus the tokenizer files."""
+    save_fn(state.model(), out_dir, dtype=ctx.config.export.dtype)
+    if ctx.is_main_process:
+        resolve_tokenizer(ctx).save_pretrained(out_dir)
+
+
+def export_causal_lm(ctx: RunContext, state, out_dir: str) -> None:
+    """An HF causal-LM checkpoint (safetensors + config) plus the tokenizer files."""
+    from jaxpt.models import save_pretrained
+
+    export_with_tokenizer(ctx, state, out_dir, save_pretrained)

@@ -1,0 +1,295 @@
+"""On-policy rollouts for the RL tasks (GRPO, PPO): prompts -> samples -> rewards -> batch.
+
+``RolloutSource`` is the BatchSource of every RL task. Each rollout draws the next prompts
+(seeded order, epoch by epoch), samples ``samples_per_prompt`` completions of each with
+``jaxpt.sampling`` on the training mesh with the current weights (no copy, no server),
+scores them with the reward functions, and hands the ``Rollout`` to the task's
+``make_batch`` hook, which turns it into train rows (advantages, masks) and metrics. The
+batch is reused for ``reuse`` optimizer steps (GRPO's ``num_iterations``); its state goes
+into every checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpt.tasks import common
+from jaxpt.tasks.base import RunContext
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One rollout on the host, one row per completion (prompt-major, ``samples_per_prompt``
+    consecutive rows per prompt)."""
+
+    prompt_ids: np.ndarray  # [B, Lp] left-padded prompt ids
+    prompt_mask: np.ndarray  # [B, Lp] 1 on real prompt tokens
+    tokens: np.ndarray  # [B, Lc] sampled ids (padding after each completion's length)
+    lengths: np.ndarray  # [B] completion lengths (eos included)
+    logprobs: np.ndarray  # [B, Lc] sampler log-probs of the tokens
+    truncated: np.ndarray  # [B] no eos within the budget
+    texts: list[str]  # decoded completions
+    rows: list[dict]  # the dataset row of each completion
+    rewards: Any  # jaxpt.rewards.RewardResult: total [B], per-function scores
+    num_prompts: int
+
+
+def train_batch(rollout: Rollout, advantages_b: np.ndarray, keep_b: np.ndarray) -> dict:
+    """Prompt + completion rows with next-token targets aligned to the loss.
+
+    Position ``t`` predicts ``input_ids[t + 1]``; ``completion_mask[t]`` is 1 when that
+    target is a generated token of a kept row, and ``old_logprobs[t]`` is its sampler
+    log-prob.
+    """
+    prompt_ids, prompt_mask = rollout.prompt_ids, rollout.prompt_mask
+    lp, lc = prompt_ids.shape[1], rollout.tokens.shape[1]
+    completion_valid = np.arange(lc)[None, :] < rollout.lengths[:, None]
+    input_ids = np.concatenate([prompt_ids, rollout.tokens.astype(np.int32)], axis=1)
+    segment_ids = np.concatenate([prompt_mask, completion_valid.astype(np.int32)], axis=1)
+    positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
+    target_ids = np.zeros_like(input_ids)
+    target_ids[:, :-1] = input_ids[:, 1:]
+    completion_mask = np.zeros(input_ids.shape, np.float32)
+    completion_mask[:, lp - 1 : lp - 1 + lc] = completion_valid * keep_b[:, None]
+    old_logprobs = np.zeros(input_ids.shape, np.float32)
+    old_logprobs[:, lp - 1 : lp - 1 + lc] = np.where(completion_valid, rollout.logprobs, 0.0)
+    return {
+        "input_ids": input_ids,
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "target_ids": target_ids,
+        "completion_mask": completion_mask,
+        "old_logprobs": old_logprobs,
+        "advantages": advantages_b.astype(np.float32),
+    }
+
+
+def prompt_rows(ctx: RunContext, split: str) -> list[dict]:
+    """The run's RL prompts (rows with ``prompt`` and any reward columns) for ``split``
+    (``train`` or ``eval``)."""
+    train, evaluation = common.data_sources(ctx, "prompt")
+    d = ctx.config.data
+    source, data_split = (train, d.train_split) if split == "train" else (evaluation, d.eval_split)
+    rows = common.load_rows(ctx, source, "prompt", data_split)
+    return [{k: v for k, v in r.items() if k not in ("messages", "id")} for r in rows]
+
+
+# A rollout's hook: (rollout) -> (train batch, metrics, per-row advantage for the log).
+MakeBatch = Callable[[Rollout], tuple[dict, dict, np.ndarray]]
+
+
+class RolloutSource:
+    """A BatchSource that samples, scores and packs on-policy rollouts.
+
+    Every process draws the same global prompt batch, the sampler runs on the global mesh,
+    and each process returns its own rows of the result.
+    """
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        rows: list[dict],
+        *,
+        make_batch: MakeBatch,
+        samples_per_prompt: int,
+        max_prompt_length: int,
+        max_completion_length: int,
+        temperature: float,
+        top_p: float,
+        top_k: int | None,
+        rewards: Sequence[Any],
+        reuse: int = 1,
+        log_completions: int = 2,
+    ):
+        from jaxpt.rewards import RewardRunner, build_reward_fns
+        from jaxpt.sampling import SamplingConfig
+
+        if not rows:
+            raise ValueError("RL needs at least one training prompt")
+        self.ctx, self.rows, self.make_batch = ctx, rows, make_batch
+        self.samples_per_prompt, self.reuse = samples_per_prompt, reuse
+        self.max_prompt_length, self.log_completions = max_prompt_length, log_completions
+        self.tokenizer = common.resolve_tokenizer(ctx)
+        self.runner = RewardRunner(build_reward_fns(list(rewards)))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+        self.sampling = SamplingConfig.make(
+            max_new_tokens=max_completion_length, temperature=temperature, top_p=top_p,
+            top_k=top_k, eos_token_id=self.tokenizer.eos_token_id,
+            num_samples=samples_per_prompt, pad_token_id=self.pad_id,
+        )
+        self.prompts_per_step = ctx.config.train.batch_size // samples_per_prompt
+        self.epoch, self.cursor = 0, 0
+        self.pending: dict | None = None  # the rollout batch being reused
+        self.iteration = 0
+        self.truncated_prompts = 0
+        self._last_return = None
+        self._encoded: dict[int, list[int]] = {}
+        self.completions_path = os.path.join(ctx.output_dir, "completions.jsonl")
+
+    # -- checkpointing
+    def get_state(self) -> dict:
+        state = {"epoch": self.epoch, "cursor": self.cursor, "iteration": self.iteration}
+        if self.pending is not None and self.iteration < self.reuse:
+            state["pending"] = _encode_npz(self.pending)
+        return state
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.iteration = int(state.get("iteration", 0))
+        self.pending = _decode_npz(state["pending"]) if "pending" in state else None
+
+    def close(self) -> None:
+        pass
+
+    # -- batches
+    def next(self, state):
+        if self.pending is not None and self.iteration < self.reuse:
+            self.iteration += 1
+            return self._local_rows(self.pending), {}
+        timings = {}
+        if self._last_return is not None:  # the previous update ran while we were away
+            jax.block_until_ready(state.params)
+            timings["time/update_s"] = time.perf_counter() - self._last_return
+        rollout, rollout_metrics = self.sample(state, self._next_prompt_indices())
+        batch, metrics, advantages_b = self.make_batch(rollout)
+        self.pending, self.iteration = batch, 1
+        self._log_samples(int(jax.device_get(state.step)) + 1, rollout, advantages_b)
+        self._last_return = time.perf_counter()
+        return self._local_rows(batch), {**rollout_metrics, **metrics, **timings}
+
+    def _next_prompt_indices(self) -> list[int]:
+        picked = []
+        while len(picked) < self.prompts_per_step:
+            order = np.random.default_rng((self.ctx.config.seed, self.epoch)).permutation(
+                len(self.rows)
+            )
+            take = min(self.prompts_per_step - len(picked), len(order) - self.cursor)
+            picked.extend(int(i) for i in order[self.cursor : self.cursor + take])
+            self.cursor += take
+            if self.cursor == len(order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return picked
+
+    def _prompt_ids(self, index: int) -> list[int]:
+        if index not in self._encoded:
+            from jaxpt.data import encode_prompt
+
+            ids = encode_prompt(self.tokenizer, self.rows[index]["prompt"])
+            if len(ids) > self.max_prompt_length:  # keep the end: the question is last
+                ids = ids[-self.max_prompt_length :]
+                self.truncated_prompts += 1
+            self._encoded[index] = ids
+        return self._encoded[index]
+
+    def _local_rows(self, batch: dict) -> dict:
+        processes = jax.process_count()
+        if processes == 1:
+            return batch
+        rows = len(next(iter(batch.values()))) // processes
+        start = jax.process_index() * rows
+        return {k: v[start : start + rows] for k, v in batch.items()}
+
+    def sample(self, state, indices: list[int]) -> tuple[Rollout, dict]:
+        """Sample and score completions of the prompts ``indices`` with ``state``'s params."""
+        from jaxpt.sampling import sample_arrays
+        from jaxpt.sampling.api import left_pad
+
+        g = self.samples_per_prompt
+        prompts = [self._prompt_ids(i) for i in indices]
+        prompt_ids, prompt_mask = left_pad(
+            prompts, len(prompts), self.max_prompt_length, self.pad_id
+        )
+        start = time.perf_counter()
+        key = jax.random.fold_in(
+            jax.random.wrap_key_data(jax.device_get(state.rng)), int(jax.device_get(state.step))
+        )
+        out = sample_arrays(
+            state.graphdef, (state.params, state.rest), jnp.asarray(prompt_ids),
+            jnp.asarray(prompt_mask), key, self.sampling,
+        )
+        out = jax.tree.map(_to_host, out)
+        generate_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        texts = [
+            self.tokenizer.decode(out.tokens_bn[r, : out.lengths_b[r]].tolist(),
+                                  skip_special_tokens=True)
+            for r in range(len(out.tokens_bn))
+        ]
+        rows = [self.rows[i] for i in indices for _ in range(g)]
+        columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
+        rewards = self.runner([row["prompt"] for row in rows], texts, **columns)
+        reward_s = time.perf_counter() - start
+
+        rollout = Rollout(
+            prompt_ids=np.repeat(prompt_ids, g, axis=0),
+            prompt_mask=np.repeat(prompt_mask, g, axis=0),
+            tokens=out.tokens_bn, lengths=out.lengths_b, logprobs=out.logprobs_bn,
+            truncated=out.truncated_b.astype(bool), texts=texts, rows=rows, rewards=rewards,
+            num_prompts=len(indices),
+        )
+        metrics = {
+            "reward": float(rewards.total.mean()),
+            "reward_std": float(rewards.total.std()),
+            **rewards.metrics(),
+            "completion_length/mean": float(out.lengths_b.mean()),
+            "completion_length/max": float(out.lengths_b.max()),
+            "completion_length/truncated_frac": float(out.truncated_b.mean()),
+            "prompts_truncated": float(self.truncated_prompts),
+            "time/generate_s": generate_s,
+            "time/reward_s": reward_s,
+        }
+        for name in ("math", "accuracy"):
+            if name in rewards.scores:
+                metrics["accuracy"] = float(np.nan_to_num(rewards.scores[name]).mean())
+                break
+        return rollout, metrics
+
+    def _log_samples(self, step: int, rollout: Rollout, advantages_b: np.ndarray) -> None:
+        count = min(self.log_completions, len(rollout.rows))
+        if not count or not self.ctx.is_main_process:
+            return
+        samples = [
+            {"step": step, "prompt": rollout.rows[r]["prompt"], "completion": rollout.texts[r],
+             "rewards": {k: _finite(v[r]) for k, v in rollout.rewards.scores.items()},
+             "advantage": float(advantages_b[r])}
+            for r in range(count)
+        ]
+        os.makedirs(os.path.dirname(self.completions_path), exist_ok=True)
+        with open(self.completions_path, "a") as f:
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+
+
+def _encode_npz(arrays: dict) -> str:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _decode_npz(text: str) -> dict:
+    with np.load(io.BytesIO(base64.b64decode(text))) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _to_host(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def _finite(value) -> float | None:
+    return None if np.isnan(value) else float(value)

@@ -1,0 +1,190 @@
+"""The command-line entry points: eval, generate, train, quickstart and the benchmarks.
+
+Most run ``main(argv)`` in this process (compiled programs are shared); the ``python -m``
+shims are checked once each, and ``jaxpt.train`` and ``jaxpt.quickstart`` in real
+subprocesses.
+"""
+
+import io
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+from jaxpt.cli import bench
+from jaxpt.cli import eval as eval_cli
+from jaxpt.cli import generate as generate_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+# -- eval --------------------------------------------------------------------------------------
+
+
+def test_eval_arithmetic_prints_accuracy_json(tiny_dir, capsys):
+    argv = ["--model", tiny_dir, "--task", "arithmetic", "-n", "4", "--max-new-tokens", "4"]
+    assert eval_cli.main(argv) == 0
+    result = last_json(capsys.readouterr().out)
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["n"] == 4 and result["task"] == "arithmetic"
+
+
+def test_eval_data_file(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"What is {a}+{a}?", "answer": str(2 * a)} for a in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert eval_cli.main(["--model", tiny_dir, "--data", str(path), "--max-new-tokens", "4"]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["n"] == 3 and result["task"] == str(path)
+
+
+def test_eval_data_without_answer_names_file_and_row(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "no_answer.jsonl"
+    rows = [{"prompt": "What is 1+1?", "answer": "2"}, {"prompt": "What is 2+2?"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert eval_cli.main(["--model", tiny_dir, "--data", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert f"{path}: row 1 has no 'answer'" in captured.err
+    assert captured.out == ""
+
+
+# -- generate ----------------------------------------------------------------------------------
+
+
+def _greedy_reply(model_dir: str, messages: list[dict], max_new_tokens: int) -> str:
+    """The reply the library's batch ``generate`` gives, decoded as the CLI prints it."""
+    from jaxpt.data import encode_prompt, eos_token_ids, tokenizer_for_model
+    from jaxpt.models import load_model
+    from jaxpt.sampling import generate
+
+    tokenizer = tokenizer_for_model(model_dir)
+    out = generate(
+        load_model(model_dir),
+        [encode_prompt(tokenizer, messages)],
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_ids(tokenizer, model_dir),
+    )
+    return tokenizer.decode(out.tokens[0], skip_special_tokens=True)
+
+
+def test_generate_prints_the_greedy_completion(tiny_dir, capsys):
+    argv = ["--model", tiny_dir, "--prompt", "What is 12+30?", "--max-new-tokens", "6"]
+    assert generate_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    expected = _greedy_reply(tiny_dir, [{"role": "user", "content": "What is 12+30?"}], 6)
+    assert expected  # the tiny random model says something
+    assert printed == expected + "\n"
+
+
+def test_generate_chat_reads_turns_from_stdin(tiny_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nWhat is 2+2?\n"))
+    assert generate_cli.main(["--model", tiny_dir, "--chat", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("> ") == 3  # two turns, then end of input
+    first_reply = out.split("> ")[1].removesuffix("\n")
+    assert first_reply == _greedy_reply(tiny_dir, [{"role": "user", "content": "Hi"}], 4)
+
+
+# -- train -------------------------------------------------------------------------------------
+
+
+def _python_m(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        check=False,
+    )
+
+
+def test_python_m_train_help_and_bad_key():
+    helped = _python_m("jaxpt.train", "--help")
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    tasks = helped.stdout.split("tasks (config key 'task'):")[1]
+    for task in ("sft", "rm", "dpo", "grpo"):
+        assert f"  {task} " in tasks
+    bad = _python_m("jaxpt.train", "--config", SFT_TINY, "train.max_stepz=3")
+    assert bad.returncode == 2
+    assert "'train.max_stepz'" in bad.stderr and "train.max_steps" in bad.stderr
+
+
+# runpy warns when the shim was imported before (test_config imports jaxpt.train).
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize(
+    "module", ["jaxpt.train", "jaxpt.generate", "jaxpt.eval", "jaxpt.quickstart", "jaxpt.bench"]
+)
+def test_python_m_shims_run_the_cli(module, monkeypatch, capsys):
+    """``python -m <module> --help`` through the shim's ``__main__`` block, in-process."""
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 0
+    assert f"usage: python -m {module}" in capsys.readouterr().out
+
+
+# -- quickstart --------------------------------------------------------------------------------
+
+# Every stage: tiny batches, a handful of problems, no checkpoints or TensorBoard.
+QUICK = [
+    "--max-steps", "2", "train.batch_size=8", "train.eval_batches=1", "data.seq_len=64",
+    "data.arithmetic.num_train=64", "data.arithmetic.num_test=8", "grpo.eval_prompts=8",
+    "grpo.num_generations=2", "grpo.max_completion_length=8", "checkpoint.every=0",
+    "logging.tensorboard=false", "logging.progress=false",
+]
+
+
+@pytest.mark.slow
+def test_python_m_quickstart_smoke(tmp_path):
+    """A real ``python -m jaxpt.quickstart`` (one CPU device: twice as fast as the 8 emulated
+    ones of this process)."""
+    done = _python_m("jaxpt.quickstart", "--output-dir", str(tmp_path / "qs"), *QUICK)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = last_json(done.stdout)
+    assert set(result) == {"sft_accuracy", "grpo_accuracy", "n", "sft_model", "grpo_model"}
+    assert 0.0 <= result["sft_accuracy"] <= 1.0 and 0.0 <= result["grpo_accuracy"] <= 1.0
+    assert result["n"] == 8
+    for key in ("sft_model", "grpo_model"):
+        assert os.path.isfile(os.path.join(result[key], "config.json")), key
+
+
+# -- benchmarks --------------------------------------------------------------------------------
+
+BENCHES = {
+    "sft": (
+        ["--batch-size", "8", "--seq-len", "32", "--steps", "1", "--warmup", "1"],
+        {"tokens_per_s", "step_time_s", "mfu", "compile_s", "peak_rss_mb"},
+    ),
+    "generate": (
+        ["--batch-size", "2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1"],
+        {"tokens_per_s", "run_s", "compile_s", "recompiles", "peak_rss_mb"},
+    ),
+    "grpo": (
+        ["--prompts", "4", "--generations", "2", "--prompt-len", "48", "--new-tokens", "8",
+         "--steps", "2", "--warmup", "1"],
+        {"step_time_s", "generate_s", "reward_s", "update_s", "peak_rss_mb"},
+    ),
+    "rm": (
+        ["--batch-size", "8", "--seq-len", "16", "--repeats", "1"],
+        {"pairs_per_s", "train_pairs_per_s", "compile_s", "peak_rss_mb"},
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_bench_prints_one_json_line(name, tiny_dir, capsys):
+    argv, keys = BENCHES[name]
+    assert bench.main([name, "--model", tiny_dir, *argv]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["benchmark"] == name and result["model"] == tiny_dir
+    assert keys <= set(result), keys - set(result)
