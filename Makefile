@@ -3,6 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# pytest-xdist workers for `make test` (e.g. `make test WORKERS=1`; 0 runs in-process).
+WORKERS ?= 2
 
 .PHONY: install install-test quickstart test lint bench clean
 
@@ -25,7 +27,7 @@ quickstart: $(STAMP)
 	$(PY) -m jaxpt.quickstart
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest tests -n 2 --dist loadfile
+	$(PY) -m pytest tests -n $(WORKERS) --dist loadfile
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check jaxpt tests

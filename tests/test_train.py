@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 from tiny import TINY
-from tolerances import assert_params_close_after_adam
+from tolerances import assert_close_to_leaf_scale, assert_params_close_after_adam
 
 from jaxpt.config import load_config
 from jaxpt.data import DataError
@@ -133,8 +133,9 @@ def test_packed_and_unpacked_give_same_loss_and_grads(tiny_model):
     loss_p, grads_p = loss_and_grads(tiny_model, packed)
     loss_u, grads_u = loss_and_grads(tiny_model, unpacked)
     np.testing.assert_allclose(loss_p, loss_u, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_u)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # Other batch shapes round differently: ~3e-7 of each leaf's scale here (a flat atol 1e-7
+    # was within 1.3x of the embedding's noise); a leak across documents moves them far more.
+    assert_close_to_leaf_scale(grads_p, grads_u, rtol=1e-5)
 
 
 def test_grad_accumulation_equals_full_batch(tiny_model):
@@ -143,8 +144,7 @@ def test_grad_accumulation_equals_full_batch(tiny_model):
     for k in (2, 4):
         loss_k, grads_k = loss_and_grads(tiny_model, batch, k=k)
         np.testing.assert_allclose(loss_k, loss_1, rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads_1)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert_close_to_leaf_scale(grads_k, grads_1, rtol=1e-5)  # as in the packed test
 
 
 def _two_steps(mesh, batches, k=1):

@@ -30,3 +30,17 @@ def assert_params_close_after_adam(a, b, *, lr: float, steps: int, atol: float =
     assert far <= max_fraction * diff.size, (
         f"{far} of {diff.size} coordinates differ by more than {atol} (max {diff.max():.3g})"
     )
+
+
+def assert_close_to_leaf_scale(actual, expected, rtol: float = 1e-5):
+    """Each leaf of ``actual`` is within ``rtol`` x the largest entry of that leaf of
+    ``expected``: the rounding of a sum (a gradient, a matmul) is relative to its largest
+    terms, so an entry much smaller than its leaf carries the leaf's absolute noise, not a
+    noise relative to itself. (A flat atol fails for large leaves, a flat rtol for small
+    entries: the tied embedding's gradient, ~0.4 at most, differs by ~1e-7 between packed
+    and unpacked batches.)"""
+    leaves_a, leaves_e = jax.tree.leaves(actual), jax.tree.leaves(expected)
+    assert len(leaves_a) == len(leaves_e)
+    for a, e in zip(leaves_a, leaves_e, strict=True):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        np.testing.assert_allclose(a, e, rtol=0, atol=rtol * float(np.abs(e).max()))

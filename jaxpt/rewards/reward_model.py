@@ -106,13 +106,13 @@ def load_reward_model(
 
     ``mesh`` defaults to one device; ``tokenizer`` (name or object) defaults to the dir's.
     """
-    from jaxpt.data import load_tokenizer
+    from jaxpt.data import tokenizer_for_model
     from jaxpt.models.classifier import classifier_from_pretrained
     from jaxpt.sharding import make_mesh
 
     mesh = mesh if mesh is not None else make_mesh({}, devices=jax.devices()[:1])
     if tokenizer is None or isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer or path)
+        tokenizer = tokenizer_for_model(path, tokenizer)
     model = classifier_from_pretrained(
         path, mesh=mesh, rules=rules, dtype=dtype, pad_token_id=tokenizer.pad_token_id
     )
