@@ -176,6 +176,29 @@ def test_trainer_and_its_files_are_out_of_sight(monkeypatch, tmp_path):
     home.mkdir()
     (home / "dataset.jsonl").write_text("assert f(1) == 'canary-answer'")
     monkeypatch.setenv("HOME", str(home))  # the trainer's home: hidden like the temp dirs
+    # A trainer's file at the top of the temp dir. (Other entries may be visible there: the
+    # interpreter's and the launcher's own paths are bound back when they live under it.)
+    with tempfile.NamedTemporaryFile("w", prefix="jaxpt-trainer-canary-") as trainer_file:
+        trainer_file.write("assert f(1) == 'canary-answer'")
+        trainer_file.flush()
+        result, seen = _look_around(home, trainer_file.name)
+    assert result.verdicts == (True,), result.stderr
+    assert seen["CANARY"] == "False"  # no test in any command line we can read
+    if "procfs" in result.isolation:  # only the run's own processes: session and runner
+        assert seen["PIDS"] == "2" and seen["TRAINER"] == "False"
+    hidden = {item.split("=", 1)[1] for item in result.isolation if item.startswith("hide=")}
+    if os.path.realpath(tempfile.gettempdir()) in hidden:
+        assert seen["TMP_FILE"] == "False"  # the trainer's temp file is out of sight
+        assert seen["OTHER_SCRATCH"] == "False"  # and so are other runs' scratch dirs
+        assert seen["HOME"] == "False"
+    if "pidns" in result.isolation and (IS_ROOT or "userns" in result.isolation):
+        # A mount namespace can always follow (a fresh /proc may be refused, e.g. in containers
+        # that mask parts of theirs).
+        assert "mntns" in result.isolation
+
+
+def _look_around(home, trainer_file: str):
+    """Run a program that reports what it can see of the trainer; (result, {what: seen})."""
     program = textwrap.dedent(
         f"""
         import os
@@ -191,26 +214,18 @@ def test_trainer_and_its_files_are_out_of_sight(monkeypatch, tmp_path):
         print("CANARY", any(b"canary" in line for line in cmdlines))
         print("TRAINER", any(b"pytest" in line for line in cmdlines))
         print("HOME", os.path.exists({str(home / "dataset.jsonl")!r}))
-        print("TMP", sorted(os.listdir({tempfile.gettempdir()!r})) == [os.path.basename(os.getcwd())])
+        print("TMP_FILE", os.path.exists({trainer_file!r}))
+        print("OTHER_SCRATCH", any(
+            name.startswith("jaxpt-sandbox-") and name != os.path.basename(os.getcwd())
+            for name in os.listdir({tempfile.gettempdir()!r})
+        ))
 
         def f(x):
             return "canary-answer"
         """
     )
     result = run_tests(program, [(True, "assert f(1) == 'canary-answer'")], timeout_s=10.0)
-    assert result.verdicts == (True,), result.stderr
-    seen = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    assert seen["CANARY"] == "False"  # no test in any command line we can read
-    if "procfs" in result.isolation:  # only the run's own processes: session and runner
-        assert seen["PIDS"] == "2" and seen["TRAINER"] == "False"
-    hidden = {item.split("=", 1)[1] for item in result.isolation if item.startswith("hide=")}
-    if os.path.realpath(tempfile.gettempdir()) in hidden:
-        assert seen["TMP"] == "True"  # the scratch dir alone: no other run's, no trainer file
-        assert seen["HOME"] == "False"
-    if "pidns" in result.isolation and (IS_ROOT or "userns" in result.isolation):
-        # A mount namespace can always follow (a fresh /proc may be refused, e.g. in containers
-        # that mask parts of theirs).
-        assert "mntns" in result.isolation
+    return result, dict(line.split(" ", 1) for line in result.stdout.splitlines())
 
 
 def test_no_inherited_fds_or_environment(monkeypatch, tmp_path):
