@@ -1,12 +1,11 @@
 """Shared by test_rm.py and test_dpo.py: a tiny checkpoint, fast overrides, and a few train
 steps of a task on a given mesh (the loop's own setup and jitted step, on that mesh)."""
 
-import json
 import os
 
 import jax
 import numpy as np
-from tiny import TINY, make_tiny_dir  # noqa: F401  (re-exported)
+from tiny import TINY, make_tiny_dir, train_rows  # noqa: F401  (re-exported)
 
 from jaxpt.config import load_config
 from jaxpt.loop import setup
@@ -50,6 +49,3 @@ def assert_close_trees(a, b, rtol=1e-4, atol=1e-6):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def train_rows(output_dir: str) -> list[dict]:
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]

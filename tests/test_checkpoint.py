@@ -1,6 +1,5 @@
 """Checkpoints: exact resume, restore onto another mesh, and SIGTERM (preemption)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import time
 import jax
 import numpy as np
 import optax
-from tiny import TINY
+from tiny import ROOT, SFT_TINY, TINY, sft_overrides, train_rows
 
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import load_config
@@ -19,24 +18,12 @@ from jaxpt.models import init_model
 from jaxpt.sharding import make_mesh
 from jaxpt.state import create_train_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
-
 
 def overrides(output_dir, model_path, **extra):
-    values = {
-        "output_dir": output_dir, "model.path": model_path, "data.seq_len": 64,
-        "train.batch_size": 8, "train.log_every": 1, "data.eval": "null",
-        "data.arithmetic.num_train": 64, "logging.progress": "false",
-        "logging.tensorboard": "false", "export.hf": "false", "checkpoint.every": 2,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def train_rows(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
+    return sft_overrides(output_dir, model_path, **{
+        "train.log_every": 1, "data.eval": "null", "export.hf": "false", "checkpoint.every": 2,
+        **extra,
+    })
 
 
 def _has_a_train_row(path) -> bool:

@@ -2,7 +2,6 @@
 resumes from the newest intact one; a checkpoint of another run's shapes is not damage."""
 
 import glob
-import json
 import logging
 import os
 
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tiny import TINY
+from tiny import SFT_TINY, TINY, sft_overrides, train_rows
 
 from jaxpt.checkpoint import Checkpointer, CheckpointError
 from jaxpt.config import load_config
@@ -19,8 +18,6 @@ from jaxpt.loop import setup, train
 from jaxpt.models import init_model
 from jaxpt.state import create_train_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
 LR = 3e-3
 
 
@@ -113,19 +110,11 @@ def test_another_runs_checkpoint_is_not_damage(tmp_path, state):
 
 
 def sft_config(output_dir, tiny_dir, max_steps):
-    values = {
-        "output_dir": output_dir, "model.path": tiny_dir, "data.seq_len": 64,
-        "train.batch_size": 8, "train.log_every": 1, "train.max_steps": max_steps,
-        "data.eval": "null", "data.arithmetic.num_train": 64, "logging.progress": "false",
-        "logging.tensorboard": "false", "export.hf": "false", "checkpoint.every": 2,
-        "checkpoint.keep": 3, "optim.lr": LR, "optim.warmup_steps": 0,
-    }
-    return load_config(SFT_TINY, [f"{k}={v}" for k, v in values.items()])
-
-
-def train_rows(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
+    return load_config(SFT_TINY, sft_overrides(output_dir, tiny_dir, **{
+        "train.log_every": 1, "train.max_steps": max_steps, "data.eval": "null",
+        "export.hf": "false", "checkpoint.every": 2, "checkpoint.keep": 3, "optim.lr": LR,
+        "optim.warmup_steps": 0,
+    }))
 
 
 def final_params(config, mesh, stop_after_step=None):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import TINY
+from tiny import TINY, train_rows
 
 from jaxpt.config import load_config
 from jaxpt.loop import run
@@ -57,9 +57,6 @@ def _train_batch(prompt_ids, prompt_mask, tokens, lengths, logprobs, advantages,
     return train_batch(rollout, advantages, keep)
 
 
-def rows(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
 
 
 def test_train_batch_aligns_targets_masks_and_sampler_logprobs():
@@ -118,7 +115,7 @@ def test_reward_rises_on_a_toy_task(tmp_path, tiny_dir, prompts_file):
     out = str(tmp_path / "toy")
     run(load_config(GRPO_ARITH, overrides(out, tiny_dir, prompts_file, **{
         "train.max_steps": 16, "optim.lr": 3e-2})))
-    rewards = [r["reward"] for r in rows(out)]
+    rewards = [r["reward"] for r in train_rows(out)]
     first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
     # One rounding difference in a sampled token and the run is another random draw, so the
     # bar must hold for any seed: over 16 seeds the rise was 0.30-0.84 (median 0.74; at lr
@@ -140,7 +137,7 @@ def test_resume_is_exact_with_a_rollout_reused_across_the_checkpoint(
     first = run(config, stop_after_step=3)  # mid-rollout: step 4 reuses step 3's samples
     assert first.preempted and first.step == 3
     run(config)
-    a, b = rows(full), rows(resumed)
+    a, b = train_rows(full), train_rows(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     for key in ("loss", "grad_norm", "kl", "denominator"):
         assert [r[key] for r in a] == [r[key] for r in b], key

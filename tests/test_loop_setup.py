@@ -8,24 +8,18 @@ import jax
 import numpy as np
 import pytest
 from preference_helpers import train_steps
+from tiny import SFT_TINY, sft_overrides
 
 from jaxpt.config import ConfigError, load_config
 from jaxpt.loop import setup, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
-
 
 def sft_config(output_dir, tiny_dir, **extra):
-    values = {
-        "output_dir": output_dir, "model.path": tiny_dir, "data.seq_len": 64,
-        "train.batch_size": 8, "train.log_every": 1, "train.max_steps": 3,
-        "data.eval": "arithmetic", "train.eval_batches": 1, "data.arithmetic.num_train": 64,
-        "data.arithmetic.num_test": 8, "logging.progress": "false",
-        "logging.tensorboard": "false", "export.hf": "false", "checkpoint.every": 0,
-    }
-    values.update(extra)
-    return load_config(SFT_TINY, [f"{k}={v}" for k, v in values.items()])
+    return load_config(SFT_TINY, sft_overrides(output_dir, tiny_dir, **{
+        "train.log_every": 1, "train.max_steps": 3, "data.eval": "arithmetic",
+        "train.eval_batches": 1, "data.arithmetic.num_test": 8, "export.hf": "false",
+        "checkpoint.every": 0, **extra,
+    }))
 
 
 def test_setup_checks_the_batch_against_the_mesh(tmp_path, mesh8):

@@ -3,7 +3,6 @@ state, and after train.max_nonfinite_steps in a row the run stops with NonFinite
 keeping the last finite checkpoint and exporting nothing."""
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tiny import TINY
+from tiny import SFT_TINY, TINY, sft_overrides, train_rows
 
 from jaxpt import loop
 from jaxpt.cli.train import main
@@ -21,9 +20,6 @@ from jaxpt.state import create_train_state, shardings_of
 from jaxpt.step import NonFiniteCounts, count_nonfinite, jit_train_step, make_train_step, put_batch
 from jaxpt.tasks import get_task
 from jaxpt.tasks.sft import sft_loss
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
 
 
 def poisoned(loss_fn, first_bad: int, last_bad: int = 10**9):
@@ -84,19 +80,10 @@ def test_max_nonfinite_steps_is_validated():
 
 
 def config_for(output_dir, tiny_dir, **extra):
-    values = {
-        "output_dir": output_dir, "model.path": tiny_dir, "data.seq_len": 64,
-        "train.batch_size": 8, "data.eval": "null", "data.arithmetic.num_train": 64,
-        "logging.progress": "false", "logging.tensorboard": "false", "checkpoint.every": 2,
-        "checkpoint.keep": 5, "train.max_nonfinite_steps": 3,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def metric_rows(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
+    return sft_overrides(output_dir, tiny_dir, **{
+        "data.eval": "null", "checkpoint.every": 2, "checkpoint.keep": 5,
+        "train.max_nonfinite_steps": 3, **extra,
+    })
 
 
 @pytest.mark.slow
@@ -121,7 +108,7 @@ def test_run_stops_after_max_nonfinite_steps_and_resumes_from_the_last_finite(
         loop.run(config)
     assert os.listdir(os.path.join(out, "checkpoints")) == ["2"]
     assert not os.path.exists(os.path.join(out, "hf"))
-    rows = {r["step"]: r for r in metric_rows(out)}
+    rows = {r["step"]: r for r in train_rows(out)}
     assert sorted(rows) == [4, 5]
     assert (rows[4]["nonfinite"], rows[4]["nonfinite_steps"]) == (1.0, 2.0)
     assert rows[5]["nonfinite_consecutive"] == 3.0 and rows[5]["loss"] == "nan"
@@ -136,7 +123,7 @@ def test_run_stops_after_max_nonfinite_steps_and_resumes_from_the_last_finite(
         params = jax.device_get(run.state.params)
     assert result.step == 4 and result.hf_dir and os.path.isdir(result.hf_dir)
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
-    rows = metric_rows(out)
+    rows = train_rows(out)
     assert [r["step"] for r in rows] == [3, 4]
     assert all(r["nonfinite"] == 0.0 and r["nonfinite_steps"] == 0.0 for r in rows)
 
@@ -151,7 +138,7 @@ def test_cli_exits_nonzero_when_a_real_run_diverges(tmp_path, tiny_dir, capsys):
     error = capsys.readouterr().err
     assert "train.max_nonfinite_steps" in error and "non-finite" in error
     assert not os.path.exists(os.path.join(out, "hf"))
-    rows = metric_rows(out)
+    rows = train_rows(out)
     stopped = rows[-1]["step"]
     assert stopped < 40 and rows[-1]["nonfinite_consecutive"] == 3.0
     # No checkpoint holds a step of the final streak (stopped - 2 .. stopped).

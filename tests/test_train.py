@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tiny import TINY
+from tiny import TINY, sft_overrides
 from tolerances import assert_close_to_leaf_scale, assert_params_close_after_adam
 
 from jaxpt.config import load_config
@@ -27,14 +27,9 @@ SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
 
 
 def fast_overrides(output_dir, model_path, **extra):
-    values = {
-        "output_dir": output_dir, "model.path": model_path, "data.seq_len": 64,
-        "train.batch_size": 8, "train.log_every": 1, "train.eval_batches": 1,
-        "data.arithmetic.num_train": 64, "data.arithmetic.num_test": 8,
-        "logging.progress": "false", "logging.tensorboard": "false",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return sft_overrides(output_dir, model_path, **{
+        "train.log_every": 1, "train.eval_batches": 1, "data.arithmetic.num_test": 8, **extra,
+    })
 
 
 def read_metrics(output_dir):

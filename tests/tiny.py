@@ -1,4 +1,8 @@
-"""The tiny model the trainer tests share: fast to compile, real architecture."""
+"""What the trainer tests share: the tiny model (fast to compile, real architecture), the
+overrides of a seconds-long SFT run, and the metrics rows a run writes."""
+
+import json
+import os
 
 from jaxpt.data import load_tokenizer
 from jaxpt.models import init_model, save_pretrained
@@ -9,6 +13,28 @@ TINY = {
     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
     "max_position_embeddings": 256, "tie_word_embeddings": True,
 }
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
+
+
+def sft_overrides(output_dir, model_path, **extra) -> list[str]:
+    """``key=value`` overrides of ``configs/sft_tiny.yaml`` for a run of a few seconds on
+    ``model_path``; ``extra`` adds or replaces keys."""
+    values = {
+        "output_dir": output_dir, "model.path": model_path, "data.seq_len": 64,
+        "train.batch_size": 8, "data.arithmetic.num_train": 64,
+        "logging.progress": "false", "logging.tensorboard": "false",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def train_rows(output_dir: str) -> list[dict]:
+    """The train-step rows (those with a ``loss``) of a run's ``metrics.jsonl``."""
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
 
 
 def make_tiny_dir(path: str) -> str:

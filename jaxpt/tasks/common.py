@@ -82,9 +82,11 @@ def build_causal_lm(ctx: RunContext):
     return model
 
 
-def reference_params(ctx: RunContext, policy, ref_model: str | None, key: str) -> nnx.State:
-    """Frozen reference params for ``policy``: loaded from ``ref_model`` (config key ``key``)
-    when set, else a copy of the policy's initial params. Sharded like the policy, in their
+def reference_params(
+    ctx: RunContext, policy, ref_model: str | None = None, key: str = "ref_model"
+) -> nnx.State:
+    """Frozen reference params for ``policy``: loaded from ``ref_model`` (config key ``key``,
+    named in errors) when set, else a copy of the policy's initial params. Sharded like the policy, in their
     own buffers (the train state's are donated every step)."""
     from jaxpt.models import load_model
     from jaxpt.state import copy_params

@@ -177,7 +177,7 @@ def build(ctx: RunContext) -> BuiltModel:
     model = common.build_causal_lm(ctx)
     if not ctx.task_config.beta:
         return BuiltModel(model)
-    return BuiltModel(model, ref_params=common.reference_params(ctx, model, None, "grpo.beta"))
+    return BuiltModel(model, ref_params=common.reference_params(ctx, model))
 
 
 def make_batch(rollout: Rollout, cfg: GrpoConfig):
