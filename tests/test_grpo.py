@@ -141,3 +141,25 @@ def test_resume_is_exact_with_a_rollout_reused_across_the_checkpoint(
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     for key in ("loss", "grad_norm", "kl", "denominator"):
         assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def test_missing_eos_penalty_lowers_only_truncated_completions():
+    from types import SimpleNamespace
+
+    from jaxpt.tasks.grpo import make_batch
+
+    rewards = np.array([1.0, 1.0, 0.0, 1.0], np.float32)
+    truncated = np.array([False, True, False, True])
+    rollout = Rollout(
+        prompt_ids=np.ones((4, 3), np.int32), prompt_mask=np.ones((4, 3), np.int32),
+        tokens=np.ones((4, 4), np.int32), lengths=np.array([2, 4, 3, 4]),
+        logprobs=np.zeros((4, 4), np.float32), truncated=truncated, texts=[], rows=[],
+        rewards=SimpleNamespace(total=rewards), num_prompts=1,
+    )
+    cfg = GrpoConfig(num_generations=4, max_completion_length=4, scale_rewards=False,
+                     missing_eos_penalty=0.5)
+    _, _, advantages = make_batch(rollout, cfg)
+    penalized = rewards - 0.5 * truncated
+    np.testing.assert_allclose(advantages, penalized - penalized.mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="expected grpo.max_completion_length=8"):
+        make_batch(rollout, GrpoConfig(num_generations=4, max_completion_length=8))

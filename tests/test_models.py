@@ -461,3 +461,15 @@ def test_remat_gives_the_same_gradient(llama, no_remat_grads, policy):
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
         np.testing.assert_allclose(r, g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_give_the_same_loss_and_gradient(llama, no_remat_grads, remat):
+    """Deep models scan over their layers (one compiled body); the math must not change."""
+    loss, grads, jaxpr = no_remat_grads
+    model = jm.from_pretrained(llama.path, remat=remat, scan_layers=True)
+    scan_loss, scan_grads, scan_jaxpr = _loss_and_grad(model, jnp.asarray(random_ids(seed=10)))
+    assert "scan" not in jaxpr and "scan" in scan_jaxpr
+    np.testing.assert_allclose(scan_loss, loss, rtol=1e-6)
+    for g, s in zip(jax.tree.leaves(grads), jax.tree.leaves(scan_grads)):
+        np.testing.assert_allclose(s, g, atol=1e-6, rtol=1e-5)

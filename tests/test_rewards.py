@@ -17,6 +17,8 @@ from jaxpt.rewards import (
     extract_answer,
     extract_code,
     format_reward,
+    last_number,
+    last_number_reward,
     math_reward,
     normalize_number,
     resolve_reward_fn,
@@ -297,3 +299,34 @@ def test_runner_with_builtins_from_config():
     np.testing.assert_allclose(batch.total, [1.5, 0.0])
     with pytest.raises(ValueError, match="unique"):
         RewardRunner([("a", _raises, 1.0), ("a", _raises, 1.0)])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("12 + 7 = 19", "19"),
+        ("8 - 16 is -8.", "-8"),
+        ("It is \u22124", "\u22124"),
+        ("The answer is 7.\n\nThis is a classic", "7"),
+        ("1.5", "1.5"),
+        ("3 / 4", "3/4"),
+        ("x2 and the 2nd", None),  # digits glued to letters are not numbers
+        ("", None),
+        ("no digits", None),
+    ],
+)
+def test_last_number(text, expected):
+    assert last_number(text) == expected
+
+
+def test_last_number_reward_reads_the_last_number_exactly():
+    completions = ["12 + 7 = 19", "12 + 7 = 9", "19 is wrong, it is 20", "-3", "3",
+                   [{"role": "assistant", "content": "6 - 9 = -3."}], "19.0"]
+    gold = ["19", "19", "19", "-3", "-3", "-3", "19"]
+    assert last_number_reward([""] * 7, completions, answer=gold) == [
+        1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0
+    ]
+    assert last_number_reward([""], ["5"], answer=[None]) == [None]
+    assert resolve_reward_fn("last_number") is last_number_reward
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        last_number_reward(["", ""], ["1", "2"], answer=["1"])

@@ -91,10 +91,13 @@ def stage_grpo(args, results: dict) -> list[str]:
     evals = [e for e in result.evals if "eval_accuracy" in e]
     before, after = evals[0], evals[-1]
     a = config.data.arithmetic
+    first, last = reward_windows(os.path.join(result.output_dir, "metrics.jsonl"))
     line = {
         "sft_accuracy": before["eval_accuracy"],
         "grpo_accuracy": after["eval_accuracy"],
         "n": int(after["eval_n"]),
+        "reward_first_20": first,
+        "reward_last_20": last,
         "sft_model": os.path.abspath(sft_model),
         "grpo_model": result.hf_dir,
     }
@@ -110,11 +113,24 @@ def stage_grpo(args, results: dict) -> list[str]:
             f"{line['grpo_accuracy']:.3f} (GRPO), greedy, {line['n']} problems disjoint from "
             "training"
         ),
+        f"  training reward   {first:.3f} (mean of the first 20 steps) -> {last:.3f} (last 20)",
         f"  same numbers via  {eval_cmd}",
         f"  completions       {os.path.join(result.output_dir, 'completions.jsonl')}",
         f"  HF export         {result.hf_dir}",
         json.dumps(line),
     ]
+
+
+def reward_windows(metrics_path: str, window: int = 20) -> tuple[float, float]:
+    """Mean training reward over the first and the last ``window`` logged steps."""
+    import json
+
+    with open(metrics_path) as f:
+        rewards = [row["reward"] for row in map(json.loads, f) if "reward" in row]
+    if not rewards:
+        return float("nan"), float("nan")
+    mean = lambda xs: round(sum(xs) / len(xs), 4)
+    return mean(rewards[:window]), mean(rewards[-window:])
 
 
 STAGES = [("sft", stage_sft), ("grpo", stage_grpo)]

@@ -34,7 +34,7 @@ ANSWER_PREFIX = "#### "
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """a <op> b, with a >= b for subtraction."""
+    """a <op> b (a >= b for subtraction unless the task allows negative answers)."""
 
     a: int
     b: int
@@ -42,7 +42,7 @@ class Problem:
 
     @property
     def question(self) -> str:
-        return f"What is {self.a}{self.op}{self.b}?"
+        return DEFAULT_QUESTION.format(a=self.a, op=self.op, b=self.b)
 
     @property
     def answer(self) -> str:
@@ -55,31 +55,108 @@ class Problem:
         return f"{a}{self.op}{b}"
 
 
+DEFAULT_QUESTION = "What is {a}{op}{b}?"
+STYLES = ("worked", "answer")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticTask:
+    """Which problems exist and how they are asked and answered.
+
+    Operands are drawn by digit count (``min_digits``..``max_digits``, uniform in the count),
+    or, when ``max_operand`` is set, uniformly from ``min_operand``..``max_operand`` (then the
+    problem space is small enough to enumerate). ``negative_answers`` keeps ``a - b`` with
+    ``a < b``; otherwise subtraction swaps its operands. ``question`` is a format string over
+    ``a``, ``op`` and ``b``; ``system``, when set, opens the prompt with a system turn (an
+    empty one keeps a chat template from inserting its default system prompt). ``style`` "worked" answers column by column ending in "#### x"
+    (see the module docstring); "answer" replies with the number alone.
+    """
+
+    min_digits: int = 1
+    max_digits: int = 3
+    min_operand: int = 0
+    max_operand: int | None = None
+    ops: tuple[str, ...] = ("+", "-")
+    negative_answers: bool = False
+    question: str = DEFAULT_QUESTION
+    system: str | None = None
+    style: str = "worked"
+    test_fraction: float = 0.1
+
+    def __post_init__(self):
+        ops = tuple(self.ops)
+        object.__setattr__(self, "ops", ops)
+        if not ops or not set(ops) <= {"+", "-"}:
+            raise ValueError(f"ops must be a non-empty subset of '+', '-', got {ops}")
+        if self.max_operand is None and not 1 <= self.min_digits <= self.max_digits:
+            raise ValueError(
+                f"need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}"
+            )
+        if self.max_operand is not None and not 0 <= self.min_operand <= self.max_operand:
+            raise ValueError(
+                f"need 0 <= min_operand <= max_operand, got {self.min_operand}, "
+                f"{self.max_operand}"
+            )
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        if self.style == "worked" and self.negative_answers:
+            raise ValueError("worked solutions need a >= b: use style 'answer' for negatives")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        try:
+            self.question.format(a=1, op="+", b=2)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"question {self.question!r} must be a format string over {{a}}, {{op}}, {{b}}: "
+                f"{error}"
+            ) from None
+
+    def ask(self, problem: Problem) -> list[dict]:
+        """The prompt: an optional system turn and the question as the user turn."""
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        question = self.question.format(a=problem.a, op=problem.op, b=problem.b)
+        return system + [{"role": "user", "content": question}]
+
+    def reply(self, problem: Problem) -> str:
+        return worked_solution(problem) if self.style == "worked" else problem.answer
+
+    def oriented(self, a: int, b: int, op: str) -> Problem:
+        if op == "-" and a < b and not self.negative_answers:
+            a, b = b, a
+        return Problem(a, b, op)
+
+    def enumerable(self) -> list[Problem] | None:
+        """Every problem of an operand-range task (in a fixed order), else None."""
+        if self.max_operand is None:
+            return None
+        values = range(self.min_operand, self.max_operand + 1)
+        problems = {self.oriented(a, b, op): None for a in values for b in values for op in self.ops}
+        return list(problems)
+
+
 def make_problem(
     rng: np.random.Generator,
     min_digits: int = 1,
     max_digits: int = 3,
     ops: Iterable[str] = ("+", "-"),
+    task: ArithmeticTask | None = None,
 ) -> Problem:
-    """Draw one problem; each operand's digit count is uniform in [min_digits, max_digits].
+    """Draw one problem; each operand's digit count is uniform in [min_digits, max_digits]
+    (or, with ``task``, as that task draws them).
 
     Raising `max_digits` is the difficulty knob: more columns and longer carry chains.
     """
-    ops = tuple(ops)
-    if not set(ops) <= {"+", "-"} or not ops:
-        raise ValueError(f"ops must be a non-empty subset of '+', '-', got {ops}")
-    if not 1 <= min_digits <= max_digits:
-        raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+    task = task or ArithmeticTask(min_digits=min_digits, max_digits=max_digits, ops=tuple(ops))
 
     def number() -> int:
-        digits = int(rng.integers(min_digits, max_digits + 1))
+        if task.max_operand is not None:
+            return int(rng.integers(task.min_operand, task.max_operand + 1))
+        digits = int(rng.integers(task.min_digits, task.max_digits + 1))
         low = 0 if digits == 1 else 10 ** (digits - 1)
         return int(rng.integers(low, 10**digits))
 
-    a, b, op = number(), number(), ops[int(rng.integers(len(ops)))]
-    if op == "-" and a < b:
-        a, b = b, a
-    return Problem(a, b, op)
+    a, b, op = number(), number(), task.ops[int(rng.integers(len(task.ops)))]
+    return task.oriented(a, b, op)
 
 
 def worked_solution(problem: Problem, mistake: tuple[str, int] | None = None) -> str:
@@ -119,30 +196,49 @@ def split_of(problem: Problem, test_fraction: float = 0.1) -> Split:
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
 
 
-def _problems(
-    n: int, seed: int, split: Split, test_fraction: float, **problem_kwargs
-) -> list[Problem]:
-    # Seed differs per split so train and test draws are independent; dedupe within a call.
+def _problems(n: int, seed: int, split: Split, task: ArithmeticTask) -> list[Problem]:
+    """``n`` distinct problems of ``split`` (n = -1: all of them, for enumerable tasks)."""
+    # Seed differs per split so train and test draws are independent.
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    every = task.enumerable()
+    if every is not None:
+        pool = [p for p in every if split_of(p, task.test_fraction) == split]
+        order = rng.permutation(len(pool))
+        if n > len(pool):
+            raise ValueError(
+                f"asked for {n} {split} problems but the task has only {len(pool)} "
+                f"(operands {task.min_operand}..{task.max_operand}); use -1 for all of them"
+            )
+        return [pool[i] for i in order[: len(pool) if n < 0 else n]]
+    if n < 0:
+        raise ValueError("n = -1 (all problems) needs an operand range (max_operand)")
     seen, problems = set(), []
     for _ in range(50 * n + 1000):
         if len(problems) == n:
             return problems
-        problem = make_problem(rng, **problem_kwargs)
-        if problem.key not in seen and split_of(problem, test_fraction) == split:
-            seen.add(problem.key)
+        problem = make_problem(rng, task=task)
+        if problem not in seen and split_of(problem, task.test_fraction) == split:
+            seen.add(problem)
             problems.append(problem)
     raise ValueError(f"could not draw {n} distinct {split} problems; widen the digit range")
 
 
-def to_example(problem: Problem, example_id: str) -> dict:
+def _task(task: ArithmeticTask | None, **task_kwargs) -> ArithmeticTask:
+    if task is not None and task_kwargs:
+        raise TypeError("pass either task= or its fields, not both")
+    return task or ArithmeticTask(**task_kwargs)
+
+
+def to_example(problem: Problem, example_id: str, task: ArithmeticTask | None = None) -> dict:
     """One SFT/RL example: messages, prompt (user turn only), answer and id."""
-    prompt = [{"role": "user", "content": problem.question}]
+    task = task or ArithmeticTask()
+    prompt = task.ask(problem)
     return {
         "id": example_id,
-        "messages": prompt + [{"role": "assistant", "content": worked_solution(problem)}],
+        "messages": prompt + [{"role": "assistant", "content": task.reply(problem)}],
         "prompt": prompt,
         "answer": problem.answer,
+        "problem": f"{problem.a}{problem.op}{problem.b}",  # for step-level rewards
     }
 
 
@@ -151,16 +247,14 @@ def generate_examples(
     seed: int = 0,
     split: Split = "train",
     *,
-    min_digits: int = 1,
-    max_digits: int = 3,
-    ops: Iterable[str] = ("+", "-"),
-    test_fraction: float = 0.1,
+    task: ArithmeticTask | None = None,
+    **task_kwargs,
 ) -> list[dict]:
-    """`n` distinct problems of one split as chat examples (see `to_example`)."""
-    problems = _problems(
-        n, seed, split, test_fraction, min_digits=min_digits, max_digits=max_digits, ops=ops
-    )
-    return [to_example(p, f"arith-{split}-{seed}-{i}") for i, p in enumerate(problems)]
+    """`n` distinct problems of one split as chat examples (see `to_example`); the task is
+    ``task`` or built from ``ArithmeticTask`` fields (``max_digits=2``, ...)."""
+    task = _task(task, **task_kwargs)
+    problems = _problems(n, seed, split, task)
+    return [to_example(p, f"arith-{split}-{seed}-{i}", task) for i, p in enumerate(problems)]
 
 
 def wrong_solution(problem: Problem, rng: np.random.Generator) -> str:
@@ -182,29 +276,38 @@ def _answer(solution: str) -> str:
     return solution.rsplit(ANSWER_PREFIX, 1)[-1]
 
 
+def wrong_answer(problem: Problem, rng: np.random.Generator) -> str:
+    """A plausible wrong bare answer: off by 1-2, or (for subtraction) the sign flipped."""
+    right = int(problem.answer)
+    candidates = [right + d for d in (-2, -1, 1, 2)]
+    if problem.op == "-" and right:
+        candidates.append(-right)
+    return str(candidates[int(rng.integers(len(candidates)))])
+
+
 def generate_preference_pairs(
     n: int,
     seed: int = 0,
     split: Split = "train",
     *,
-    min_digits: int = 1,
-    max_digits: int = 3,
-    ops: Iterable[str] = ("+", "-"),
-    test_fraction: float = 0.1,
+    task: ArithmeticTask | None = None,
+    **task_kwargs,
 ) -> list[dict]:
     """Rows {"prompt", "chosen", "rejected", "answer", "id"} for reward modeling and DPO."""
-    problems = _problems(
-        n, seed, split, test_fraction, min_digits=min_digits, max_digits=max_digits, ops=ops
-    )
+    task = _task(task, **task_kwargs)
+    problems = _problems(n, seed, split, task)
     rng = np.random.default_rng([seed, 2])
     rows = []
     for i, problem in enumerate(problems):
+        rejected = (
+            wrong_solution(problem, rng) if task.style == "worked" else wrong_answer(problem, rng)
+        )
         rows.append(
             {
                 "id": f"arith-pref-{split}-{seed}-{i}",
-                "prompt": [{"role": "user", "content": problem.question}],
-                "chosen": [{"role": "assistant", "content": worked_solution(problem)}],
-                "rejected": [{"role": "assistant", "content": wrong_solution(problem, rng)}],
+                "prompt": task.ask(problem),
+                "chosen": [{"role": "assistant", "content": task.reply(problem)}],
+                "rejected": [{"role": "assistant", "content": rejected}],
                 "answer": problem.answer,
             }
         )

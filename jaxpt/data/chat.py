@@ -5,6 +5,7 @@ produce (assistant content and its end-of-turn token, or a plain completion and 
 pipeline later shifts it onto targets.
 """
 
+import os
 import re
 from typing import Literal
 
@@ -89,11 +90,7 @@ def _assistant_char_spans(tokenizer, messages, text: str) -> list[tuple[int, int
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = (
-            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            if i
-            else ""
-        )
+        prefix = _text_before_assistant(tokenizer, messages, i)
         start = text.find(message["content"], len(prefix))
         if not text.startswith(prefix) or start < 0:
             raise DataError(
@@ -105,6 +102,29 @@ def _assistant_char_spans(tokenizer, messages, text: str) -> list[tuple[int, int
             end += len(tokenizer.eos_token)
         spans.append((start, end))
     return spans
+
+
+# Two stand-ins for the content of an assistant turn that opens a conversation.
+_CONTENT_PROBES = ("\ue000", "\ue001")
+
+
+def _text_before_assistant(tokenizer, messages, i: int) -> str:
+    """What the template renders before assistant message i's content (or a prefix of it).
+
+    After other messages this is the conversation so far with the generation prompt. An
+    opening assistant turn has nothing to render that way, and the template may put text
+    before it (SmolLM2 inserts a default system prompt): render it with two different contents
+    and keep the text they share, so a search for the content cannot land in that text.
+    """
+    if i:
+        return tokenizer.apply_chat_template(
+            messages[:i], tokenize=False, add_generation_prompt=True
+        )
+    first, second = (
+        tokenizer.apply_chat_template([{**messages[0], "content": probe}], tokenize=False)
+        for probe in _CONTENT_PROBES
+    )
+    return os.path.commonprefix([first, second])
 
 
 def _require_template(tokenizer) -> str:

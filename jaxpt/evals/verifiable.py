@@ -17,12 +17,14 @@ def verifiable_accuracy(
     batch_size: int = 64,
     num_examples: int = 3,
     eos_token_id: int | Sequence[int] | None = None,
+    scorer=None,
 ) -> dict:
     """Greedy accuracy of ``model`` on rows with ``prompt`` and ``answer``.
 
     Answers are checked with ``jaxpt.rewards.math_reward`` (final ``#### x`` line,
     ``\\boxed{x}`` or an "answer is" phrase; numbers compared exactly, else math-verify).
-    Generation stops at ``eos_token_id`` (one id or several; default: the tokenizer's eos).
+    ``scorer`` replaces that check: any reward function (e.g. ``last_number_reward``); a
+    score of 1.0 counts as correct. Generation stops at ``eos_token_id`` (one id or several; default: the tokenizer's eos).
     Returns ``accuracy``, ``n``, the mean completion length and a few examples.
     """
     from jaxpt.data import encode_prompt
@@ -45,7 +47,8 @@ def verifiable_accuracy(
         for tokens in out.tokens:
             completions.append(tokenizer.decode(tokens, skip_special_tokens=True))
             lengths.append(len(tokens))
-    scores = math_reward([r["prompt"] for r in rows], completions, [r["answer"] for r in rows])
+    scorer = scorer or math_reward
+    scores = scorer([r["prompt"] for r in rows], completions, [r["answer"] for r in rows])
     correct = np.array([s == 1.0 for s in scores], np.float64)
     return {
         "accuracy": float(correct.mean()),

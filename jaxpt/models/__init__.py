@@ -1,5 +1,6 @@
-"""jaxpt's causal-LM family and its Hugging Face checkpoint I/O."""
+"""jaxpt's causal-LM family and its checkpoint I/O (Hugging Face safetensors, GGUF)."""
 
+from jaxpt.models.checkpoint_path import gguf_of_spec, resolve_checkpoint_path
 from jaxpt.models.config import (
     SUPPORTED_ARCHITECTURES,
     ModelConfig,
@@ -27,11 +28,13 @@ __all__ = [
     "UnsupportedArchitectureError",
     "config_from_hf",
     "from_pretrained",
+    "gguf_of_spec",
     "hf_config_from_dict",
     "hf_config_of",
     "init_model",
     "load_model",
     "preset_config",
+    "resolve_checkpoint_path",
     "save_pretrained",
     "shipped_model_dir",
     "state_shardings",

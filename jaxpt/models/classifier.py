@@ -82,10 +82,11 @@ class SequenceClassifier(CausalLM):
         param_dtype=jnp.float32,
         remat: str = "none",
         attention_impl: str | None = None,
+        scan_layers: bool | None = None,
     ):
         super().__init__(
             config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
-            attention_impl=attention_impl, lm_head=False,
+            attention_impl=attention_impl, lm_head=False, scan_layers=scan_layers,
         )
         self.num_labels = num_labels
         self.pad_token_id = pad_token_id
@@ -178,11 +179,12 @@ def init_classifier(
     param_dtype="float32",
     remat: str = "none",
     attention_impl: str | None = None,
+    scan_layers: bool | None = None,
 ) -> SequenceClassifier:
     """A randomly initialized classifier (seeded) from an HF config (object or dict)."""
     hf_config = config if not isinstance(config, dict) else hf_config_from_dict(config)
     pad_token_id = _pad_id(hf_config, pad_token_id)
-    kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl)
+    kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl, scan_layers)
     mesh = mesh if mesh is not None else make_mesh({}, devices=jax.devices()[:1])
     build = _build_fn(config_from_hf(hf_config), num_labels, pad_token_id, kwargs)
     model = _materialize(build, seed, mesh, rules)
@@ -204,6 +206,7 @@ def classifier_from_pretrained(
     param_dtype="float32",
     remat: str = "none",
     attention_impl: str | None = None,
+    scan_layers: bool | None = None,
 ) -> SequenceClassifier:
     """Load a ``...ForSequenceClassification`` checkpoint, or a causal-LM checkpoint whose
     ``lm_head`` is ignored and whose ``score`` head is initialized from ``seed``."""
@@ -214,7 +217,7 @@ def classifier_from_pretrained(
     if num_labels is None:
         num_labels = int(getattr(hf_config, "num_labels", 1)) if has_head else 1
     pad_token_id = _pad_id(hf_config, pad_token_id)
-    kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl)
+    kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl, scan_layers)
     mesh = mesh if mesh is not None else make_mesh({}, devices=jax.devices()[:1])
     build = _build_fn(config_from_hf(hf_config), num_labels, pad_token_id, kwargs)
     if not has_head:

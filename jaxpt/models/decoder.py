@@ -15,6 +15,9 @@ from jaxpt.models.layers import MLP, Attention, RMSNorm, rotary_cos_sin
 from jaxpt.models.layers import attention_mask as build_attention_mask
 from jaxpt.sharding import constrain
 
+# Deeper cache-free forwards scan over their layers by default (compile time, see CausalLM).
+SCAN_MIN_LAYERS = 8
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -124,14 +127,18 @@ class CausalLM(nnx.Module):
         remat: str = "none",
         attention_impl: str | None = None,
         lm_head: bool = True,
+        scan_layers: bool | None = None,
     ):
         """``lm_head=False`` builds the decoder alone (heads such as a reward model's score
-        are added by subclasses)."""
+        are added by subclasses). ``scan_layers`` runs the layers of a cache-free forward
+        (training, scoring) as one ``lax.scan`` so compile time does not grow with depth;
+        None scans from ``SCAN_MIN_LAYERS`` layers on."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; choose from {list(REMAT_POLICIES)}")
         self.config = config
         self.dtype = dtype
         self.remat = remat
+        self.scan_layers = scan_layers
         self.model = Decoder(
             config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
         )
@@ -146,6 +153,13 @@ class CausalLM(nnx.Module):
                 dtype=dtype,
                 param_dtype=param_dtype,
             )
+
+    def _scans(self, windows) -> bool:
+        # One scan body serves every layer only when they share one attention mask.
+        wanted = (
+            len(windows) >= SCAN_MIN_LAYERS if self.scan_layers is None else self.scan_layers
+        )
+        return bool(wanted) and len(set(windows)) == 1
 
     def logits(self, h_btd):
         """LM-head logits (float32) from final hidden states."""
@@ -204,15 +218,23 @@ class CausalLM(nnx.Module):
         if self.remat != "none" and cache is None:
             run_layer = nnx.remat(run_layer, policy=policy, prevent_cse=True)
 
-        for i, layer in enumerate(self.model.layers):
-            window = self.config.sliding_windows[i] if self.config.sliding_windows else None
+        windows = [
+            self.config.sliding_windows[i] if self.config.sliding_windows else None
+            for i in range(len(self.model.layers))
+        ]
+        for window in windows:
             if window not in masks:
                 masks[window] = build_attention_mask(
                     segment_bt, q_slot_t, positions_bt, k_segment_bs, k_slot_s, k_pos_bs, window
                 )
+        scanned = cache is None and self._scans(windows)
+        if scanned:
+            h_btd = _scan_layers(list(self.model.layers), h_btd, cos, sin, masks[windows[0]],
+                                 policy if self.remat != "none" else None)
+        for i, layer in enumerate([] if scanned else self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             index = None if cache is None else cache.index
-            h_btd, kv = run_layer(layer, h_btd, cos, sin, masks[window], kv, index)
+            h_btd, kv = run_layer(layer, h_btd, cos, sin, masks[windows[i]], kv, index)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -228,3 +250,25 @@ class CausalLM(nnx.Module):
             index=cache.index + t,
         )
         return out, new_cache
+
+
+def _scan_layers(layers, h_btd, cos, sin, mask, remat_policy):
+    """Run identical decoder layers as one ``lax.scan`` over their stacked weights.
+
+    The per-layer parameters stay separate (checkpoint names and shardings do not change);
+    they are stacked inside the traced forward, which costs one copy of the layer weights
+    per call and makes the compiled program the same size for 2 layers or 80.
+    """
+    graphdef, *_ = nnx.split(layers[0])
+    states = [nnx.state(layer) for layer in layers]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+    def body(h, state):
+        layer = nnx.merge(graphdef, state)
+        h, _ = layer(h, cos, sin, mask)
+        return h, None
+
+    if remat_policy is not None:
+        body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
+    h_btd, _ = jax.lax.scan(body, h_btd, stacked)
+    return h_btd

@@ -19,6 +19,7 @@ import transformers
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxpt.models.checkpoint_path import find_gguf, resolve_checkpoint_path
 from jaxpt.models.config import ModelConfig, config_from_hf, hf_config_from_dict
 from jaxpt.models.decoder import CausalLM
 from jaxpt.models.safetensors_io import SafetensorsFile, write_safetensors
@@ -58,12 +59,13 @@ def _build(config, seed, **model_kwargs) -> CausalLM:
     return CausalLM(config, rngs=nnx.Rngs(seed), **model_kwargs)
 
 
-def _model_kwargs(dtype, param_dtype, remat, attention_impl):
+def _model_kwargs(dtype, param_dtype, remat, attention_impl, scan_layers=None):
     return {
         "dtype": _dtype(dtype),
         "param_dtype": _dtype(param_dtype),
         "remat": remat,
         "attention_impl": attention_impl,
+        "scan_layers": scan_layers,
     }
 
 
@@ -77,12 +79,13 @@ def init_model(
     param_dtype="float32",
     remat: str = "none",
     attention_impl: str | None = None,
+    scan_layers: bool | None = None,
 ) -> CausalLM:
     """A randomly initialized model (seeded), created directly on its mesh shardings."""
     hf_config = config if not isinstance(config, dict) else hf_config_from_dict(config)
     model_config = hf_config if isinstance(hf_config, ModelConfig) else config_from_hf(hf_config)
     mesh = mesh if mesh is not None else make_mesh({}, devices=jax.devices()[:1])
-    kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl)
+    kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl, scan_layers)
     abstract = nnx.eval_shape(lambda: _build(model_config, 0, **kwargs))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)
@@ -141,7 +144,9 @@ def _tensor_files(model_dir: str) -> dict[str, SafetensorsFile]:
 
 
 def load_state(abstract_state: nnx.State, tensors: dict, mesh, rules, model_dir: str) -> nnx.State:
-    """Fill an abstract state from safetensors, each tensor straight onto its sharding."""
+    """Fill an abstract state from ``tensors`` (HF name -> a file whose ``array(name)`` is
+    sliceable: safetensors or GGUF), each tensor straight onto its sharding; ``model_dir``
+    names the source in errors."""
     shardings = state_shardings(abstract_state, mesh, rules)
     flat_shardings = dict(nnx.to_flat_state(shardings))
     loaded = []
@@ -174,25 +179,37 @@ def from_pretrained(
     rules=None,
     remat: str = "none",
     attention_impl: str | None = None,
+    scan_layers: bool | None = None,
 ) -> CausalLM:
-    """Load a Hugging Face causal-LM checkpoint (single or sharded safetensors).
+    """Load a causal-LM checkpoint: a Hugging Face dir or hub name (single or sharded
+    safetensors), a GGUF file (or a dir holding one), or ``pkg:<module>/<path>``.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the weights;
-    ``mesh`` (default: one device) and ``rules`` place every tensor on its sharding.
+    ``mesh`` (default: one device) and ``rules`` place every tensor on its sharding;
+    ``scan_layers`` as in ``CausalLM`` (None: scan deep models' cache-free forwards).
     """
-    model_dir = resolve_model_dir(name_or_path)
-    hf_config = transformers.AutoConfig.from_pretrained(model_dir)
+    path = resolve_checkpoint_path(name_or_path)
+    gguf_path = find_gguf(path)
+    if gguf_path is not None:
+        from jaxpt.models.gguf_io import read_gguf
+
+        checkpoint = read_gguf(gguf_path)
+        source = gguf_path
+        hf_config = _copy_config(checkpoint.hf_config)  # the checkpoint's is shared
+    else:
+        source = resolve_model_dir(path)
+        hf_config = transformers.AutoConfig.from_pretrained(source)
     config = config_from_hf(hf_config)
     mesh = mesh if mesh is not None else make_mesh({}, devices=jax.devices()[:1])
-    kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl)
+    kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl, scan_layers)
     abstract = nnx.eval_shape(lambda: _build(config, 0, **kwargs))
     graphdef, abstract_state = nnx.split(abstract)
-    tensors = _tensor_files(model_dir)
+    tensors = checkpoint.tensors() if gguf_path is not None else _tensor_files(source)
     expected = {param_name(p) for p, _ in nnx.to_flat_state(abstract_state)}
     unused = sorted(set(tensors) - expected - {"lm_head.weight"})
     if unused:
-        log.warning("%s: ignoring %d unused tensors, e.g. %s", model_dir, len(unused), unused[:3])
-    state = load_state(abstract_state, tensors, mesh, rules, model_dir)
+        log.warning("%s: ignoring %d unused tensors, e.g. %s", source, len(unused), unused[:3])
+    state = load_state(abstract_state, tensors, mesh, rules, source)
     model = nnx.merge(graphdef, state)
     _attach_hf_config(model, hf_config)
     return model

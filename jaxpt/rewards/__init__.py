@@ -12,6 +12,10 @@ keyword lists aligned with `completions`; a function should accept `**kwargs` fo
 
 Built-ins, by config name (`BUILTIN_REWARDS`):
   math / accuracy  `math_reward`: 1.0 when the final answer matches the `answer` column.
+  last_number      `last_number_reward`: 1.0 when the completion's last number equals `answer`
+                   (for prompts that ask for just the number).
+  worked_steps     `worked_steps_reward`: the share of a worked arithmetic solution's column
+                   lines that match the reference built from the `problem` column.
   format           `format_reward`: 1.0 when the completion ends in `#### <number>` or has a
                    `\\boxed{}`; kwarg `pattern` sets another regex.
   code             `code_reward`: fraction of the `tests` column passed by the completion's
@@ -23,12 +27,15 @@ turns config specs (names, weights, kwargs) into `RewardFn`s, and `RewardRunner`
 with them: per-function float32 arrays (NaN = abstain or failure), the weighted total, counters.
 """
 
+from jaxpt.rewards.arithmetic import worked_steps_reward
 from jaxpt.rewards.code import code_reward, extract_code
 from jaxpt.rewards.format import DEFAULT_FORMAT, format_reward
 from jaxpt.rewards.math import (
     accuracy,
     answers_match,
     extract_answer,
+    last_number,
+    last_number_reward,
     math_reward,
     normalize_number,
     reference_answer,
@@ -53,12 +60,15 @@ __all__ = [
     "extract_answer",
     "extract_code",
     "format_reward",
+    "last_number",
+    "last_number_reward",
     "load_reward_model",
     "math_reward",
     "normalize_number",
     "reference_answer",
     "resolve_reward_fn",
     "run_untrusted",
+    "worked_steps_reward",
 ]
 
 

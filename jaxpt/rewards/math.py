@@ -131,6 +131,40 @@ def math_reward(
     return scores
 
 
+# A signed integer, decimal or a/b fraction, not glued to letters ("x2", "2nd").
+_LAST_NUMBER = re.compile(r"(?<![\w.])[-−]?\d+(?:\.\d+)?(?:\s*/\s*\d+)?(?![\w])")
+
+
+def last_number(text: str) -> str | None:
+    """The last number in ``text`` ("12 - 9 = 3." gives "3", "It is -4" gives "-4"), or None.
+
+    For prompts that ask for "just the number": replies such as "12 + 7 = 19" are read by
+    their last number, so restating the question costs nothing and a wrong result is wrong.
+    """
+    if not text:
+        return None
+    matches = _LAST_NUMBER.findall(text[-_MAX_NUMBER_CHARS:])
+    return matches[-1].replace(" ", "") if matches else None
+
+
+def last_number_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any], **kwargs: Any
+) -> list[float | None]:
+    """1.0 when the last number of a completion equals ``answer`` exactly (as a rational),
+    else 0.0; None (abstain) for a row without an answer."""
+    if len(completions) != len(answer):
+        raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
+    scores: list[float | None] = []
+    for completion, gold in zip(completions, answer):
+        gold_answer = reference_answer(gold)
+        if gold_answer is None:
+            scores.append(None)
+            continue
+        predicted = last_number(completion_text(completion))
+        scores.append(float(answers_match(predicted, gold_answer)))
+    return scores
+
+
 def accuracy(completions: Sequence[Any], answers: Sequence[Any]) -> float:
     """Fraction of completions whose final answer matches; for evaluation loops."""
     if not completions:

@@ -18,14 +18,17 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from jaxpt.rewards.arithmetic import worked_steps_reward
 from jaxpt.rewards.code import code_reward
 from jaxpt.rewards.format import format_reward
-from jaxpt.rewards.math import math_reward
+from jaxpt.rewards.math import last_number_reward, math_reward
 from jaxpt.rewards.runner import RewardFn
 
 BUILTIN_REWARDS: dict[str, Callable[..., Any]] = {
     "math": math_reward,
     "accuracy": math_reward,  # TRL's name for the same check
+    "last_number": last_number_reward,
+    "worked_steps": worked_steps_reward,
     "format": format_reward,
     "code": code_reward,
 }

@@ -27,11 +27,16 @@ _ARITHMETIC_FILES = {"sft": "arithmetic", "prompt": "arithmetic", "preference": 
 
 def check_model_path(key: str, path: str) -> None:
     """A ConfigError when ``path`` (config key ``key``) is neither a preset, an existing
-    directory or file, nor a hub name, saying which command creates it when we know."""
+    directory or file, a ``pkg:`` file of an installed package, nor a hub name, saying
+    which command creates it (or which package to install) when we know."""
     from jaxpt.data.tokenizer import is_hub_name
-    from jaxpt.models import preset_config
+    from jaxpt.models import preset_config, resolve_checkpoint_path
 
-    if preset_config(path) is not None or os.path.exists(path) or is_hub_name(path):
+    try:
+        resolved = resolve_checkpoint_path(path)
+    except (ImportError, OSError, ValueError) as error:
+        raise ConfigError(f"config key '{key}': {error}") from None
+    if preset_config(path) is not None or os.path.exists(resolved) or is_hub_name(path):
         return
     hint = ""
     if "quickstart" in os.path.normpath(path).split(os.sep):
@@ -60,6 +65,7 @@ def model_kwargs(ctx: RunContext) -> dict:
     return {
         "seed": ctx.config.seed, "mesh": ctx.mesh, "rules": ctx.rules, "dtype": cfg.dtype,
         "param_dtype": cfg.param_dtype, "remat": cfg.remat, "attention_impl": cfg.attention_impl,
+        "scan_layers": cfg.scan_layers,
     }
 
 
@@ -117,7 +123,11 @@ def arithmetic_rows(ctx: RunContext, split: str, kind: str) -> list[dict]:
     a = ctx.config.data.arithmetic
     generator = generate_preference_pairs if kind == "preference" else generate_examples
     n = a.num_train if split == "train" else a.num_test
-    rows = generator(n, a.seed, split, min_digits=a.min_digits, max_digits=a.max_digits)
+    try:
+        task = a.task()
+        rows = generator(n, a.seed, split, task=task)
+    except ValueError as error:
+        raise ConfigError(f"config section 'data.arithmetic': {error}") from None
     if ctx.is_main_process:  # every process generates the same rows
         path = os.path.join(ctx.output_dir, "data", f"{_ARITHMETIC_FILES[kind]}_{split}.jsonl")
         if not os.path.exists(path):

@@ -32,7 +32,13 @@ from jaxpt.state import with_params
 from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import common
 from jaxpt.tasks.base import BuiltModel, RunContext, Task
-from jaxpt.tasks.rollout import Rollout, RolloutSource, prompt_rows, train_batch
+from jaxpt.tasks.rollout import (
+    Rollout,
+    RolloutSource,
+    completion_window,
+    prompt_rows,
+    train_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +70,15 @@ class GrpoConfig:
     importance_level: str = "token"  # token | sequence (GSPO)
     scale_rewards: bool = True  # divide advantages by the group std (off for Dr. GRPO)
     mask_truncated_completions: bool = False
+    missing_eos_penalty: float = 0.0  # subtracted from the reward of completions cut at the limit
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal
     rewards: list[RewardSpec] = dataclasses.field(
         default_factory=lambda: [RewardSpec(name="math")]
     )
     log_completions: int = 2  # completions per step appended to completions.jsonl
     eval_prompts: int = 128  # held-out prompts for greedy accuracy (0: no eval)
+    eval_reward: str = "math"  # scores eval completions (1.0 = correct): a built-in or import path
+    eval_max_new_tokens: int | None = None  # greedy eval budget; None: max_completion_length
 
     def __post_init__(self):
         def fail(key, why):
@@ -94,6 +103,10 @@ class GrpoConfig:
             fail("beta", f"must be >= 0, got {self.beta}")
         if self.epsilon_low < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             fail("epsilon_low", "and 'grpo.epsilon_high' must be >= 0")
+        if self.missing_eos_penalty < 0:
+            fail("missing_eos_penalty", f"must be >= 0, got {self.missing_eos_penalty}")
+        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
+            fail("eval_max_new_tokens", f"must be >= 1 or null, got {self.eval_max_new_tokens}")
         if self.log_completions < 0 or self.eval_prompts < 0:
             fail("log_completions", "and 'grpo.eval_prompts' must be >= 0")
         if not self.rewards:
@@ -109,17 +122,25 @@ def grpo_loss(model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig) -> LossO
     The policy is ``softmax(logits / temperature)``, the distribution the sampler drew from
     (``old_logprobs`` are its log-probs), so the first iteration's ratio is exactly 1.
     """
+    window = completion_window(batch["input_ids"].shape[1], cfg.max_completion_length)
     kwargs = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
-    logits_btv = model(batch["input_ids"], **kwargs) / cfg.temperature
-    logp_bt = token_logprobs(logits_btv, batch["target_ids"])
-    mask_bt = batch["completion_mask"]
+
+    def window_logits(m):
+        # The LM head runs only where targets are completion tokens: prompt positions
+        # would cost [B, Lp, vocab] of logits that the loss never reads.
+        hidden_btd = m(batch["input_ids"], **kwargs, return_hidden=True)
+        return m.logits(hidden_btd[:, window]) / cfg.temperature
+
+    logits_btv = window_logits(model)
+    targets_bt = batch["target_ids"][:, window]
+    logp_bt = token_logprobs(logits_btv, targets_bt)
+    mask_bt = batch["completion_mask"][:, window]
     ref_logp_bt = None
     if cfg.beta:
-        reference = with_params(model, ctx.ref_params)
-        ref_logits_btv = reference(batch["input_ids"], **kwargs) / cfg.temperature
-        ref_logp_bt = jax.lax.stop_gradient(token_logprobs(ref_logits_btv, batch["target_ids"]))
+        ref_logits_btv = window_logits(with_params(model, ctx.ref_params))
+        ref_logp_bt = jax.lax.stop_gradient(token_logprobs(ref_logits_btv, targets_bt))
     loss_bt, token_metrics = policy_gradient_loss(
-        logp_bt, batch["old_logprobs"], batch["advantages"], mask_bt,
+        logp_bt, batch["old_logprobs"][:, window], batch["advantages"], mask_bt,
         epsilon_low=cfg.epsilon_low,
         epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon_low,
         importance_level=cfg.importance_level, ref_logp_bt=ref_logp_bt, beta=cfg.beta,
@@ -158,7 +179,7 @@ def reward_specs(cfg: GrpoConfig) -> list[dict]:
 def check_config(config) -> None:
     """Load-time checks that need more than the ``grpo`` section: a ConfigError naming the
     key before any model or data is loaded."""
-    from jaxpt.rewards import build_reward_fns
+    from jaxpt.rewards import build_reward_fns, resolve_reward_fn
 
     cfg = config.grpo
     if config.train.batch_size % cfg.num_generations:
@@ -170,6 +191,10 @@ def check_config(config) -> None:
         build_reward_fns(reward_specs(cfg))
     except (ValueError, TypeError, ImportError, AttributeError) as error:
         raise ConfigError(f"config key 'grpo.rewards': {error}") from None
+    try:
+        resolve_reward_fn(cfg.eval_reward)
+    except (ValueError, TypeError, ImportError, AttributeError) as error:
+        raise ConfigError(f"config key 'grpo.eval_reward': {error}") from None
 
 
 def build(ctx: RunContext) -> BuiltModel:
@@ -183,7 +208,15 @@ def build(ctx: RunContext) -> BuiltModel:
 def make_batch(rollout: Rollout, cfg: GrpoConfig):
     """Group-relative advantages of a rollout and its train rows (GRPO's ``make_batch``)."""
     g = cfg.num_generations
-    rewards_pg = rollout.rewards.total.reshape(rollout.num_prompts, g)
+    if rollout.tokens.shape[1] != cfg.max_completion_length:  # the loss's completion window
+        raise ValueError(
+            f"rollout completions are {rollout.tokens.shape[1]} wide, expected "
+            f"grpo.max_completion_length={cfg.max_completion_length}"
+        )
+    # Completions that never ended pay the penalty: a reply that rambles past the budget
+    # should not score like one that stops after its answer.
+    rewards_b = rollout.rewards.total - cfg.missing_eos_penalty * rollout.truncated
+    rewards_pg = rewards_b.reshape(rollout.num_prompts, g)
     advantages_pg, spread_p = group_advantages(
         jnp.asarray(rewards_pg), scale_by_std=cfg.scale_rewards
     )
@@ -211,6 +244,7 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
 def make_evaluator(ctx: RunContext):
     """Greedy held-out accuracy (``eval_accuracy``) on prompts with an ``answer`` column."""
     from jaxpt.evals import verifiable_accuracy
+    from jaxpt.rewards import resolve_reward_fn
 
     cfg = ctx.task_config
     if not cfg.eval_prompts:
@@ -219,10 +253,12 @@ def make_evaluator(ctx: RunContext):
     if not rows:
         return None
     tokenizer = common.resolve_tokenizer(ctx)
+    scorer = resolve_reward_fn(cfg.eval_reward)
 
     def evaluate(state) -> dict[str, float]:
         result = verifiable_accuracy(
-            state.model(), tokenizer, rows, max_new_tokens=cfg.max_completion_length
+            state.model(), tokenizer, rows,
+            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length, scorer=scorer,
         )
         return {"eval_accuracy": result["accuracy"], "eval_n": float(result["n"]),
                 "eval_completion_tokens": result["mean_completion_tokens"]}

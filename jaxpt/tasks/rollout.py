@@ -75,6 +75,13 @@ def train_batch(rollout: Rollout, advantages_b: np.ndarray, keep_b: np.ndarray) 
     }
 
 
+def completion_window(row_length: int, max_completion_length: int) -> slice:
+    """The positions of a ``train_batch`` row whose targets are completion tokens: the
+    completion buffer is the last ``max_completion_length`` ids, each predicted by the
+    position before it."""
+    return slice(row_length - max_completion_length - 1, row_length - 1)
+
+
 def prompt_rows(ctx: RunContext, split: str) -> list[dict]:
     """The run's RL prompts (rows with ``prompt`` and any reward columns) for ``split``
     (``train`` or ``eval``)."""

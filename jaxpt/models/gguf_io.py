@@ -1,0 +1,289 @@
+"""GGUF files (llama.cpp's format) read as Hugging Face checkpoints, without torch.
+
+gguf-py parses the file and dequantizes its blocks with numpy (F32, F16, BF16, Q8_0, Q4_0,
+Q4_1, Q4_K, Q6_K, ...). We give the tensors transformers' names, undo the row order
+llama.cpp writes Llama's Q/K projections in, and rebuild the config and the tokenizer as
+transformers does for a GGUF file, so a model loads as
+``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` loads it. transformers' own
+loader needs torch; this one only reads metadata up front and dequantizes a tensor when it
+is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import re
+from collections.abc import Iterator
+
+import gguf
+import numpy as np
+
+from jaxpt.models.config import UnsupportedArchitectureError, config_from_hf, hf_config_from_dict
+
+log = logging.getLogger(__name__)
+
+# GGUF general.architecture -> transformers model_type (Mistral files say "llama").
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_GGUF_ARCHITECTURES = ("llama (and Mistral)", "qwen2", "qwen3")
+
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+# llama.cpp stores Llama 3's rope scaling only as per-frequency factors (`rope_freqs`);
+# every Llama 3.x release used these parameters around its own factor.
+_LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """transformers' name of a GGUF tensor (``blk.3.attn_q.weight`` ->
+    ``model.layers.3.self_attn.q_proj.weight``); None for tensors it has no place for."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[base]}.{suffix}"
+    match = _LAYER_NAME.fullmatch(gguf_name)
+    if match and match[2] in _LAYER_TENSORS:
+        return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
+    return None
+
+
+def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row order: it interleaves the two rotary halves of each head
+    (``convert_hf_to_gguf.py``'s ``permute``), so its RoPE can rotate adjacent pairs."""
+    half = weight.shape[0] // num_heads // 2
+    per_head = weight.reshape(num_heads, half, 2, *weight.shape[1:])
+    return per_head.swapaxes(1, 2).reshape(weight.shape)
+
+
+def _field_value(field):
+    """A metadata value as Python: str, int, float, bool, or a list of them."""
+    item_type = field.types[-1]
+    parts = [field.parts[i] for i in field.data]
+    if item_type == gguf.GGUFValueType.STRING:
+        values = [bytes(p).decode("utf-8") for p in parts]
+    else:
+        values = [p.tolist()[0] for p in parts]
+    return values if field.types[0] == gguf.GGUFValueType.ARRAY else values[0]
+
+
+class GGUFCheckpoint:
+    """One GGUF file: its transformers config (``hf_config``), its tensors under HF names
+    (``array(name)`` dequantizes one to float32), and its tokenizer (``tokenizer()``)."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        reader = gguf.GGUFReader(self.path)
+        self.metadata = {key: _field_value(field) for key, field in reader.fields.items()}
+        self.architecture = self.metadata.get("general.architecture")
+        self.model_type = self._model_type()
+        self._tensors, self.unmapped = {}, []
+        for tensor in reader.tensors:
+            name = hf_tensor_name(tensor.name)
+            if name is None:
+                self.unmapped.append(tensor.name)
+            else:
+                self._tensors[name] = tensor
+        self._rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+        ignored = [n for n in self.unmapped if n != "rope_freqs.weight"]
+        if ignored:
+            log.warning(
+                "%s: ignoring %d tensors jaxpt has no place for, e.g. %s",
+                self.path,
+                len(ignored),
+                ignored[:3],
+            )
+        self.hf_config = hf_config_from_dict(self._config_dict())
+        if self._rope_freqs is not None:
+            self._check_llama3_rope()
+
+    def _model_type(self) -> str:
+        arch = self.architecture
+        if arch not in _MODEL_TYPES:
+            raise UnsupportedArchitectureError(
+                f"{self.path}: GGUF architecture {arch!r} is not supported; jaxpt reads "
+                f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+            )
+        # llama.cpp writes Mistral as "llama"; as in transformers the name tells them apart
+        # (transformers wants it to be exactly "mistral", llama.cpp names files "Mistral 7B
+        # ..."). Full attention either way: llama.cpp runs "llama" files without a window.
+        if arch == "llama" and "mistral" in str(self.metadata.get("general.name", "")).lower():
+            return "mistral"
+        return _MODEL_TYPES[arch]
+
+    # ------------------------------------------------------------------------- config
+
+    def _key(self, name: str, default=None):
+        return self.metadata.get(f"{self.architecture}.{name}", default)
+
+    def _config_dict(self) -> dict:
+        key, meta = self._key, self.metadata
+        num_heads = key("attention.head_count")
+        hidden = key("embedding_length")
+        llama_like = self.architecture == "llama"
+        head_dim = (
+            key("attention.key_length")
+            or (key("rope.dimension_count") if llama_like else None)
+            or hidden // num_heads
+        )
+        config = {
+            "model_type": self.model_type,
+            "vocab_size": key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+            "hidden_size": hidden,
+            "intermediate_size": key("feed_forward_length"),
+            "num_hidden_layers": key("block_count"),
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": key("attention.head_count_kv") or num_heads,
+            "head_dim": head_dim,
+            "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
+            "max_position_embeddings": key("context_length"),
+            "rope_theta": key("rope.freq_base", 10000.0),
+            # llama.cpp writes the output projection only when it is not the embedding.
+            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+        }
+        if llama_like:
+            config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in self._tensors
+            config["mlp_bias"] = "model.layers.0.mlp.up_proj.bias" in self._tensors
+        if self.model_type == "mistral":
+            config["sliding_window"] = None  # llama.cpp runs "llama" files with full attention
+        rope_scaling = self._rope_scaling()
+        if rope_scaling:
+            config["rope_scaling"] = rope_scaling
+        for name in ("bos", "eos", "pad"):
+            token_id = meta.get(f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id")
+            if token_id is not None:
+                config[f"{name}_token_id"] = token_id
+        return config
+
+    def _rope_scaling(self) -> dict | None:
+        kind = self._key("rope.scaling.type")
+        if kind not in (None, "none", "linear"):
+            raise UnsupportedArchitectureError(
+                f"{self.path}: rope scaling {kind!r} is not supported (linear, Llama 3 factors)"
+            )
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": self._key("rope.scaling.factor")}
+        if self._rope_freqs is not None:
+            return {
+                "rope_type": "llama3",
+                "factor": float(np.max(self._rope_freqs.data)),
+                **_LLAMA3_ROPE,
+            }
+        return None
+
+    def _check_llama3_rope(self) -> None:
+        """The llama3 parameters we assumed must give the frequencies the file stores."""
+        config = config_from_hf(self.hf_config)
+        factors = np.asarray(self._rope_freqs.data, np.float32).reshape(-1)
+        expected = dataclasses.replace(config, rope_scaling=()).inv_freq() / factors
+        if not np.allclose(config.inv_freq(), expected, rtol=1e-4):
+            raise UnsupportedArchitectureError(
+                f"{self.path}: its rope_freqs factors are not Llama 3's rope scaling"
+            )
+
+    # ------------------------------------------------------------------------ tensors
+
+    def tensors(self) -> dict[str, GGUFCheckpoint]:
+        """HF tensor name -> this file, the mapping ``hf_io.load_state`` reads from."""
+        return dict.fromkeys(self._tensors, self)
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor ``name`` (an HF name) dequantized to float32, in HF orientation."""
+        tensor = self._tensors[name]
+        # The reader's data is [rows, bytes per row]; dequantize gives [out, in] as in HF.
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        weight = weight.astype(np.float32, copy=False)
+        if self.architecture == "llama":
+            config = self.hf_config
+            if ".self_attn.q_proj." in name:
+                weight = unpermute_rows(weight, config.num_attention_heads)
+            elif ".self_attn.k_proj." in name:
+                weight = unpermute_rows(weight, config.num_key_value_heads)
+        return weight
+
+    def named_arrays(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(HF name, float32 array) of every tensor, one at a time, in file order."""
+        for name in self._tensors:
+            yield name, self.array(name)
+
+    # ---------------------------------------------------------------------- tokenizer
+
+    def tokenizer(self):
+        """The file's tokenizer as transformers builds it for ``gguf_file=``: the same
+        vocabulary, merges, special tokens, bos/eos/pad and chat template."""
+        import transformers
+
+        try:
+            from transformers.integrations.gguf import (
+                GGUF_TOKENIZER_MAPPING,
+                convert_gguf_tokenizer,
+            )
+        except ImportError:  # transformers 4.x keeps them here
+            from transformers.integrations.ggml import (
+                GGUF_TOKENIZER_MAPPING,
+                convert_gguf_tokenizer,
+            )
+
+        meta = self.metadata
+        groups = {
+            group: {
+                name: meta[f"tokenizer.{key}"]
+                for key, name in renames.items()
+                if f"tokenizer.{key}" in meta
+            }
+            for group, renames in GGUF_TOKENIZER_MAPPING.items()
+        }
+        tokenizer_dict, init_kwargs = groups["tokenizer"], groups["tokenizer_config"]
+        if tokenizer_dict.get("tokenizer_type") == "llama":
+            # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
+            init_kwargs.setdefault("add_bos_token", True)
+        tokens = tokenizer_dict["tokens"]
+        for name, key in (
+            ("bos_token", "bos_token_id"),
+            ("eos_token", "eos_token_id"),
+            ("unk_token", "unknown_token_id"),
+            ("pad_token", "padding_token_id"),
+        ):
+            token_id = meta.get(f"tokenizer.ggml.{key}")
+            init_kwargs[name] = tokens[token_id] if token_id is not None else None
+        backend, extra_kwargs = convert_gguf_tokenizer(self.architecture, tokenizer_dict)
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_object=backend, **init_kwargs, **extra_kwargs
+        )
+
+
+def read_gguf(path: str) -> GGUFCheckpoint:
+    """Parse a GGUF file's metadata and tensor table (its tensors are read on demand).
+
+    The last files read are kept: a run reads one file for its model and its tokenizer,
+    and parsing a large vocabulary takes seconds. Treat the result as read-only.
+    """
+    stat = os.stat(path)
+    return _read_cached(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_cached(path: str, mtime_ns: int, size: int) -> GGUFCheckpoint:
+    return GGUFCheckpoint(path)
