@@ -37,6 +37,21 @@ def test_eval_arithmetic_prints_accuracy_json(tiny_dir, capsys):
     assert result["n"] == 4 and result["task"] == "arithmetic"
 
 
+def test_eval_operand_range_task_with_the_last_number_scorer(tiny_dir, capsys):
+    argv = ["--model", tiny_dir, "-n", "-1", "--max-operand", "3", "--negative-answers",
+            "--style", "answer", "--question", "What is {a} {op} {b}?", "--system", "",
+            "--test-fraction", "0.4", "--scorer", "last_number", "--max-new-tokens", "2"]
+    assert eval_cli.main(argv) == 0
+    out = capsys.readouterr()
+    result = last_json(out.out)
+    assert 0 < result["n"] < 32 and 0.0 <= result["accuracy"] <= 1.0  # a 0..3 task's test split
+    assert '"role": "system"' in out.err  # the examples carry the empty system turn
+    assert eval_cli.main(argv[:-4] + ["--scorer", "no_such_reward"]) == 2
+    assert "--scorer" in capsys.readouterr().err
+    assert eval_cli.main(["--model", tiny_dir, "-n", "500", "--max-operand", "3"]) == 2
+    assert "use -1 for all of them" in capsys.readouterr().err
+
+
 def test_eval_data_file(tiny_dir, tmp_path, capsys):
     path = tmp_path / "rows.jsonl"
     rows = [{"prompt": f"What is {a}+{a}?", "answer": str(2 * a)} for a in range(3)]
@@ -153,8 +168,8 @@ def test_python_m_quickstart_smoke(tmp_path):
         "grpo_model",
     }
     assert 0.0 <= result["sft_accuracy"] <= 1.0 and 0.0 <= result["grpo_accuracy"] <= 1.0
-    # Two steps: both windows are their mean reward (math + 0.5 * worked_steps, at most 1.5).
-    assert 0.0 <= result["reward_first_20"] == result["reward_last_20"] <= 1.5
+    # Two steps: both windows are the mean reward of those steps (the math reward, 0..1).
+    assert 0.0 <= result["reward_first_20"] == result["reward_last_20"] <= 1.0
     assert result["n"] == 8
     for key in ("sft_model", "grpo_model"):
         assert os.path.isfile(os.path.join(result[key], "config.json")), key

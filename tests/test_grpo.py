@@ -87,7 +87,7 @@ def test_first_iteration_loss_is_minus_mean_advantage_and_ignores_prompt_and_pad
     lengths = np.array([5, 3, 1, 4])
     batch = _train_batch(prompt_ids, prompt_mask, tokens, lengths, np.zeros((4, 5), np.float32),
                          np.array([1.0, -0.5, 2.0, 0.25], np.float32), np.ones(4, bool))
-    cfg = GrpoConfig(loss_type=loss_type, max_completion_length=5)
+    cfg = GrpoConfig(loss_type=loss_type, max_completion_length=5, share_prompt_forward=False)
     logits = model(batch["input_ids"], positions=batch["positions"],
                    segment_ids=batch["segment_ids"])
     on_policy = np.asarray(token_logprobs(logits, jnp.asarray(batch["target_ids"])))
@@ -163,3 +163,39 @@ def test_missing_eos_penalty_lowers_only_truncated_completions():
     np.testing.assert_allclose(advantages, penalized - penalized.mean(), rtol=1e-6)
     with pytest.raises(ValueError, match="expected grpo.max_completion_length=8"):
         make_batch(rollout, GrpoConfig(num_generations=4, max_completion_length=8))
+
+
+def test_shared_prompt_forward_equals_the_full_forward():
+    """Each group's prompt runs once into a KV cache; loss and gradients are unchanged."""
+    from flax import nnx
+
+    from jaxpt.tasks.rollout import shares_prompts
+
+    model = init_model(TINY, seed=3)
+    rng = np.random.default_rng(1)
+    groups, g, lp, lc = 2, 3, 6, 5
+    prompt_ids = np.repeat(rng.integers(5, 128, (groups, lp)), g, axis=0).astype(np.int32)
+    prompt_mask = np.ones((groups * g, lp), np.int32)
+    prompt_mask[:g, :2] = 0  # the first prompt is left-padded
+    tokens = rng.integers(5, 128, (groups * g, lc)).astype(np.int32)
+    lengths = np.array([5, 3, 1, 4, 5, 2])
+    batch = _train_batch(prompt_ids, prompt_mask, tokens, lengths,
+                         rng.normal(-1.0, 0.1, (groups * g, lc)).astype(np.float32),
+                         rng.normal(size=groups * g).astype(np.float32), np.ones(6, bool))
+    assert shares_prompts(batch, lc, g) and not shares_prompts(batch, lc, 2)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def loss_and_grads(share):
+        cfg = GrpoConfig(num_generations=g, max_completion_length=lc, beta=0.0,
+                         share_prompt_forward=share)
+
+        def loss(m):
+            out = grpo_loss(m, batch, StepContext(jax.random.key(0), jnp.int32(0)), cfg=cfg)
+            return out.numerator / out.denominator
+
+        return nnx.jit(nnx.value_and_grad(loss))(model)
+
+    (full, full_grads), (shared, shared_grads) = loss_and_grads(False), loss_and_grads(True)
+    np.testing.assert_allclose(float(shared), float(full), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(full_grads)), jax.tree.leaves(nnx.state(shared_grads))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-4)

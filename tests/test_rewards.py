@@ -330,3 +330,35 @@ def test_last_number_reward_reads_the_last_number_exactly():
     assert resolve_reward_fn("last_number") is last_number_reward
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
         last_number_reward(["", ""], ["1", "2"], answer=["1"])
+
+
+def test_worked_steps_reward_scores_each_column_against_the_problem():
+    from jaxpt.rewards import worked_steps_reward
+
+    right = "6+5=11\n7+6+1=14\n#### 141"  # 76+65
+    completions = [
+        right,
+        "6+5=12\n7+6+1=14\n#### 142",  # one column wrong
+        "1+1=2\n#### 141",  # a true line about another sum, and the right answer
+        right.replace("\n####", "\n1+1=2\n####"),  # padding lowers the share
+        [{"role": "assistant", "content": right}],
+        "no work at all",
+        right,
+        right,
+    ]
+    problems = ["76+65"] * 6 + ["3-9", None]  # a negative subtraction has no worked form
+    assert worked_steps_reward([""] * 8, completions, problem=problems) == [
+        1.0, 0.5, 0.0, 2 / 3, 1.0, 0.0, None, None
+    ]
+    assert resolve_reward_fn("worked_steps") is worked_steps_reward
+
+
+def test_arithmetic_rows_carry_their_problem_for_step_rewards():
+    from jaxpt.data import generate_examples
+    from jaxpt.rewards import worked_steps_reward
+
+    rows = generate_examples(20, seed=0, split="train", max_digits=3)
+    solutions = [row["messages"][-1]["content"] for row in rows]
+    scores = worked_steps_reward([r["prompt"] for r in rows], solutions,
+                                 problem=[r["problem"] for r in rows])
+    assert scores == [1.0] * 20

@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--negative-answers", action="store_true", help="keep a-b with a<b")
     parser.add_argument("--question", default="What is {a}{op}{b}?", help="over {a} {op} {b}")
+    parser.add_argument("--system", help="a system turn before each question ('' = empty)")
     parser.add_argument("--style", default="worked", choices=["worked", "answer"])
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument(
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
                 args.num_examples, args.seed, min_digits=args.min_digits,
                 max_digits=args.max_digits, min_operand=args.min_operand,
                 max_operand=args.max_operand, negative_answers=args.negative_answers,
-                question=args.question, style=args.style, test_fraction=args.test_fraction,
+                question=args.question, system=args.system, style=args.style,
+                test_fraction=args.test_fraction,
             )
         except ValueError as error:
             print(f"eval: {error}", file=sys.stderr)

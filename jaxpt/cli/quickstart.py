@@ -6,7 +6,8 @@ generated arithmetic task (``configs/sft_tiny.yaml``) and reports held-out loss 
 after. Stage ``grpo`` then runs GRPO from the SFT export with the math reward
 (``configs/grpo_arith.yaml``) and reports held-out greedy accuracy before and after; the
 last line printed is one JSON object ``{"sft_accuracy", "grpo_accuracy", "n",
-"sft_model", "grpo_model"}``. ``--max-steps`` and ``key=value`` overrides apply to every
+"reward_first_20", "reward_last_20", "sft_model", "grpo_model"}`` (the rewards are the
+mean training reward of the first and last 20 GRPO steps). ``--max-steps`` and ``key=value`` overrides apply to every
 stage (a quick smoke run: ``--max-steps 2``).
 """
 

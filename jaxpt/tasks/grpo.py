@@ -35,8 +35,10 @@ from jaxpt.tasks.base import BuiltModel, RunContext, Task
 from jaxpt.tasks.rollout import (
     Rollout,
     RolloutSource,
+    completion_hidden,
     completion_window,
     prompt_rows,
+    shares_prompts,
     train_batch,
 )
 
@@ -70,6 +72,7 @@ class GrpoConfig:
     importance_level: str = "token"  # token | sequence (GSPO)
     scale_rewards: bool = True  # divide advantages by the group std (off for Dr. GRPO)
     mask_truncated_completions: bool = False
+    share_prompt_forward: bool = True  # run each group's prompt once in the loss forward
     missing_eos_penalty: float = 0.0  # subtracted from the reward of completions cut at the limit
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal
     rewards: list[RewardSpec] = dataclasses.field(
@@ -123,13 +126,13 @@ def grpo_loss(model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig) -> LossO
     (``old_logprobs`` are its log-probs), so the first iteration's ratio is exactly 1.
     """
     window = completion_window(batch["input_ids"].shape[1], cfg.max_completion_length)
-    kwargs = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
+    group = cfg.num_generations if cfg.share_prompt_forward else 1
 
     def window_logits(m):
         # The LM head runs only where targets are completion tokens: prompt positions
         # would cost [B, Lp, vocab] of logits that the loss never reads.
-        hidden_btd = m(batch["input_ids"], **kwargs, return_hidden=True)
-        return m.logits(hidden_btd[:, window]) / cfg.temperature
+        hidden_btd = completion_hidden(m, batch, cfg.max_completion_length, group)
+        return m.logits(hidden_btd) / cfg.temperature
 
     logits_btv = window_logits(model)
     targets_bt = batch["target_ids"][:, window]
@@ -227,7 +230,10 @@ def make_batch(rollout: Rollout, cfg: GrpoConfig):
     if cfg.mask_truncated_completions:
         keep_b &= ~rollout.truncated
     metrics = {"groups_with_spread_frac": float(np.mean(spread_p))}
-    return train_batch(rollout, advantages_b, keep_b), metrics, advantages_b
+    batch = train_batch(rollout, advantages_b, keep_b)
+    if cfg.share_prompt_forward and not shares_prompts(batch, cfg.max_completion_length, g):
+        raise ValueError("grpo.share_prompt_forward needs each group's rows to share a prompt")
+    return batch, metrics, advantages_b
 
 
 def make_train_source(ctx: RunContext) -> RolloutSource:
