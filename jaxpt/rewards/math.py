@@ -118,6 +118,12 @@ def math_reward(
     `answer` is the dataset column: a bare answer or a worked solution ending in `#### x` or
     `\\boxed{x}`. A row whose answer is None gets None (abstain).
     """
+    return _score_answers(completions, answer, extract_answer)
+
+
+def _score_answers(completions, answer, extract) -> list[float | None]:
+    """1.0/0.0 per completion: does ``extract(text)`` match the row's reference answer;
+    None where the row has no answer."""
     if len(completions) != len(answer):
         raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
     scores: list[float | None] = []
@@ -126,7 +132,7 @@ def math_reward(
         if gold_answer is None:
             scores.append(None)
             continue
-        predicted = extract_answer(completion_text(completion))
+        predicted = extract(completion_text(completion))
         scores.append(float(answers_match(predicted, gold_answer)))
     return scores
 
@@ -152,17 +158,7 @@ def last_number_reward(
 ) -> list[float | None]:
     """1.0 when the last number of a completion equals ``answer`` exactly (as a rational),
     else 0.0; None (abstain) for a row without an answer."""
-    if len(completions) != len(answer):
-        raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
-    scores: list[float | None] = []
-    for completion, gold in zip(completions, answer):
-        gold_answer = reference_answer(gold)
-        if gold_answer is None:
-            scores.append(None)
-            continue
-        predicted = last_number(completion_text(completion))
-        scores.append(float(answers_match(predicted, gold_answer)))
-    return scores
+    return _score_answers(completions, answer, last_number)
 
 
 def accuracy(completions: Sequence[Any], answers: Sequence[Any]) -> float:

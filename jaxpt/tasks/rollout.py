@@ -91,8 +91,6 @@ def completion_hidden(model, batch: dict, max_completion_length: int, group: int
     forward's (the cache gradient sums over the group); with short completions after long
     prompts it is most of the forward and backward saved.
     """
-    import jax.numpy as jnp
-
     from jaxpt.models import KVCache
 
     ids, positions, segments = batch["input_ids"], batch["positions"], batch["segment_ids"]
