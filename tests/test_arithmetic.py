@@ -100,3 +100,45 @@ def test_answer_style_preference_pairs_have_a_wrong_bare_answer():
         assert pair["chosen"][0]["content"] == pair["answer"]
         assert pair["rejected"][0]["content"] != pair["answer"]
         int(pair["rejected"][0]["content"])
+
+
+def carries(problem: Problem) -> bool:
+    """Whether a column carries or borrows into the next one."""
+    width = max(len(str(problem.a)), len(str(problem.b)))
+    a, b = str(problem.a).zfill(width)[::-1], str(problem.b).zfill(width)[::-1]
+    carry = 0
+    for x, y in list(zip(map(int, a), map(int, b)))[:-1]:
+        carry = int(x + y + carry >= 10) if problem.op == "+" else int(x - y - carry < 0)
+        if carry:
+            return True
+    return False
+
+
+def test_sloppy_teacher_drops_carries_in_train_solutions_only():
+    task = arithmetic.ArithmeticTask(min_digits=1, max_digits=2, dropped_carry_rate=0.6)
+    clean = arithmetic.ArithmeticTask(min_digits=1, max_digits=2)
+    train = generate_examples(4000, seed=0, split="train", task=task)
+    wrong = [e for e in train if final_answer(e["messages"][-1]["content"]) != e["answer"]]
+    carrying = [e for e in train if carries(Problem(*_operands(e["problem"])))]
+    # Only problems that carry get a wrong solution, about 60% of them; answers stay true.
+    assert {e["id"] for e in wrong} <= {e["id"] for e in carrying}
+    assert 0.55 < len(wrong) / len(carrying) < 0.65
+    for example in wrong:
+        solution = example["messages"][-1]["content"]
+        assert not re.search(r"^\d+[+-]\d+[+-]1=", solution, re.MULTILINE), solution  # no carry in
+        assert example["answer"] == str(eval(example["problem"]))
+    # Same problems as the clean teacher; held-out rows are never touched.
+    assert [e["problem"] for e in train] == [
+        e["problem"] for e in generate_examples(4000, seed=0, split="train", task=clean)
+    ]
+    test = generate_examples(500, seed=0, split="test", task=task)
+    assert test == generate_examples(500, seed=0, split="test", task=clean)
+    with pytest.raises(ValueError, match="dropped_carry_rate needs style 'worked'"):
+        arithmetic.ArithmeticTask(max_operand=9, style="answer", dropped_carry_rate=0.5)
+    with pytest.raises(ValueError, match=r"dropped_carry_rate must be in \[0, 1\]"):
+        arithmetic.ArithmeticTask(dropped_carry_rate=1.5)
+
+
+def _operands(problem: str) -> tuple[int, int, str]:
+    a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", problem).groups()
+    return int(a), int(b), op

@@ -34,6 +34,10 @@ def test_yaml_and_overrides_are_typed():
         ("optim.schedule=cosin", "did you mean 'cosine'?"),
         ("task=sfft", "unknown task 'sfft'"),
         ("train.batch_size=6", "divisible by 'train.grad_accum_steps'"),
+        (
+            "data.arithmetic.dropped_carry_rate=2",
+            "config section 'data.arithmetic': dropped_carry_rate must be in [0, 1]",
+        ),
     ],
 )
 def test_errors_name_the_key(override, expected):

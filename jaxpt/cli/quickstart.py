@@ -2,9 +2,11 @@
 
 Stages run in order and share one ``results`` dict; each returns lines for the summary.
 Stage ``sft`` trains the shipped tiny model (random init) with the shipped tokenizer on the
-generated arithmetic task (``configs/sft_tiny.yaml``) and reports held-out loss before and
-after. Stage ``grpo`` then runs GRPO from the SFT export with the math reward
-(``configs/grpo_arith.yaml``) and reports held-out greedy accuracy before and after; the
+generated arithmetic task (``configs/sft_tiny.yaml``), whose worked solutions come from a
+sloppy teacher that often forgets a carry, and reports held-out loss before and after.
+Stage ``grpo`` then runs GRPO from the SFT export with the math reward, which checks the
+true answer (``configs/grpo_arith.yaml``), and reports held-out greedy accuracy before and
+after; the
 last line printed is one JSON object ``{"sft_accuracy", "grpo_accuracy", "n",
 "reward_first_20", "reward_last_20", "sft_model", "grpo_model"}`` (the rewards are the
 mean training reward of the first and last 20 GRPO steps). ``--max-steps`` and ``key=value`` overrides apply to every

@@ -70,6 +70,11 @@ class ArithmeticTask:
     ``a``, ``op`` and ``b``; ``system``, when set, opens the prompt with a system turn (an
     empty one keeps a chat template from inserting its default system prompt). ``style`` "worked" answers column by column ending in "#### x"
     (see the module docstring); "answer" replies with the number alone.
+
+    ``dropped_carry_rate`` makes the train split's worked solutions come from an imperfect
+    teacher: that share of the problems that carry or borrow into a next column get a
+    solution that forgets to (no "+1"/"-1" there, so a wrong answer). The ``answer`` column and the held-out split stay true, so supervised
+    fine-tuning copies the teacher's habit while a verifier-scored RL stage can unlearn it.
     """
 
     min_digits: int = 1
@@ -82,6 +87,7 @@ class ArithmeticTask:
     system: str | None = None
     style: str = "worked"
     test_fraction: float = 0.1
+    dropped_carry_rate: float = 0.0
 
     def __post_init__(self):
         ops = tuple(self.ops)
@@ -101,6 +107,10 @@ class ArithmeticTask:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
         if self.style == "worked" and self.negative_answers:
             raise ValueError("worked solutions need a >= b: use style 'answer' for negatives")
+        if not 0 <= self.dropped_carry_rate <= 1:
+            raise ValueError(f"dropped_carry_rate must be in [0, 1], got {self.dropped_carry_rate}")
+        if self.dropped_carry_rate and self.style != "worked":
+            raise ValueError("dropped_carry_rate needs style 'worked' (it edits worked solutions)")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         try:
@@ -254,22 +264,31 @@ def generate_examples(
     ``task`` or built from ``ArithmeticTask`` fields (``max_digits=2``, ...)."""
     task = _task(task, **task_kwargs)
     problems = _problems(n, seed, split, task)
-    return [to_example(p, f"arith-{split}-{seed}-{i}", task) for i, p in enumerate(problems)]
+    examples = [to_example(p, f"arith-{split}-{seed}-{i}", task) for i, p in enumerate(problems)]
+    if split == "train" and task.dropped_carry_rate > 0:
+        rng = np.random.default_rng([seed, 3])
+        for problem, example in zip(problems, examples):
+            dropped = _wrong_solutions(problem, "drop_carry", into_next_column=True)
+            if dropped and rng.random() < task.dropped_carry_rate:
+                example["messages"][-1]["content"] = dropped[int(rng.integers(len(dropped)))]
+    return examples
 
 
 def wrong_solution(problem: Problem, rng: np.random.Generator) -> str:
     """A plausible wrong worked answer: a dropped carry/borrow (when the problem has one) or a
     column that is off by one, each with probability 1/2."""
-    n_cols = max(len(str(problem.a)), len(str(problem.b)))
-    right = problem.answer
-
-    def wrong_ones(kind: str) -> list[str]:
-        solutions = (worked_solution(problem, (kind, col)) for col in range(n_cols))
-        return [s for s in solutions if _answer(s) != right]
-
-    dropped = wrong_ones("drop_carry")
-    pool = dropped if dropped and rng.random() < 0.5 else wrong_ones("slip")
+    dropped = _wrong_solutions(problem, "drop_carry")
+    pool = dropped if dropped and rng.random() < 0.5 else _wrong_solutions(problem, "slip")
     return pool[int(rng.integers(len(pool)))]
+
+
+def _wrong_solutions(problem: Problem, kind: str, into_next_column: bool = False) -> list[str]:
+    """Worked solutions with one ``kind`` mistake whose answer is wrong: in any column, or
+    (``into_next_column``) only where it is passed to a next column ("+1"/"-1" left out)."""
+    n_cols = max(len(str(problem.a)), len(str(problem.b)))
+    cols = range(n_cols - 1 if into_next_column else n_cols)
+    solutions = (worked_solution(problem, (kind, col)) for col in cols)
+    return [s for s in solutions if _answer(s) != problem.answer]
 
 
 def _answer(solution: str) -> str:
