@@ -64,7 +64,7 @@ class ArithmeticSection:
     system: str | None = None  # a system turn before the question ("" = an empty one)
     style: str = "worked"  # worked (column by column, "#### x") | answer (the number alone)
     test_fraction: float = 0.1  # share of problems (by hash) that are held out
-    dropped_carry_rate: float = 0.0  # train solutions that forget a carry/borrow (a sloppy teacher)
+    dropped_carry_rate: float = 0.0  # train solutions that forget a carry (a sloppy teacher)
     seed: int = 0
 
     def __post_init__(self):

@@ -6,11 +6,10 @@ generated arithmetic task (``configs/sft_tiny.yaml``), whose worked solutions co
 sloppy teacher that often forgets a carry, and reports held-out loss before and after.
 Stage ``grpo`` then runs GRPO from the SFT export with the math reward, which checks the
 true answer (``configs/grpo_arith.yaml``), and reports held-out greedy accuracy before and
-after; the
-last line printed is one JSON object ``{"sft_accuracy", "grpo_accuracy", "n",
+after; the last line printed is one JSON object ``{"sft_accuracy", "grpo_accuracy", "n",
 "reward_first_20", "reward_last_20", "sft_model", "grpo_model"}`` (the rewards are the
-mean training reward of the first and last 20 GRPO steps). ``--max-steps`` and ``key=value`` overrides apply to every
-stage (a quick smoke run: ``--max-steps 2``).
+mean training reward of the first and last 20 GRPO steps). ``--max-steps`` and
+``key=value`` overrides apply to every stage (a quick smoke run: ``--max-steps 2``).
 """
 
 from __future__ import annotations

@@ -73,8 +73,9 @@ class ArithmeticTask:
 
     ``dropped_carry_rate`` makes the train split's worked solutions come from an imperfect
     teacher: that share of the problems that carry or borrow into a next column get a
-    solution that forgets to (no "+1"/"-1" there, so a wrong answer). The ``answer`` column and the held-out split stay true, so supervised
-    fine-tuning copies the teacher's habit while a verifier-scored RL stage can unlearn it.
+    solution that forgets to (no "+1"/"-1" there, so a wrong answer). The ``answer`` column
+    and the held-out split stay true, so supervised fine-tuning copies the teacher's habit
+    while a verifier-scored RL stage can unlearn it.
     """
 
     min_digits: int = 1
