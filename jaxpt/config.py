@@ -65,6 +65,7 @@ class ArithmeticSection:
     style: str = "worked"  # worked (column by column, "#### x") | answer (the number alone)
     test_fraction: float = 0.1  # share of problems (by hash) that are held out
     dropped_carry_rate: float = 0.0  # train solutions that forget a carry (a sloppy teacher)
+    near_duplicate_rate: float = 0.0  # train rows that get a reworded copy (noise to curate)
     seed: int = 0
 
     def __post_init__(self):
@@ -211,7 +212,7 @@ def _parent(schema, full_key: str):
     return node
 
 
-def _explain(error: OmegaConfBaseException, schema) -> ConfigError:
+def explain_config_error(error: OmegaConfBaseException, schema) -> ConfigError:
     full_key = str(getattr(error, "full_key", "") or getattr(error, "key", "") or "?")
     if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
         parent = _parent(schema, full_key)
@@ -292,7 +293,7 @@ def load_config(
         merged = OmegaConf.merge(*layers)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise _explain(error, schema) from None
+        raise explain_config_error(error, schema) from None
     if config.task not in available_tasks():
         close = difflib.get_close_matches(config.task, available_tasks(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -139,3 +139,24 @@ def test_sloppy_teacher_drops_carries_in_train_solutions_only():
     with pytest.raises(ValueError, match=r"dropped_carry_rate must be in \[0, 1\]"):
         arithmetic.ArithmeticTask(dropped_carry_rate=1.5)
 
+
+
+def test_near_duplicates_are_reworded_copies_in_train_only():
+    task = arithmetic.ArithmeticTask(min_digits=1, max_digits=2, near_duplicate_rate=0.3)
+    clean = generate_examples(2000, seed=0, split="train", min_digits=1, max_digits=2)
+    noisy = generate_examples(2000, seed=0, split="train", task=task)
+    copies = [e for e in noisy if e["id"].endswith("-near-dup")]
+    # The original rows are untouched and in order; about 30% of them gained one copy.
+    assert [e for e in noisy if not e["id"].endswith("-near-dup")] == clean
+    assert 0.26 < len(copies) / len(clean) < 0.34
+    by_id = {e["id"]: e for e in clean}
+    for copy in copies:
+        original = by_id[copy["id"].removesuffix("-near-dup")]
+        question, reworded = original["messages"][0]["content"], copy["messages"][0]["content"]
+        assert reworded != question and copy["prompt"][0]["content"] == reworded
+        assert copy["messages"][1:] == original["messages"][1:]
+        assert (copy["answer"], copy["problem"]) == (original["answer"], original["problem"])
+    test = generate_examples(300, seed=0, split="test", task=task)
+    assert test == generate_examples(300, seed=0, split="test", min_digits=1, max_digits=2)
+    with pytest.raises(ValueError, match=r"near_duplicate_rate must be in \[0, 1\]"):
+        arithmetic.ArithmeticTask(near_duplicate_rate=-0.1)

@@ -76,6 +76,8 @@ GRPO_ARITH = os.path.join(ROOT, "configs", "grpo_arith.yaml")
         ("grpo.temperature=0", "config key 'grpo.temperature' must be > 0"),
         ("grpo.num_generations=0", "config key 'grpo.num_generations' must be >= 1"),
         ("grpo.rewards=[{name: no_such_reward}]", "config key 'grpo.rewards'"),
+        ("grpo.max_sampling_rounds=3", "it needs 'grpo.dynamic_sampling: true'"),
+        ("grpo.advantage_estimator=gae", "config key 'grpo.advantage_estimator' must be one of"),
     ],
 )
 def test_grpo_options_are_checked_when_the_config_loads(override, expected):
@@ -83,6 +85,14 @@ def test_grpo_options_are_checked_when_the_config_loads(override, expected):
     with pytest.raises(ConfigError) as info:
         load_config(GRPO_ARITH, ["output_dir=unused", override])
     assert expected in str(info.value)
+
+
+def test_advantage_estimator_combinations_are_checked():
+    from jaxpt.tasks.grpo import GrpoConfig
+
+    with pytest.raises(ConfigError, match="'grpo.advantage_estimator'.*num_generations' >= 2"):
+        GrpoConfig(advantage_estimator="rloo", num_generations=1)
+    assert GrpoConfig(advantage_estimator="rloo", num_generations=2).advantage_estimator == "rloo"
 
 
 @pytest.mark.parametrize("name", ["dpo", "rm"])

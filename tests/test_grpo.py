@@ -27,6 +27,12 @@ def digit_fraction(prompts, completions, **kwargs):
     return [sum(c in DIGITS for c in text) / max(len(text), 1) for text in completions]
 
 
+def spread_on_every_fourth_prompt(prompts, completions, answer, **kwargs):
+    """Rewards that differ between completions only for prompts "Say i" with i % 4 == 0."""
+    return [len(set(text)) % 5 / 4 if int(a) % 4 == 0 else 0.5
+            for text, a in zip(completions, answer)]
+
+
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("grpo_data") / "prompts.jsonl"
@@ -199,3 +205,33 @@ def test_shared_prompt_forward_equals_the_full_forward():
     np.testing.assert_allclose(float(shared), float(full), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(nnx.state(full_grads)), jax.tree.leaves(nnx.state(shared_grads))):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-4)
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_that_have_spread_and_resumes_exactly(
+    tmp_path, tiny_dir, prompts_file
+):
+    """DAPO's dynamic sampling: a step samples fresh prompts, round after round, until its
+    batch holds only groups whose rewards differ; only a quarter of the prompts can."""
+    extra = {
+        "train.max_steps": 4, "grpo.dynamic_sampling": "true", "grpo.max_sampling_rounds": 12,
+        "grpo.rewards": "[{fn: 'test_grpo:spread_on_every_fourth_prompt'}]",
+    }
+    full = str(tmp_path / "full")
+    run(load_config(GRPO_ARITH, overrides(full, tiny_dir, prompts_file, **extra)))
+    rows = train_rows(full)
+    for r in rows:
+        # 4 prompts per step, 1 in 4 with spread: about 4 rounds to fill the batch.
+        assert r["groups_with_spread_frac"] == 1.0 or r["sampling_rounds"] == 12, r
+        assert r["sampling_rounds"] >= 2 and r["sampled_groups_passing_frac"] < 1.0, r
+    with open(os.path.join(full, "completions.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert all(int(s["prompt"].split()[-1]) % 4 == 0 for s in logged), logged
+
+    resumed = str(tmp_path / "resumed")
+    config = load_config(GRPO_ARITH, overrides(resumed, tiny_dir, prompts_file, **extra))
+    assert run(config, stop_after_step=2).preempted
+    run(config)
+    again = train_rows(resumed)
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "sampling_rounds", "reward"):
+        assert [r[key] for r in rows] == [r[key] for r in again], key

@@ -11,9 +11,12 @@ from jaxpt.losses import (
     aggregate_token_loss,
     bradley_terry_loss,
     dpo_loss,
+    estimate_advantages,
     group_advantages,
     k3_kl,
     policy_gradient_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
     sequence_logprob,
     token_logprobs,
 )
@@ -81,6 +84,62 @@ def test_group_advantages_by_hand_and_all_equal_group():
     np.testing.assert_array_equal(np.asarray(spread), [True, False, True])
     unscaled, _ = group_advantages(jnp.asarray(rewards), scale_by_std=False)
     np.testing.assert_allclose(np.asarray(unscaled), rewards - rewards.mean(1, keepdims=True))
+
+
+ADV_REWARDS = np.array([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [3.0, 0.0, 0.0, 0.0]])
+
+
+def test_rloo_advantages_by_hand():
+    adv, spread = rloo_advantages(jnp.asarray(ADV_REWARDS))
+    # r_i minus the mean of the other three: row 0 sums to 2, row 2 to 3.
+    expected = [[1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3],
+                [0.0, 0.0, 0.0, 0.0],
+                [3 - 0 / 3, 0 - 3 / 3, 0 - 3 / 3, 0 - 3 / 3]]
+    np.testing.assert_allclose(np.asarray(adv), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(spread), [True, False, True])
+    with pytest.raises(ValueError, match="needs >= 2 completions"):
+        rloo_advantages(jnp.ones((3, 1)))
+
+
+def test_reinforce_pp_advantages_by_hand():
+    adv, spread = reinforce_pp_advantages(jnp.asarray(ADV_REWARDS), eps=1e-4)
+    # Group means 0.5, 0.5, 0.75 off; the centred values have batch mean 0 and population
+    # variance (4 * 0.25 + 2.25**2 + 3 * 0.75**2) / 12 = 31 / 48.
+    centred = [[0.5, -0.5, -0.5, 0.5], [0.0] * 4, [2.25, -0.75, -0.75, -0.75]]
+    np.testing.assert_allclose(
+        np.asarray(adv), np.array(centred) / (math.sqrt(31 / 48) + 1e-4), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(spread), [True, False, True])
+
+    # Token-count weights (0 drops a completion), as OpenRLHF and verl whiten over tokens.
+    weights = [[3, 1, 1, 0], [2, 2, 2, 2], [1, 1, 1, 5]]
+    values, counts = [], []
+    for row, w_row in zip(centred, weights):
+        for c, w in zip(row, w_row):
+            values.append(c)
+            counts.append(w)
+    total = sum(counts)
+    mean = sum(c * w for c, w in zip(values, counts)) / total
+    std = math.sqrt(sum(w * (c - mean) ** 2 for c, w in zip(values, counts)) / total)
+    expected = [[(c - mean) / (std + 1e-4) for c in row] for row in centred]
+    adv_w, _ = reinforce_pp_advantages(jnp.asarray(ADV_REWARDS), weights_pg=jnp.asarray(weights))
+    np.testing.assert_allclose(np.asarray(adv_w), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_all_equal_rewards_give_zero_advantages(estimator):
+    rewards = jnp.full((3, 4), 0.7)
+    for weights in (None, jnp.zeros((3, 4))):  # zero weights: every completion dropped
+        adv, spread = estimate_advantages(rewards, estimator, weights_pg=weights)
+        np.testing.assert_array_equal(np.asarray(adv), 0.0)
+        assert not np.asarray(spread).any()
+    # The has-spread mask (dynamic sampling's filter) is the same for every estimator.
+    _, spread = estimate_advantages(jnp.asarray(ADV_REWARDS), estimator)
+    np.testing.assert_array_equal(np.asarray(spread), [True, False, True])
+
+
+def test_unknown_advantage_estimator_is_rejected():
+    with pytest.raises(ValueError, match="reinforce_pp"):
+        estimate_advantages(jnp.zeros((1, 2)), "gae")
 
 
 def test_k3_kl_by_hand_and_nonnegative():

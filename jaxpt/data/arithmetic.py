@@ -76,6 +76,11 @@ class ArithmeticTask:
     solution that forgets to (no "+1"/"-1" there, so a wrong answer). The ``answer`` column
     and the held-out split stay true, so supervised fine-tuning copies the teacher's habit
     while a verifier-scored RL stage can unlearn it.
+
+    ``near_duplicate_rate`` plants near-duplicates in the train split, as scraped data has:
+    that share of the rows gets one extra copy whose question is reworded and re-spaced
+    ("what's 67 + 34 ?") and whose reply is the same, so a habit in it counts twice. It is
+    the noise that a curation pipeline's near-duplicate step exists to remove.
     """
 
     min_digits: int = 1
@@ -89,6 +94,7 @@ class ArithmeticTask:
     style: str = "worked"
     test_fraction: float = 0.1
     dropped_carry_rate: float = 0.0
+    near_duplicate_rate: float = 0.0
 
     def __post_init__(self):
         ops = tuple(self.ops)
@@ -110,6 +116,10 @@ class ArithmeticTask:
             raise ValueError("worked solutions need a >= b: use style 'answer' for negatives")
         if not 0 <= self.dropped_carry_rate <= 1:
             raise ValueError(f"dropped_carry_rate must be in [0, 1], got {self.dropped_carry_rate}")
+        if not 0 <= self.near_duplicate_rate <= 1:
+            raise ValueError(
+                f"near_duplicate_rate must be in [0, 1], got {self.near_duplicate_rate}"
+            )
         if self.dropped_carry_rate and self.style != "worked":
             raise ValueError("dropped_carry_rate needs style 'worked' (it edits worked solutions)")
         if not 0 < self.test_fraction < 1:
@@ -272,7 +282,39 @@ def generate_examples(
             dropped = _wrong_solutions(problem, "drop_carry", into_next_column=True)
             if dropped and rng.random() < task.dropped_carry_rate:
                 example["messages"][-1]["content"] = dropped[int(rng.integers(len(dropped)))]
+    if split == "train" and task.near_duplicate_rate > 0:
+        examples = _plant_near_duplicates(examples, task.near_duplicate_rate, seed)
     return examples
+
+
+# Each near-duplicate gets two of these edits of its question.
+_REWORDINGS = (
+    lambda q: q.replace("What is", "What's"),
+    lambda q: q.replace("What is", "what is"),
+    lambda q: q.replace("+", " + ").replace("-", " - "),
+    lambda q: q.replace("?", " ?"),
+    lambda q: "Q: " + q,
+    lambda q: q + "  ",
+)
+
+
+def _plant_near_duplicates(examples: list[dict], rate: float, seed: int) -> list[dict]:
+    """``examples`` with, after each picked row, a copy whose user turn is reworded."""
+    rng = np.random.default_rng([seed, 4])
+    out = []
+    for example in examples:
+        out.append(example)
+        if rng.random() >= rate:
+            continue
+        edits = rng.choice(len(_REWORDINGS), size=2, replace=False)
+        copy = json.loads(json.dumps(example))
+        for turns in (copy["messages"], copy["prompt"]):
+            user = next(t for t in turns if t["role"] == "user")
+            for edit in sorted(edits):
+                user["content"] = _REWORDINGS[edit](user["content"])
+        copy["id"] = example["id"] + "-near-dup"
+        out.append(copy)
+    return out
 
 
 def wrong_solution(problem: Problem, rng: np.random.Generator) -> str:

@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from jaxpt.data.sources import DataError
+from jaxpt.data.sources import DataError, RowProblem, check_text
 
 Overflow = Literal["truncate", "drop"]
 # Outcome of fitting one example to max_length; the pipeline counts each kind.
@@ -50,6 +50,10 @@ def encode_prompt(tokenizer, prompt, *, chat_template: bool = True) -> list[int]
     ``chat_template=False``. Otherwise the raw text is encoded with the tokenizer's special
     tokens (e.g. BOS), as the model saw text in pretraining.
     """
+    try:  # dataset rows are checked on load; this covers prompts typed or built in code
+        check_text(prompt, "prompt")
+    except RowProblem as problem:
+        raise DataError(str(problem)) from None
     if isinstance(prompt, list):
         return render_prompt(tokenizer, prompt)
     if not isinstance(prompt, str):

@@ -16,8 +16,13 @@ Validated rows are normalised to one of:
     {"prompt": str, "completion": str}
     {"prompt": str | messages, "chosen": str | messages, "rejected": ..., "margin": float}
     {"prompt": str | messages, **other columns}
+
+Every string in the fields a row kind reads (every column of a prompt row) must be clean
+text: a lone surrogate or a NUL character rejects the row, as does a preference pair whose
+responses are identical. Bad rows are errors, or skipped and counted with `skip_invalid`.
 """
 
+import codecs
 import dataclasses
 import json
 import math
@@ -67,12 +72,16 @@ def load_examples(
     }[kind]
     name = "<memory>" if isinstance(source, list) else str(source)
     rows, reasons, num_read = [], [], 0
-    for index, where, row in _read_rows(source, split):
+    for index, where, row in read_rows(source, split):
         num_read += 1
         try:
             if isinstance(row, RowProblem):
                 raise row
-            rows.append(normalize(row))
+            normalized = normalize(row)
+            check_text(_fields_read(kind, row))
+            if kind == "preference" and normalized["chosen"] == normalized["rejected"]:
+                raise RowProblem("'chosen' and 'rejected' are identical: nothing to prefer")
+            rows.append(normalized)
         except RowProblem as problem:
             message = f"{name}: row {index}{where}: {problem}"
             if not skip_invalid:
@@ -81,7 +90,7 @@ def load_examples(
     return LoadedExamples(rows, name, num_read, len(reasons), reasons[:20])
 
 
-def _read_rows(source, split: str) -> Iterator[tuple[int, str, Any]]:
+def read_rows(source, split: str) -> Iterator[tuple[int, str, Any]]:
     """Yield (row index, location hint, row dict or RowProblem) from any supported source."""
     if isinstance(source, list):
         yield from ((i, "", row) for i, row in enumerate(source))
@@ -116,24 +125,34 @@ def _read_with_datasets(builder: str, path: str) -> Iterator[tuple[int, str, Any
 def _read_json(path: Path) -> Iterator[tuple[int, str, Any]]:
     # Parsed here rather than by `datasets`: Arrow rejects a whole file when one row has a
     # differently typed field, without saying which row; we want to name (or skip) that row.
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: invalid JSON: {error}") from None
+    # A leading BOM is written by some Windows tools; json rejects it.
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    if path.suffix == ".json" and data.lstrip().startswith(b"["):
+        rows = _parse_json(data)
+        if isinstance(rows, RowProblem):
+            raise DataError(f"{path}: {rows}")
         yield from ((i, "", row) for i, row in enumerate(rows))
         return
     index = 0
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines also splits at U+2028, U+0085 and other
+    # characters that JSON allows unescaped inside strings.
+    for line_number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            row = RowProblem(f"invalid JSON: {error}")
-        yield index, f" (line {line_number})", row
+        yield index, f" (line {line_number})", _parse_json(line)
         index += 1
+
+
+def _parse_json(data: bytes) -> Any:
+    """The value of one JSON text, or a RowProblem saying why there is none."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return RowProblem(f"not UTF-8 text (byte {error.start}: {data[error.start]:#04x})")
+    except RecursionError:
+        return RowProblem("invalid JSON: nested too deeply")
+    except ValueError as error:  # JSONDecodeError, or an integer too long to convert
+        return RowProblem(f"invalid JSON: {error}")
 
 
 def normalize_sft_row(row: Any) -> dict:
@@ -196,6 +215,60 @@ def normalize_prompt_row(row: Any) -> dict:
     elif not isinstance(prompt, str) or not prompt:
         raise RowProblem(f"'prompt' must be a non-empty string or a message list, got {prompt!r}")
     return {**row, "prompt": prompt}
+
+
+def _fields_read(kind: RowKind, row: dict) -> dict:
+    """The columns of a valid row that its kind uses: all of them for prompt rows, whose other
+    columns go to reward functions."""
+    if kind == "prompt":
+        return row
+    if kind == "sft":
+        keys = ("messages",) if "messages" in row else ("prompt", "completion")
+    else:
+        keys = ("prompt", "chosen", "rejected")
+    return {key: row[key] for key in keys}
+
+
+def check_text(value: Any, path: str = "") -> None:
+    """Raise RowProblem naming the key path (e.g. `messages[1].content`) of the first string
+    under `value`, dict keys included, that is not clean text: see `text_problem`."""
+    stack = [(path, value)]
+    while stack:  # not recursive: a row may nest as deep as the JSON parser allows
+        where, item = stack.pop()
+        if isinstance(item, str):
+            problem = text_problem(item)
+            if problem:
+                raise RowProblem(f"'{where}' {problem}")
+        elif isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                name = key if isinstance(key, str) else str(key)
+                problem = text_problem(name)
+                if problem:
+                    raise RowProblem(f"a key of '{where or 'the row'}' {problem}")
+                children.append((f"{where}.{name}" if where else name, child))
+            stack.extend(reversed(children))  # report the first bad string in file order
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed([(f"{where}[{i}]", child) for i, child in enumerate(item)]))
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be trained on, or None. A lone surrogate (U+D800..U+DFFF: JSON's
+    `\\udcff` escape allows one, but it is not Unicode text) fails UTF-8 encoding and
+    tokenizers; a NUL character marks binary or corrupt data and ends C strings."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        return f"contains a NUL character (U+0000) at character {nul}"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            code = ord(text[error.start])
+            return (
+                f"contains a lone surrogate U+{code:04X} at character {error.start}, "
+                "which is not valid Unicode text"
+            )
+    return None
 
 
 def _require_dict(row: Any) -> None:

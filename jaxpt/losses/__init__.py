@@ -6,24 +6,32 @@ the (numerator, denominator) pair the train step accumulates.
 
 from jaxpt.losses.logprobs import entropy_from_logits, sequence_logprob, token_logprobs
 from jaxpt.losses.policy import (
+    ADVANTAGE_ESTIMATORS,
     LOSS_TYPES,
     aggregate_token_loss,
+    estimate_advantages,
     group_advantages,
     k3_kl,
     policy_gradient_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
 )
 from jaxpt.losses.preference import DPO_LOSS_TYPES, bradley_terry_loss, dpo_loss
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "DPO_LOSS_TYPES",
     "LOSS_TYPES",
     "aggregate_token_loss",
     "bradley_terry_loss",
     "dpo_loss",
     "entropy_from_logits",
+    "estimate_advantages",
     "group_advantages",
     "k3_kl",
     "policy_gradient_loss",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
     "sequence_logprob",
     "token_logprobs",
 ]

@@ -1,4 +1,4 @@
-"""Policy-gradient pieces for GRPO and its variants (Dr. GRPO, DAPO, GSPO).
+"""Policy-gradient pieces for GRPO and its variants (Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++).
 
 All functions are pure and shape-polymorphic; masks are float or bool arrays aligned
 with the completion tokens (1 = a generated token that is trained on).
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 IMPORTANCE_LEVELS = ("token", "sequence")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
 
 def group_advantages(rewards_pg, *, scale_by_std: bool = True, eps: float = 1e-4):
@@ -27,8 +28,84 @@ def group_advantages(rewards_pg, *, scale_by_std: bool = True, eps: float = 1e-4
     group_size = rewards_pg.shape[1]
     std_p1 = jnp.sqrt(jnp.sum(centred_pg**2, axis=1, keepdims=True) / max(group_size - 1, 1))
     advantages_pg = centred_pg / (std_p1 + eps) if scale_by_std else centred_pg
-    has_spread_p = jnp.max(rewards_pg, axis=1) > jnp.min(rewards_pg, axis=1)
+    return advantages_pg, _has_spread(rewards_pg)
+
+
+def _has_spread(rewards_pg):
+    """[P] bool: groups whose rewards are not all equal (the same for every estimator)."""
+    return jnp.max(rewards_pg, axis=1) > jnp.min(rewards_pg, axis=1)
+
+
+def rloo_advantages(rewards_pg):
+    """REINFORCE Leave-One-Out advantages [P, G] (Ahmadian et al. 2024, arXiv:2402.14740).
+
+    Each completion's baseline is the mean reward of the other G - 1 completions of its
+    prompt: ``A_i = r_i - (sum_j r_j - r_i) / (G - 1)``, which equals
+    ``G / (G - 1) * (r_i - mean_j r_j)``. No std scaling (as in OpenRLHF's and verl's
+    ``rloo``). Groups whose rewards are all equal get exactly zero. Also returns the [P]
+    has-spread mask. Needs G >= 2.
+    """
+    group_size = rewards_pg.shape[1]
+    if group_size < 2:
+        raise ValueError(f"RLOO's leave-one-out baseline needs >= 2 completions per prompt, "
+                         f"got {group_size}")
+    rewards_pg = rewards_pg.astype(jnp.float32)
+    has_spread_p = _has_spread(rewards_pg)
+    others_mean_pg = (jnp.sum(rewards_pg, axis=1, keepdims=True) - rewards_pg) / (group_size - 1)
+    # Exact zeros where all rewards agree, not float round-off from the sum and division.
+    advantages_pg = jnp.where(has_spread_p[:, None], rewards_pg - others_mean_pg, 0.0)
     return advantages_pg, has_spread_p
+
+
+def reinforce_pp_advantages(rewards_pg, *, weights_pg=None, eps: float = 1e-4):
+    """REINFORCE++-baseline advantages [P, G] for outcome rewards (Hu et al.,
+    arXiv:2501.03262; OpenRLHF's ``reinforce_baseline``, verl's ``reinforce_plus_plus_baseline``).
+
+    1. Per prompt, subtract the group mean: ``c_i = r_i - mean_group(r)`` (no group std).
+    2. Normalise over the whole batch: ``A_i = (c_i - m) / (s + eps)`` with ``m`` and ``s``
+       the weighted mean and population (biased) std of ``c`` over all P * G completions.
+
+    ``weights_pg`` is how much each completion counts in ``m`` and ``s``: OpenRLHF and verl
+    whiten over response tokens, which for one reward per completion (and no KL folded into
+    the reward) is weighting each completion by its trained token count; zero drops a
+    completion from the statistics. None weighs every completion once. Differences from
+    the references: ``+ eps`` on the std (OpenRLHF clamps the variance at 1e-8, verl adds
+    1e-8 to an unbiased variance). A batch of all-equal rewards gets zeros. Also returns the
+    [P] has-spread mask.
+    """
+    rewards_pg = rewards_pg.astype(jnp.float32)
+    has_spread_p = _has_spread(rewards_pg)
+    centred_pg = rewards_pg - jnp.mean(rewards_pg, axis=1, keepdims=True)
+    centred_pg = jnp.where(has_spread_p[:, None], centred_pg, 0.0)
+    if weights_pg is None:
+        weights_pg = jnp.ones_like(rewards_pg)
+    weights_pg = weights_pg.astype(jnp.float32)
+    total_weight = jnp.maximum(jnp.sum(weights_pg), 1e-8)  # all rows dropped: zeros, not NaN
+    batch_mean = jnp.sum(weights_pg * centred_pg) / total_weight
+    batch_std = jnp.sqrt(jnp.sum(weights_pg * (centred_pg - batch_mean) ** 2) / total_weight)
+    return (centred_pg - batch_mean) / (batch_std + eps), has_spread_p
+
+
+def estimate_advantages(
+    rewards_pg, estimator: str = "grpo", *, scale_by_std: bool = True, weights_pg=None,
+    eps: float = 1e-4,
+):
+    """Advantages [P, G] by ``estimator`` (one of ``ADVANTAGE_ESTIMATORS``) and the [P]
+    has-spread mask, which does not depend on the estimator.
+
+    grpo: ``group_advantages`` (``scale_by_std`` applies only here); rloo:
+    ``rloo_advantages``; reinforce_pp: ``reinforce_pp_advantages`` (``weights_pg`` applies
+    only here).
+    """
+    if estimator == "grpo":
+        return group_advantages(rewards_pg, scale_by_std=scale_by_std, eps=eps)
+    if estimator == "rloo":
+        return rloo_advantages(rewards_pg)
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards_pg, weights_pg=weights_pg, eps=eps)
+    raise ValueError(
+        f"unknown advantage estimator {estimator!r}; choose from {ADVANTAGE_ESTIMATORS}"
+    )
 
 
 def k3_kl(logp_bt, ref_logp_bt):

@@ -46,6 +46,26 @@ class RewardBatch:
     total: np.ndarray
     counters: dict[str, dict[str, int]]
 
+    def take(self, rows: np.ndarray) -> "RewardBatch":
+        """The scores of ``rows`` (indices); counters stay those of the whole batch."""
+        return RewardBatch(
+            scores={name: scores_n[rows] for name, scores_n in self.scores.items()},
+            total=self.total[rows], counters=self.counters,
+        )
+
+    @staticmethod
+    def concat(batches: Sequence["RewardBatch"]) -> "RewardBatch":
+        """One batch holding the rows of ``batches`` in order, with their counters summed."""
+        first = batches[0]
+        return RewardBatch(
+            scores={name: np.concatenate([b.scores[name] for b in batches])
+                    for name in first.scores},
+            total=np.concatenate([b.total for b in batches]),
+            counters={name: {key: sum(b.counters[name][key] for b in batches)
+                             for key in first.counters[name]}
+                      for name in first.counters},
+        )
+
     def metrics(self) -> dict[str, float]:
         """Flat scalars for a metrics writer: per-function mean and counters, total mean."""
         out: dict[str, float] = {"rewards/total/mean": _mean(self.total)}

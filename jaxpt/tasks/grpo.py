@@ -20,10 +20,11 @@ import numpy as np
 
 from jaxpt.config import ConfigError
 from jaxpt.losses import (
+    ADVANTAGE_ESTIMATORS,
     LOSS_TYPES,
     aggregate_token_loss,
     entropy_from_logits,
-    group_advantages,
+    estimate_advantages,
     policy_gradient_loss,
     token_logprobs,
 )
@@ -70,11 +71,15 @@ class GrpoConfig:
     epsilon_high: float | None = None  # None: epsilon_low; DAPO's clip-higher uses 0.28
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo
     importance_level: str = "token"  # token | sequence (GSPO)
-    scale_rewards: bool = True  # divide advantages by the group std (off for Dr. GRPO)
+    scale_rewards: bool = True  # grpo estimator: divide by the group std (off for Dr. GRPO)
+    # grpo: group-normalised | rloo: leave-one-out baseline | reinforce_pp: group mean off,
+    # then whitened over the batch's trained tokens (REINFORCE++-baseline)
+    advantage_estimator: str = "grpo"
     mask_truncated_completions: bool = False
     share_prompt_forward: bool = True  # run each group's prompt once in the loss forward
     missing_eos_penalty: float = 0.0  # subtracted from the reward of completions cut at the limit
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    max_sampling_rounds: int = 1  # with dynamic_sampling: rollouts per step to fill the batch
     rewards: list[RewardSpec] = dataclasses.field(
         default_factory=lambda: [RewardSpec(name="math")]
     )
@@ -92,8 +97,14 @@ class GrpoConfig:
         if self.importance_level not in IMPORTANCE_LEVELS:
             fail("importance_level",
                  f"must be one of {IMPORTANCE_LEVELS}, got {self.importance_level!r}")
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            fail("advantage_estimator",
+                 f"must be one of {ADVANTAGE_ESTIMATORS}, got {self.advantage_estimator!r}")
+        if self.advantage_estimator == "rloo" and self.num_generations < 2:
+            fail("advantage_estimator", "rloo's leave-one-out baseline needs "
+                 f"'grpo.num_generations' >= 2, got {self.num_generations}")
         for key in ("num_generations", "num_iterations", "max_prompt_length",
-                    "max_completion_length"):
+                    "max_completion_length", "max_sampling_rounds"):
             if getattr(self, key) < 1:
                 fail(key, f"must be >= 1, got {getattr(self, key)}")
         if self.temperature <= 0:
@@ -112,6 +123,9 @@ class GrpoConfig:
             fail("eval_max_new_tokens", f"must be >= 1 or null, got {self.eval_max_new_tokens}")
         if self.log_completions < 0 or self.eval_prompts < 0:
             fail("log_completions", "and 'grpo.eval_prompts' must be >= 0")
+        if self.max_sampling_rounds > 1 and not self.dynamic_sampling:
+            fail("max_sampling_rounds", "fills the batch with groups that have reward spread: "
+                 "it needs 'grpo.dynamic_sampling: true'")
         if not self.rewards:
             fail("rewards", "needs at least one reward function")
 
@@ -208,6 +222,27 @@ def build(ctx: RunContext) -> BuiltModel:
     return BuiltModel(model, ref_params=common.reference_params(ctx, model))
 
 
+def _group_advantages(rollout: Rollout, cfg: GrpoConfig, trained_b: np.ndarray | None = None):
+    """Advantages [P, G] by ``cfg.advantage_estimator`` and the [P] mask of groups with
+    reward spread. ``trained_b`` ([B] bool, default all) are the rows the loss trains on:
+    REINFORCE++ takes its batch mean and std over their tokens."""
+    # Completions that never ended pay the penalty: a reply that rambles past the budget
+    # should not score like one that stops after its answer.
+    rewards_b = rollout.rewards.total - cfg.missing_eos_penalty * rollout.truncated
+    shape_pg = (rollout.num_prompts, cfg.num_generations)
+    trained_b = np.ones(len(rewards_b), bool) if trained_b is None else trained_b
+    tokens_pg = (rollout.lengths * trained_b).reshape(shape_pg)
+    return estimate_advantages(
+        jnp.asarray(rewards_b.reshape(shape_pg)), cfg.advantage_estimator,
+        scale_by_std=cfg.scale_rewards, weights_pg=jnp.asarray(tokens_pg),
+    )
+
+
+def groups_with_spread(rollout: Rollout, cfg: GrpoConfig) -> np.ndarray:
+    """[P] bool: the prompts whose completions' rewards differ (dynamic sampling's filter)."""
+    return np.asarray(_group_advantages(rollout, cfg)[1])
+
+
 def make_batch(rollout: Rollout, cfg: GrpoConfig):
     """Group-relative advantages of a rollout and its train rows (GRPO's ``make_batch``)."""
     g = cfg.num_generations
@@ -216,19 +251,13 @@ def make_batch(rollout: Rollout, cfg: GrpoConfig):
             f"rollout completions are {rollout.tokens.shape[1]} wide, expected "
             f"grpo.max_completion_length={cfg.max_completion_length}"
         )
-    # Completions that never ended pay the penalty: a reply that rambles past the budget
-    # should not score like one that stops after its answer.
-    rewards_b = rollout.rewards.total - cfg.missing_eos_penalty * rollout.truncated
-    rewards_pg = rewards_b.reshape(rollout.num_prompts, g)
-    advantages_pg, spread_p = group_advantages(
-        jnp.asarray(rewards_pg), scale_by_std=cfg.scale_rewards
-    )
-    advantages_b = np.asarray(advantages_pg).reshape(-1)
-    keep_b = np.ones(len(advantages_b), bool)
+    spread_p = groups_with_spread(rollout, cfg)
+    keep_b = np.ones(len(rollout.lengths), bool)
     if cfg.dynamic_sampling:
-        keep_b &= np.repeat(np.asarray(spread_p), g)
+        keep_b &= np.repeat(spread_p, g)
     if cfg.mask_truncated_completions:
         keep_b &= ~rollout.truncated
+    advantages_b = np.asarray(_group_advantages(rollout, cfg, keep_b)[0]).reshape(-1)
     metrics = {"groups_with_spread_frac": float(np.mean(spread_p))}
     batch = train_batch(rollout, advantages_b, keep_b)
     if cfg.share_prompt_forward and not shares_prompts(batch, cfg.max_completion_length, g):
@@ -244,6 +273,9 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=cfg.top_k, rewards=reward_specs(cfg), reuse=cfg.num_iterations,
         log_completions=cfg.log_completions,
+        group_filter=(functools.partial(groups_with_spread, cfg=cfg)
+                      if cfg.dynamic_sampling and cfg.max_sampling_rounds > 1 else None),
+        max_rounds=cfg.max_sampling_rounds,
     )
 
 

@@ -41,8 +41,31 @@ class Rollout:
     truncated: np.ndarray  # [B] no eos within the budget
     texts: list[str]  # decoded completions
     rows: list[dict]  # the dataset row of each completion
-    rewards: Any  # jaxpt.rewards.RewardResult: total [B], per-function scores
+    rewards: Any  # jaxpt.rewards.runner.RewardBatch: total [B], per-function scores
     num_prompts: int
+
+    _ROW_ARRAYS = ("prompt_ids", "prompt_mask", "tokens", "lengths", "logprobs", "truncated")
+
+    def take_groups(self, groups: Sequence[int]) -> Rollout:
+        """The rows of prompts ``groups`` (indices into this rollout's prompts), in order."""
+        g = len(self.lengths) // self.num_prompts
+        rows = np.concatenate([np.arange(p * g, (p + 1) * g) for p in groups])
+        return Rollout(
+            **{name: getattr(self, name)[rows] for name in self._ROW_ARRAYS},
+            texts=[self.texts[r] for r in rows], rows=[self.rows[r] for r in rows],
+            rewards=self.rewards.take(rows), num_prompts=len(groups),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Rollout]) -> Rollout:
+        """One rollout holding the prompts of ``parts`` in order."""
+        return Rollout(
+            **{name: np.concatenate([getattr(p, name) for p in parts])
+               for name in Rollout._ROW_ARRAYS},
+            texts=[t for p in parts for t in p.texts], rows=[r for p in parts for r in p.rows],
+            rewards=type(parts[0].rewards).concat([p.rewards for p in parts]),
+            num_prompts=sum(p.num_prompts for p in parts),
+        )
 
 
 def train_batch(rollout: Rollout, advantages_b: np.ndarray, keep_b: np.ndarray) -> dict:
@@ -142,6 +165,8 @@ def prompt_rows(ctx: RunContext, split: str) -> list[dict]:
 
 # A rollout's hook: (rollout) -> (train batch, metrics, per-row advantage for the log).
 MakeBatch = Callable[[Rollout], tuple[dict, dict, np.ndarray]]
+# Dynamic sampling's test: (rollout) -> [num_prompts] bool, the prompts whose group trains.
+GroupFilter = Callable[[Rollout], np.ndarray]
 
 
 class RolloutSource:
@@ -149,6 +174,11 @@ class RolloutSource:
 
     Every process draws the same global prompt batch, the sampler runs on the global mesh,
     and each process returns its own rows of the result.
+
+    With a ``group_filter`` (DAPO's dynamic sampling), a step samples up to ``max_rounds``
+    rollouts of fresh prompts until it has a full batch of groups that pass the filter
+    (groups whose rewards all agree carry no gradient); a batch still short after the last
+    round is completed with the first groups that failed, which ``make_batch`` masks.
     """
 
     def __init__(
@@ -166,6 +196,8 @@ class RolloutSource:
         rewards: Sequence[Any],
         reuse: int = 1,
         log_completions: int = 2,
+        group_filter: GroupFilter | None = None,
+        max_rounds: int = 1,
     ):
         from jaxpt.rewards import RewardRunner, build_reward_fns
         from jaxpt.sampling import SamplingConfig
@@ -174,6 +206,7 @@ class RolloutSource:
             raise ValueError("RL needs at least one training prompt")
         self.ctx, self.rows, self.make_batch = ctx, rows, make_batch
         self.samples_per_prompt, self.reuse = samples_per_prompt, reuse
+        self.group_filter, self.max_rounds = group_filter, max_rounds
         self.max_prompt_length, self.log_completions = max_prompt_length, log_completions
         self.tokenizer = common.resolve_tokenizer(ctx)
         self.runner = RewardRunner(build_reward_fns(list(rewards)))
@@ -218,11 +251,37 @@ class RolloutSource:
             jax.block_until_ready(state.params)
             timings["time/update_s"] = time.perf_counter() - self._last_return
         rollout, rollout_metrics = self.sample(state, self._next_prompt_indices())
+        if self.group_filter is not None:
+            rollout, fill_metrics = self._fill_with_passing_groups(state, rollout, rollout_metrics)
+            rollout_metrics.update(fill_metrics)
         batch, metrics, advantages_b = self.make_batch(rollout)
         self.pending, self.iteration = batch, 1
         self._log_samples(int(jax.device_get(state.step)) + 1, rollout, advantages_b)
         self._last_return = time.perf_counter()
         return self._local_rows(batch), {**rollout_metrics, **metrics, **timings}
+
+    def _fill_with_passing_groups(
+        self, state, first: Rollout, first_metrics: dict
+    ) -> tuple[Rollout, dict]:
+        """A rollout of ``prompts_per_step`` groups, those passing the filter first (see the
+        class docstring), and metrics over every round sampled for it: the reward is the
+        policy's over all samples, not over the filtered batch."""
+        parts, passing = [first], [self.group_filter(first)]
+        timings = {k: first_metrics[k] for k in ("time/generate_s", "time/reward_s")}
+        while sum(map(np.sum, passing)) < self.prompts_per_step and len(parts) < self.max_rounds:
+            more, more_metrics = self.sample(
+                state, self._next_prompt_indices(), round_index=len(parts)
+            )
+            parts.append(more)
+            passing.append(self.group_filter(more))
+            timings = {k: v + more_metrics[k] for k, v in timings.items()}
+        sampled, passing_p = Rollout.concat(parts), np.concatenate(passing)
+        order = np.concatenate([np.flatnonzero(passing_p), np.flatnonzero(~passing_p)])
+        metrics = {
+            **self._metrics(sampled), **timings, "sampling_rounds": float(len(parts)),
+            "sampled_groups_passing_frac": float(passing_p.mean()),
+        }
+        return sampled.take_groups(order[: self.prompts_per_step]), metrics
 
     def _next_prompt_indices(self) -> list[int]:
         picked = []
@@ -256,8 +315,9 @@ class RolloutSource:
         start = jax.process_index() * rows
         return {k: v[start : start + rows] for k, v in batch.items()}
 
-    def sample(self, state, indices: list[int]) -> tuple[Rollout, dict]:
-        """Sample and score completions of the prompts ``indices`` with ``state``'s params."""
+    def sample(self, state, indices: list[int], round_index: int = 0) -> tuple[Rollout, dict]:
+        """Sample and score completions of the prompts ``indices`` with ``state``'s params
+        (``round_index`` > 0: another rollout for the same step, with its own key)."""
         from jaxpt.sampling import sample_arrays
         from jaxpt.sampling.api import left_pad
 
@@ -270,6 +330,8 @@ class RolloutSource:
         key = jax.random.fold_in(
             jax.random.wrap_key_data(jax.device_get(state.rng)), int(jax.device_get(state.step))
         )
+        if round_index:
+            key = jax.random.fold_in(key, round_index)
         out = sample_arrays(
             state.graphdef, (state.params, state.rest), jnp.asarray(prompt_ids),
             jnp.asarray(prompt_mask), key, self.sampling,
@@ -295,22 +357,26 @@ class RolloutSource:
             truncated=out.truncated_b.astype(bool), texts=texts, rows=rows, rewards=rewards,
             num_prompts=len(indices),
         )
+        return rollout, {
+            **self._metrics(rollout), "time/generate_s": generate_s, "time/reward_s": reward_s
+        }
+
+    def _metrics(self, rollout: Rollout) -> dict:
+        rewards = rollout.rewards
         metrics = {
             "reward": float(rewards.total.mean()),
             "reward_std": float(rewards.total.std()),
             **rewards.metrics(),
-            "completion_length/mean": float(out.lengths_b.mean()),
-            "completion_length/max": float(out.lengths_b.max()),
-            "completion_length/truncated_frac": float(out.truncated_b.mean()),
+            "completion_length/mean": float(rollout.lengths.mean()),
+            "completion_length/max": float(rollout.lengths.max()),
+            "completion_length/truncated_frac": float(rollout.truncated.mean()),
             "prompts_truncated": float(self.truncated_prompts),
-            "time/generate_s": generate_s,
-            "time/reward_s": reward_s,
         }
         for name in ("math", "accuracy"):
             if name in rewards.scores:
                 metrics["accuracy"] = float(np.nan_to_num(rewards.scores[name]).mean())
                 break
-        return rollout, metrics
+        return metrics
 
     def _log_samples(self, step: int, rollout: Rollout, advantages_b: np.ndarray) -> None:
         count = min(self.log_completions, len(rollout.rows))
