@@ -1,8 +1,9 @@
 """Data curation: each step on crafted rows, the pipeline's report, and the command end to end.
-No models: every test here runs in well under a second."""
+No models: every test here runs in a few seconds at most."""
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 
@@ -33,6 +34,8 @@ from jaxpt.curation.text_filters import (
     NearDedup,
 )
 from jaxpt.data import DataError, arithmetic_eval_rows, generate_examples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def chat(user: str, assistant: str, **columns) -> dict:
@@ -430,3 +433,24 @@ def test_python_dash_m_entry_point(tmp_path):
         capture_output=True, text=True, timeout=120, check=True,
     )
     assert json.loads(result.stdout.strip().splitlines()[-1])["output_rows"] == 2
+
+
+def test_shipped_example_removes_the_planted_noise(tmp_path, capsys):
+    """configs/curate_arith.yaml on a smaller copy of its noisy input: every wrong solution
+    and nearly every reworded copy goes, and nearly every clean row stays."""
+    noisy = generate_examples(
+        1500, seed=0, split="train", min_digits=1, max_digits=2, dropped_carry_rate=0.6,
+        near_duplicate_rate=0.3,
+    )
+    source = write_jsonl(tmp_path / "noisy.jsonl", noisy)
+    out = tmp_path / "curated.jsonl"
+    config = f"{ROOT}/configs/curate_arith.yaml"
+    assert curate_cli.main(["--config", config, f"input={source}", f"output={out}"]) == 0
+    kept = read_jsonl(out)
+    copies = [r for r in noisy if r["id"].endswith("-near-dup")]
+    clean = [r for r in noisy if r not in copies and r["messages"][-1]["content"].endswith(
+        "#### " + r["answer"])]
+    assert all(r["messages"][-1]["content"].endswith("#### " + r["answer"]) for r in kept)
+    kept_ids = {r["id"] for r in kept}
+    assert sum(r["id"] in kept_ids for r in copies) <= 0.05 * len(copies)
+    assert sum(r["id"] in kept_ids for r in clean) >= 0.99 * len(clean)

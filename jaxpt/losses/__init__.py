@@ -1,4 +1,4 @@
-"""Pure loss functions over arrays, shared by the tasks (SFT, RM, DPO, GRPO).
+"""Pure loss functions over arrays, shared by the tasks (SFT, RM, DPO, GRPO, PPO).
 
 Every loss returns per-example or per-token values plus metrics; the tasks turn them into
 the (numerator, denominator) pair the train step accumulates.
@@ -16,17 +16,35 @@ from jaxpt.losses.policy import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from jaxpt.losses.ppo import (
+    KL_CONTROLLERS,
+    KL_ESTIMATORS,
+    adaptive_kl_update,
+    clipped_value_loss,
+    explained_variance,
+    fixed_kl_update,
+    gae_advantages,
+    token_rewards,
+    whiten,
+)
 from jaxpt.losses.preference import DPO_LOSS_TYPES, bradley_terry_loss, dpo_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "DPO_LOSS_TYPES",
+    "KL_CONTROLLERS",
+    "KL_ESTIMATORS",
     "LOSS_TYPES",
+    "adaptive_kl_update",
     "aggregate_token_loss",
     "bradley_terry_loss",
+    "clipped_value_loss",
     "dpo_loss",
     "entropy_from_logits",
     "estimate_advantages",
+    "explained_variance",
+    "fixed_kl_update",
+    "gae_advantages",
     "group_advantages",
     "k3_kl",
     "policy_gradient_loss",
@@ -34,4 +52,6 @@ __all__ = [
     "rloo_advantages",
     "sequence_logprob",
     "token_logprobs",
+    "token_rewards",
+    "whiten",
 ]
