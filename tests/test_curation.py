@@ -454,3 +454,23 @@ def test_shipped_example_removes_the_planted_noise(tmp_path, capsys):
     kept_ids = {r["id"] for r in kept}
     assert sum(r["id"] in kept_ids for r in copies) <= 0.05 * len(copies)
     assert sum(r["id"] in kept_ids for r in clean) >= 0.99 * len(clean)
+
+
+def test_judge_step_keeps_rows_the_rubric_judge_scores_high_enough():
+    def fake_judge(texts):  # the judge's replies to the rendered rubric prompts
+        return ["Score: 9" if "GOOD-ANSWER" in t else "no idea" if "NO-ANSWER" in t
+                else "Score: 3" for t in texts]
+
+    rows = [chat("q1", "GOOD-ANSWER", id="a"), chat("q2", "a poor answer", id="b"),
+            chat("q3", "NO-ANSWER", id="c")]
+    step = build_step({"type": "judge", "min_score": 7, "generator": fake_judge,
+                       "rubric": "Rate it."})
+    kept, removed = step(rows)
+    assert [r["id"] for r in kept] == ["a"]
+    assert [(r["id"], why) for r, why in removed] == [
+        ("b", "judge score 3 < 7"), ("c", "judge gave no valid score")]
+    lenient = build_step({"type": "judge", "min_score": 7, "generator": fake_judge,
+                          "keep_unscored": True})
+    assert [r["id"] for r in lenient(rows)[0]] == ["a", "c"]
+    with pytest.raises(ConfigError, match="min_score 11 is outside score_range"):
+        build_step({"type": "judge", "min_score": 11, "generator": fake_judge})

@@ -51,6 +51,7 @@ STEP_TYPES: dict[str, str] = {
     "reward_fn": "jaxpt.curation.reward_filter:RewardFnFilter",
     "reward_model": "jaxpt.curation.model_filters:RewardModelFilter",
     "perplexity": "jaxpt.curation.model_filters:PerplexityFilter",
+    "judge": "jaxpt.curation.judge_filter:JudgeFilter",
 }
 OUTPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
