@@ -28,10 +28,10 @@ def group_advantages(rewards_pg, *, scale_by_std: bool = True, eps: float = 1e-4
     group_size = rewards_pg.shape[1]
     std_p1 = jnp.sqrt(jnp.sum(centred_pg**2, axis=1, keepdims=True) / max(group_size - 1, 1))
     advantages_pg = centred_pg / (std_p1 + eps) if scale_by_std else centred_pg
-    return advantages_pg, _has_spread(rewards_pg)
+    return advantages_pg, has_reward_spread(rewards_pg)
 
 
-def _has_spread(rewards_pg):
+def has_reward_spread(rewards_pg):
     """[P] bool: groups whose rewards are not all equal (the same for every estimator)."""
     return jnp.max(rewards_pg, axis=1) > jnp.min(rewards_pg, axis=1)
 
@@ -50,7 +50,7 @@ def rloo_advantages(rewards_pg):
         raise ValueError(f"RLOO's leave-one-out baseline needs >= 2 completions per prompt, "
                          f"got {group_size}")
     rewards_pg = rewards_pg.astype(jnp.float32)
-    has_spread_p = _has_spread(rewards_pg)
+    has_spread_p = has_reward_spread(rewards_pg)
     others_mean_pg = (jnp.sum(rewards_pg, axis=1, keepdims=True) - rewards_pg) / (group_size - 1)
     # Exact zeros where all rewards agree, not float round-off from the sum and division.
     advantages_pg = jnp.where(has_spread_p[:, None], rewards_pg - others_mean_pg, 0.0)
@@ -74,7 +74,7 @@ def reinforce_pp_advantages(rewards_pg, *, weights_pg=None, eps: float = 1e-4):
     [P] has-spread mask.
     """
     rewards_pg = rewards_pg.astype(jnp.float32)
-    has_spread_p = _has_spread(rewards_pg)
+    has_spread_p = has_reward_spread(rewards_pg)
     centred_pg = rewards_pg - jnp.mean(rewards_pg, axis=1, keepdims=True)
     centred_pg = jnp.where(has_spread_p[:, None], centred_pg, 0.0)
     if weights_pg is None:

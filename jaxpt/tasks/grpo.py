@@ -25,6 +25,7 @@ from jaxpt.losses import (
     aggregate_token_loss,
     entropy_from_logits,
     estimate_advantages,
+    has_reward_spread,
     policy_gradient_loss,
     token_logprobs,
 )
@@ -222,25 +223,17 @@ def build(ctx: RunContext) -> BuiltModel:
     return BuiltModel(model, ref_params=common.reference_params(ctx, model))
 
 
-def _group_advantages(rollout: Rollout, cfg: GrpoConfig, trained_b: np.ndarray | None = None):
-    """Advantages [P, G] by ``cfg.advantage_estimator`` and the [P] mask of groups with
-    reward spread. ``trained_b`` ([B] bool, default all) are the rows the loss trains on:
-    REINFORCE++ takes its batch mean and std over their tokens."""
+def _penalized_rewards_pg(rollout: Rollout, cfg: GrpoConfig) -> np.ndarray:
+    """Rewards [P, G] after the missing-EOS penalty."""
     # Completions that never ended pay the penalty: a reply that rambles past the budget
     # should not score like one that stops after its answer.
     rewards_b = rollout.rewards.total - cfg.missing_eos_penalty * rollout.truncated
-    shape_pg = (rollout.num_prompts, cfg.num_generations)
-    trained_b = np.ones(len(rewards_b), bool) if trained_b is None else trained_b
-    tokens_pg = (rollout.lengths * trained_b).reshape(shape_pg)
-    return estimate_advantages(
-        jnp.asarray(rewards_b.reshape(shape_pg)), cfg.advantage_estimator,
-        scale_by_std=cfg.scale_rewards, weights_pg=jnp.asarray(tokens_pg),
-    )
+    return rewards_b.reshape(rollout.num_prompts, cfg.num_generations)
 
 
 def groups_with_spread(rollout: Rollout, cfg: GrpoConfig) -> np.ndarray:
     """[P] bool: the prompts whose completions' rewards differ (dynamic sampling's filter)."""
-    return np.asarray(_group_advantages(rollout, cfg)[1])
+    return np.asarray(has_reward_spread(jnp.asarray(_penalized_rewards_pg(rollout, cfg))))
 
 
 def make_batch(rollout: Rollout, cfg: GrpoConfig):
@@ -257,7 +250,13 @@ def make_batch(rollout: Rollout, cfg: GrpoConfig):
         keep_b &= np.repeat(spread_p, g)
     if cfg.mask_truncated_completions:
         keep_b &= ~rollout.truncated
-    advantages_b = np.asarray(_group_advantages(rollout, cfg, keep_b)[0]).reshape(-1)
+    # REINFORCE++ whitens over the tokens the loss trains on: the kept rows' lengths.
+    tokens_pg = (rollout.lengths * keep_b).reshape(rollout.num_prompts, g)
+    advantages_pg, _ = estimate_advantages(
+        jnp.asarray(_penalized_rewards_pg(rollout, cfg)), cfg.advantage_estimator,
+        scale_by_std=cfg.scale_rewards, weights_pg=jnp.asarray(tokens_pg),
+    )
+    advantages_b = np.asarray(advantages_pg).reshape(-1)
     metrics = {"groups_with_spread_frac": float(np.mean(spread_p))}
     batch = train_batch(rollout, advantages_b, keep_b)
     if cfg.share_prompt_forward and not shares_prompts(batch, cfg.max_completion_length, g):
