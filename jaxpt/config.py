@@ -36,9 +36,10 @@ class ModelSection:
     tokenizer: str | None = None  # None: the model dir's, else the shipped one
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights (and optimizer state) dtype
-    remat: str = "none"  # none | full | dots | dots_no_batch
+    remat: str = "none"  # none | full | dots_saveable | dots | dots_no_batch | offload
     scan_layers: bool | None = None  # one lax.scan over layers (null: from 8 layers on)
-    attention_impl: str | None = None  # None (auto: einsum on CPU, XLA elsewhere) | einsum | xla | cudnn
+    # auto: cuDNN on GPU, splash on TPU where shapes allow (else XLA), einsum on CPU
+    attention_impl: str = "auto"  # auto | einsum | xla | cudnn | splash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class MeshSection:
     fsdp: int = -1  # -1: all remaining devices
     tensor: int = 1
     rules: dict[str, Any] = dataclasses.field(default_factory=dict)  # LOGICAL_RULES overrides
+    dcn_data: int | None = None  # multi-slice TPU: slices the data axis spans (None: all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,13 @@ class TrainSection:
     # after this many in a row the run stops with an error, keeping the last finite
     # checkpoint and exporting nothing. 0: never stop (keep skipping).
     max_nonfinite_steps: int = 10
+    # LM-head positions per chunk when a loss turns hidden states into token log-probs:
+    # peak logits memory [batch, chunk, vocab] instead of [batch, seq, vocab]; 0: all at once.
+    logits_chunk_size: int = 0
+    # Generation evals (entries as in an eval config's `tasks`, see jaxpt.evals.tasks),
+    # logged as eval/<task>/<metric>; run every eval_tasks_every steps (0: train.eval_every).
+    eval_tasks: list[Any] = dataclasses.field(default_factory=list)
+    eval_tasks_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +165,35 @@ class ExportSection:
     dtype: str | None = None  # None: keep param_dtype
 
 
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    """Multi-process runs (``jax.distributed``); unset keys come from the environment
+    (``JAXPT_COORDINATOR_ADDRESS``, ``JAXPT_NUM_PROCESSES``, ``JAXPT_PROCESS_ID``) or from
+    JAX's own detection (Cloud TPU, SLURM, Open MPI). See ``jaxpt.distributed``."""
+
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None  # default: every local device
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """Low-rank adapters on the projections; the base weights stay frozen (every task)."""
+
+    rank: int = 0  # 0: off (train every weight)
+    alpha: float | None = None  # scale = alpha / rank; None: alpha = rank (or the adapter's)
+    dropout: float = 0.0  # on the adapters' input, train steps only
+    # Regex searched in projection paths (model.layers.3.self_attn.q_proj) or a list of
+    # module names like PEFT's target_modules ([q_proj, v_proj]); None: every attention and
+    # MLP projection (or, with init_adapter, the adapter's).
+    targets: Any = None
+    init_adapter: str | None = None  # a PEFT LoRA adapter dir to continue training from
+    export: str = "merged"  # merged (an HF dir) | peft (an adapter dir) | both
+    seed: int | None = None  # adapter init; None: the run's seed
+
+
 BASE_SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "mesh": MeshSection,
@@ -165,12 +203,16 @@ BASE_SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointSection,
     "logging": LoggingSection,
     "export": ExportSection,
+    "lora": LoraSection,
+    "distributed": DistributedSection,
 }
 
 CHOICES = {
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.remat": ("none", "full", "dots_saveable", "dots", "dots_no_batch", "offload"),
     "data.truncation": ("truncate", "drop"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "lora.export": ("merged", "peft", "both"),
+    "model.attention_impl": ("auto", "einsum", "xla", "cudnn", "splash"),
 }
 
 
@@ -256,15 +298,69 @@ def _check_choices_and_ranges(config) -> None:
             f"config key 'train.batch_size' ({config.train.batch_size}) must be divisible by "
             f"'train.grad_accum_steps' ({config.train.grad_accum_steps})"
         )
+    if config.train.logits_chunk_size < 0:
+        raise ConfigError(
+            "config key 'train.logits_chunk_size' must be >= 0 (0: no chunking), got "
+            f"{config.train.logits_chunk_size}"
+        )
     if config.train.max_nonfinite_steps < 0:
         raise ConfigError(
             "config key 'train.max_nonfinite_steps' must be >= 0 (0: never stop), got "
             f"{config.train.max_nonfinite_steps}"
         )
+    if config.train.eval_tasks_every < 0:
+        raise ConfigError("config key 'train.eval_tasks_every' must be >= 0 (0: eval_every)")
+    if config.train.eval_tasks:
+        from jaxpt.evals.tasks import parse_tasks
+
+        try:
+            parse_tasks(config.train.eval_tasks, "train.eval_tasks")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ConfigError("config key 'data.eval_fraction' must be in [0, 1)")
     if config.optim.lr < 0 or config.optim.warmup_steps < 0:
         raise ConfigError("config keys 'optim.lr' and 'optim.warmup_steps' must be >= 0")
+
+
+def _check_lora(config) -> None:
+    """The ``lora`` section's values (whether ``targets`` matches a projection is checked
+    when the model is built)."""
+    import re
+
+    lora = config.lora
+    if lora.rank < 0:
+        raise ConfigError(f"config key 'lora.rank' must be >= 0 (0: off), got {lora.rank}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lora.dropout}")
+    if lora.alpha is not None and lora.alpha <= 0:
+        raise ConfigError(f"config key 'lora.alpha' must be > 0, got {lora.alpha}")
+    targets = lora.targets
+    if isinstance(targets, (list, tuple)):
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(
+                f"config key 'lora.targets' must be a regex or a non-empty list of module "
+                f"names, got {list(targets)!r}"
+            )
+    elif targets is not None:
+        if not isinstance(targets, str) or not targets:
+            raise ConfigError(
+                f"config key 'lora.targets' must be a regex or a list of module names, "
+                f"got {targets!r}"
+            )
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise ConfigError(f"config key 'lora.targets': bad regex {targets!r}: {error}") from None
+    if lora.init_adapter is not None and not os.path.isdir(lora.init_adapter):
+        raise ConfigError(
+            f"config key 'lora.init_adapter': {lora.init_adapter!r} is not a directory"
+        )
+    if (lora.rank or lora.init_adapter) and config.task == "rm":
+        raise ConfigError(
+            "config key 'lora.rank': LoRA is not available for task 'rm' (its score head "
+            "would stay untrained); set lora.rank=0"
+        )
 
 
 def load_config(
@@ -302,6 +398,7 @@ def load_config(
             f"(available: {', '.join(available_tasks())}){hint}"
         )
     _check_choices_and_ranges(config)
+    _check_lora(config)
     from jaxpt.tasks import get_task
 
     check = get_task(config.task).check_config

@@ -4,7 +4,8 @@
 ``Run``, which benchmarks and tests also step by hand). ``train``: restore the newest intact
 checkpoint -> [next batch -> jitted step -> log / eval / checkpoint]* -> final checkpoint ->
 export. ``run`` is both. SIGTERM (TPU preemption) makes the loop checkpoint after the
-current step and return cleanly.
+current step and return cleanly; with several processes (``jaxpt.distributed``) a signal to
+any one of them stops all of them after the next step, at the same step and checkpoint.
 
 A step with a non-finite loss or gradient changes nothing but the step counter (see
 ``jaxpt.step.make_train_step``); ``train.max_nonfinite_steps`` of them in a row stop the run
@@ -27,11 +28,14 @@ from typing import Any, Self
 import jax
 import numpy as np
 import optax
+from flax import nnx
 
 from jaxpt import config as config_lib
-from jaxpt.checkpoint import Checkpointer
+from jaxpt.checkpoint import Checkpointer, absolute_path
+from jaxpt.distributed import StopVote
 from jaxpt.metrics import MetricsWriter, Progress
-from jaxpt.optim import make_optimizer
+from jaxpt.models.lora import trainable_filter
+from jaxpt.optim import make_optimizer, scale_updates
 from jaxpt.sharding import batch_shards, make_mesh, merged_rules, use_rules
 from jaxpt.state import TrainState, create_train_state, num_params, shardings_of
 from jaxpt.step import (
@@ -181,6 +185,8 @@ class Run:
     loss_fn: LossFn
     source: BatchSource
     evaluate: Callable[[TrainState], dict] | None
+    # train.eval_tasks: generation evals, (state) -> {"eval/<task>/<metric>": value}
+    evaluate_tasks: Callable[[TrainState], dict] | None = None
     _active: list = dataclasses.field(default_factory=list, repr=False)
 
     @property
@@ -233,10 +239,11 @@ def setup(config, *, mesh: jax.sharding.Mesh | None = None) -> Run:
     cfg_train = config.train
     if mesh is None:
         mesh = make_mesh(
-            {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
+            {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
+            dcn_data=config.mesh.dcn_data,
         )
     ctx = RunContext(config, mesh, merged_rules(config.mesh.rules),
-                     os.path.abspath(config.output_dir))
+                     absolute_path(config.output_dir))
     with jax.set_mesh(mesh), use_rules(ctx.rules):
         shards = batch_shards(mesh)
         if cfg_train.batch_size % (shards * cfg_train.grad_accum_steps):
@@ -247,6 +254,9 @@ def setup(config, *, mesh: jax.sharding.Mesh | None = None) -> Run:
             )
         built = task.build(ctx)
         tx, schedule = make_optimizer(config.optim, cfg_train.max_steps)
+        if task.update_scales is not None:
+            params = nnx.state(built.model, trainable_filter(built.model))
+            tx = optax.chain(tx, scale_updates(task.update_scales(ctx, params)))
         tx = count_nonfinite(tx)  # skipped steps are counted in the (checkpointed) state
         state = create_train_state(
             built.model, tx, mesh, seed=config.seed, ref_params=built.ref_params,
@@ -259,10 +269,15 @@ def setup(config, *, mesh: jax.sharding.Mesh | None = None) -> Run:
         source = task.make_train_source(ctx)
         try:
             evaluate = task.make_evaluator(ctx)
+            evaluate_tasks = None
+            if cfg_train.eval_tasks:
+                from jaxpt.evals.runner import make_training_evaluator
+
+                evaluate_tasks = make_training_evaluator(config, ctx)
         except BaseException:
             source.close()
             raise
-    return Run(config, task, ctx, state, tx, schedule, loss_fn, source, evaluate)
+    return Run(config, task, ctx, state, tx, schedule, loss_fn, source, evaluate, evaluate_tasks)
 
 
 def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
@@ -309,10 +324,14 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
 
             evals: list[dict] = []
 
-            def run_eval(step: int) -> None:
-                if run.evaluate is None:
+            def run_eval(step: int, *, loss: bool = True, tasks: bool = True) -> None:
+                result = {}
+                if loss and run.evaluate is not None:
+                    result.update(run.evaluate(state))
+                if tasks and run.evaluate_tasks is not None:
+                    result.update(run.evaluate_tasks(state))  # own sampling seed: no train RNG
+                if not result:
                     return
-                result = run.evaluate(state)
                 evals.append({"step": step, **result})
                 writer.write(step, result)
                 progress.write(
@@ -324,10 +343,13 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
                 run_eval(0)
 
             watch = _NonFiniteWatch(cfg_train.max_nonfinite_steps, writer, checkpointer)
+            vote = StopVote(mesh)
             train_step = None
             last_metrics: dict = {}
             last_saved = start if checkpointer.latest_step() == start else None
             last_eval = 0 if (start == 0 and cfg_train.eval_at_start) else None
+            last_tasks_eval = last_eval
+            tasks_every = cfg_train.eval_tasks_every or cfg_train.eval_every
             preempted = False
             step = start
             window_start = None
@@ -362,9 +384,12 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
                     )
                 else:
                     progress.update(1)
-                if cfg_train.eval_every and step % cfg_train.eval_every == 0:
-                    run_eval(step)
-                    last_eval = step
+                loss_now = bool(cfg_train.eval_every) and step % cfg_train.eval_every == 0
+                tasks_now = bool(tasks_every) and step % tasks_every == 0
+                if loss_now or tasks_now:
+                    run_eval(step, loss=loss_now, tasks=tasks_now)
+                    last_eval = step if loss_now else last_eval
+                    last_tasks_eval = step if tasks_now else last_tasks_eval
                 every = config.checkpoint.every
                 if every and step % every == 0:
                     # A checkpoint always holds the state after a finite step.
@@ -373,10 +398,9 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
                     else:
                         checkpointer.save(step, state, run.source, config_dict)
                         last_saved = step
-                if (
-                    stop.requested
-                    or checkpointer.reached_preemption(step)
-                    or stop_after_step == step
+                # Every process stops at the same step, whichever host was signalled.
+                if vote.vote(stop.requested or stop_after_step == step) or (
+                    checkpointer.reached_preemption(step)
                 ):
                     preempted = True
                     break
@@ -392,8 +416,8 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
                 )
                 log.warning("preempted: saved checkpoint at step %d; exiting cleanly", step)
             else:
-                if last_eval != step:
-                    run_eval(step)
+                if last_eval != step or last_tasks_eval != step:
+                    run_eval(step, loss=last_eval != step, tasks=last_tasks_eval != step)
                 if config.export.hf:
                     if not bool(jax.device_get(jax.jit(all_finite)(state.params))):
                         raise NonFiniteError(

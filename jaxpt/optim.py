@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -40,3 +41,14 @@ def make_optimizer(cfg, max_steps: int) -> tuple[optax.GradientTransformation, o
     if cfg.max_grad_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw), schedule
     return adamw, schedule
+
+
+def scale_updates(factors) -> optax.GradientTransformation:
+    """Multiply each parameter's update by its factor (a tree like the params): a learning
+    rate per parameter group on top of one schedule. Stateless."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

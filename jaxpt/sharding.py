@@ -37,13 +37,18 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(
-    shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+    shape: Mapping[str, int] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    dcn_data: int | None = None,
 ) -> Mesh:
     """Build a mesh with axes ``(data, fsdp, tensor)``.
 
     ``shape`` maps axis names to sizes; one size may be -1 to take the remaining devices.
     Missing axes get size 1. The default puts every device on ``fsdp``. Axis types are
     always Auto: the compiler propagates shardings and we constrain activations by hand.
+    Devices spanning several hosts or TPU slices are laid out by ``device_grid``
+    (``dcn_data``: how many slices the data axis spans).
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = dict(shape or {"fsdp": -1})
@@ -63,12 +68,64 @@ def make_mesh(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
             f"but {len(devices)} are available"
         )
+    grid = device_grid(sizes, devices, dcn_data=dcn_data)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _slice_index(device) -> int | None:
+    return getattr(device, "slice_index", None)
+
+
+def device_grid(
+    sizes: Sequence[int], devices: Sequence, *, dcn_data: int | None = None
+) -> np.ndarray:
+    """The ``(data, fsdp, tensor)`` array of ``devices`` for a mesh of ``sizes``.
+
+    Several TPU slices: the data axis crosses the slow links between slices (DCN),
+    ``dcn_data`` of them (default: all), the remaining slice factor going to fsdp; inside a
+    slice the layout follows the ICI topology. Several processes of one slice or on GPU/CPU
+    hosts: each process's devices are one block of the data axis, so gradient reductions
+    over fsdp and tensor stay inside a host whenever ``data`` is a multiple of the process
+    count (otherwise the processes are spread over data, then fsdp, in process order).
+    """
+    sizes = [int(s) for s in sizes]
+    devices = list(devices)
+    slices = sorted({_slice_index(d) for d in devices} - {None})
+    if len(slices) > 1:
+        dcn_data = len(slices) if dcn_data is None else int(dcn_data)
+        if len(slices) % dcn_data or sizes[0] % dcn_data:
+            raise ValueError(
+                f"mesh.dcn_data={dcn_data} must divide both the {len(slices)} TPU slices and "
+                f"the data axis ({sizes[0]})"
+            )
+        dcn = [dcn_data, len(slices) // dcn_data, 1]
+        if sizes[1] % dcn[1]:
+            raise ValueError(
+                f"{len(slices)} TPU slices with mesh.dcn_data={dcn_data} put {dcn[1]} slices "
+                f"on fsdp, which does not divide fsdp={sizes[1]}"
+            )
+        ici = [size // parts for size, parts in zip(sizes, dcn)]
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    if dcn_data not in (None, 1):
+        raise ValueError(f"mesh.dcn_data={dcn_data} needs devices in several TPU slices")
+    processes = sorted({d.process_index for d in devices})
+    if len(processes) > 1 and devices[0].platform != "tpu":
+        per_process = len(devices) // len(processes)
+        even = all(
+            sum(d.process_index == p for d in devices) == per_process for p in processes
+        )
+        if even and sizes[0] % len(processes) == 0:
+            ici = [sizes[0] // len(processes), sizes[1], sizes[2]]
+            return mesh_utils.create_hybrid_device_mesh(
+                ici, [len(processes), 1, 1], devices, process_is_granule=True
+            )
+        ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+        return np.array(ordered).reshape(sizes)
     if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
-        # create_device_mesh orders devices for the physical topology (TPU ICI rings).
-        device_grid = mesh_utils.create_device_mesh(sizes, devices)
-    else:
-        device_grid = np.array(devices).reshape(sizes)
-    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        # create_device_mesh orders devices for the physical topology (TPU ICI rings, which
+        # span the hosts of one slice).
+        return mesh_utils.create_device_mesh(sizes, devices)
+    return np.array(devices).reshape(sizes)
 
 
 _ACTIVE_RULES: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
@@ -168,6 +225,17 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding for a batch array: leading axis over the active rules' ``batch`` axes, the
     rest replicated."""
     return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1))
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+    """The rows of a ``[global_rows, ...]`` batch that this process's devices hold under
+    ``batch_sharding``, ascending: what ``jax.make_array_from_process_local_data`` expects
+    as this process's data (all rows where the batch is not split across processes)."""
+    sharding = batch_sharding(mesh, 1)
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((global_rows,)).values():
+        rows.update(range(*index[0].indices(global_rows)))
+    return np.array(sorted(rows), dtype=np.int64)
 
 
 def batch_shards(mesh) -> int:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jaxpt.models.lora import has_adapters, trainable_filter, without_adapters
 from jaxpt.sharding import replicated
 
 
@@ -16,8 +17,9 @@ from jaxpt.sharding import replicated
 class TrainState:
     """Everything a train step reads and writes; the graphdef is static (not a leaf).
 
-    ``params`` are the trained ``nnx.Param``s (f32 master weights), ``rest`` any other model
-    variables, ``rng`` raw uint32 key data (checkpoint friendly), ``ref_params``
+    ``params`` are the trained ``nnx.Param``s (f32 master weights; under LoRA only the
+    adapters' ``LoRAParam``s), ``rest`` any other model variables (under LoRA also the
+    frozen base weights), ``rng`` raw uint32 key data (checkpoint friendly), ``ref_params``
     the frozen reference params of DPO/GRPO/PPO (never differentiated, no optimizer state;
     None when the task keeps no reference), ``extras`` any other task state.
     """
@@ -68,7 +70,8 @@ def create_train_state(
     shardings derived from ``jax.eval_shape``, so Adam moments shard exactly like their
     params (on an Auto mesh they would otherwise come out replicated).
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # Under LoRA only the adapters train; the frozen base rides in ``rest``.
+    graphdef, params, rest = nnx.split(model, trainable_filter(model), ...)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated(mesh))
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
@@ -80,6 +83,18 @@ def with_params(model: nnx.Module, params: nnx.State) -> nnx.Module:
     (how a loss runs the frozen reference through the policy's architecture)."""
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, params), rest)
+
+
+def reference_model(model: nnx.Module, ref_params: nnx.State | None) -> nnx.Module:
+    """The frozen reference a loss compares ``model`` with: ``model``'s architecture with
+    ``ref_params``, or, under LoRA with no reference params kept, ``model`` with its
+    adapters removed (the base weights, not a copy of them)."""
+    if ref_params is not None:
+        return with_params(model, ref_params)
+    if not has_adapters(model):
+        raise ValueError("no reference: the train state keeps no reference params and the "
+                         "model has no LoRA adapters to switch off")
+    return without_adapters(model)
 
 
 def copy_params(model: nnx.Module) -> nnx.State:

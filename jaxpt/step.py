@@ -33,7 +33,8 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from jaxpt.sharding import batch_sharding, replicated
+from jaxpt.models.lora import enable_dropout
+from jaxpt.sharding import batch_sharding, process_rows, replicated
 from jaxpt.state import TrainState
 
 
@@ -85,7 +86,12 @@ def _sums_and_grads(loss_fn: LossFn, state: TrainState, batch: dict, k: int):
     key = jax.random.fold_in(state.key, state.step)
 
     def numerator(params, micro, micro_key):
-        out = loss_fn(state.model(params), micro, step_context(state, micro_key))
+        # Fresh Variables at this trace level: a frozen base in ``rest`` (LoRA) must be
+        # writable by transforms inside the loss (nnx.remat writes its outputs back).
+        model = nnx.merge(state.graphdef, params, state.rest, copy=True)
+        # LoRA dropout, train steps only; its key is kept apart from the loss's own.
+        enable_dropout(model, jax.random.fold_in(micro_key, 0x10AA))
+        out = loss_fn(model, micro, step_context(state, micro_key))
         return out.numerator, out
 
     grad_fn = jax.grad(numerator, has_aux=True)
@@ -205,6 +211,18 @@ def count_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransform
 def batch_shardings(mesh, batch: dict):
     """Each batch array sharded on its leading dim over the data axes."""
     return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def local_rows(batch: dict, mesh=None) -> dict:
+    """This process's rows of a global host batch (one every process holds alike), as
+    ``put_batch`` takes them; ``mesh`` defaults to the current one (``jax.set_mesh``)."""
+    if jax.process_count() == 1:
+        return batch
+    mesh = jax.sharding.get_mesh() if mesh is None else mesh
+    if mesh.empty:
+        raise ValueError("selecting this process's batch rows needs a mesh (jax.set_mesh)")
+    rows = process_rows(mesh, len(next(iter(batch.values()))))
+    return {k: np.asarray(v)[rows] for k, v in batch.items()}
 
 
 def put_batch(batch: dict, mesh) -> dict:

@@ -39,3 +39,14 @@ def tiny_dir(tmp_path_factory):
     from tiny import make_tiny_dir
 
     return make_tiny_dir(str(tmp_path_factory.mktemp("tiny_model")))
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    """32 RL prompts "Say i" with answer i (.jsonl), for the toy-reward RL runs."""
+    import json
+
+    path = tmp_path_factory.mktemp("rl_prompts") / "prompts.jsonl"
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(32))
+    return str(path)

@@ -33,14 +33,6 @@ def spread_on_every_fourth_prompt(prompts, completions, answer, **kwargs):
             for text, a in zip(completions, answer)]
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("grpo_data") / "prompts.jsonl"
-    with open(path, "w") as f:
-        f.writelines(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(32))
-    return str(path)
-
-
 def overrides(output_dir, model_path, prompts, **extra):
     values = {
         "output_dir": output_dir, "model.path": model_path, "data.train": prompts,

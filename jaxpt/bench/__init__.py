@@ -15,13 +15,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BENCHMARKS = ("sft", "generate", "grpo", "rm")
+BENCHMARKS = ("sft", "generate", "grpo", "ppo", "rm", "memory")
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if sys.platform != "darwin" else rss / 1024**2
+    """Peak resident memory in MiB of this process plus its largest finished child (data
+    workers, reward sandboxes); ``ru_maxrss`` of the children is their largest peak."""
+    scale = 1024 if sys.platform != "darwin" else 1024**2  # KiB on Linux, bytes on macOS
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / scale
+
+
+def compiled_memory(compiled) -> dict:
+    """XLA's memory analysis of a compiled program (``jitted.lower(...).compile()``), read
+    without running it: ``compiled_peak_bytes`` = temporaries + arguments + outputs -
+    donated (aliased) buffers, and those parts. Empty where the backend does not report."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {}
+    temp, argument = analysis.temp_size_in_bytes, analysis.argument_size_in_bytes
+    output, alias = analysis.output_size_in_bytes, analysis.alias_size_in_bytes
+    return {
+        "compiled_peak_bytes": int(temp + argument + output - alias),
+        "compiled_temp_bytes": int(temp),
+        "compiled_argument_bytes": int(argument),
+        "compiled_output_bytes": int(output),
+        "compiled_alias_bytes": int(alias),
+    }
 
 
 def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:

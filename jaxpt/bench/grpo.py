@@ -2,7 +2,10 @@
 
 Runs the ``grpo`` task end to end (``jaxpt.loop.run``) on the shipped arithmetic prompts
 with a preset or HF model, then reports the median step and its split from the run's
-own per-step timings. Compile steps are excluded (``--warmup``).
+own per-step timings. Compile steps are excluded (``--warmup``). The train step's
+compiled memory (``compiled_peak_bytes``) comes from compiling it once more on abstract
+inputs of the same shapes (``jaxpt.bench.memory``), after ``peak_rss_mb`` is read; not
+with ``--lora``.
 """
 
 from __future__ import annotations
@@ -13,18 +16,29 @@ import os
 import tempfile
 
 from jaxpt.bench import median, peak_rss_mb
+from jaxpt.bench.sft import LORA
 
 
-def add_arguments(parser) -> None:
+def add_rollout_arguments(parser) -> None:
+    """The RL benches' shared workload: model, rollout shape, timed and warmup steps."""
     parser.add_argument("--model", default="bench-tiny", help="preset name or HF model dir")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--generations", type=int, default=4, help="completions per prompt")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
+
+
+def add_arguments(parser) -> None:
+    add_rollout_arguments(parser)
+    parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--logits-chunk-size", type=int, default=0,
+                        help="LM-head positions per chunk (0: all at once)")
+    parser.add_argument("--lora", action="store_true",
+                        help="train LoRA adapters (rank 16, alpha 32, every projection)")
 
 
 def run(args) -> dict:
@@ -37,7 +51,9 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         values = {
             "task": "grpo", "output_dir": out, "model.path": args.model,
-            "model.dtype": args.dtype, "data.train": "arithmetic", "data.eval": "null",
+            "model.dtype": args.dtype, "model.remat": args.remat,
+            "train.logits_chunk_size": args.logits_chunk_size,
+            "data.train": "arithmetic", "data.eval": "null",
             "data.arithmetic.num_train": 2000, "data.arithmetic.max_digits": 3,
             "train.max_steps": args.warmup + args.steps,
             "train.batch_size": args.prompts * args.generations, "train.log_every": 1,
@@ -47,10 +63,15 @@ def run(args) -> dict:
             "grpo.log_completions": 0, "checkpoint.every": 0, "checkpoint.async_save": "false",
             "export.hf": "false", "logging.progress": "false", "logging.tensorboard": "false",
         }
+        if args.lora:
+            values.update({f"lora.{k}": v for k, v in LORA.items()})
         config = load_config(None, [f"{k}={v}" for k, v in values.items()])
         run_training(config)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [r for r in map(json.loads, f) if "time/generate_s" in r]
+        peak_rss = peak_rss_mb()
+        # The abstract compile builds the model without adapters: no figure under LoRA.
+        memory = {} if args.lora else train_step_memory(args, config)
     # A step's update is timed when the next step starts, so pair step i with row i + 1.
     steps = []
     for row, following in itertools.pairwise(rows):
@@ -74,5 +95,21 @@ def run(args) -> dict:
         "update_s": round(median([s[2] for s in steps]), 4),
         "generated_tokens_per_step": round(median(generated), 1),
         "steps_timed": len(steps),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss, 1),
+        "remat": args.remat,
+        "logits_chunk_size": args.logits_chunk_size,
+        "lora": args.lora,
+        **memory,
     }
+
+
+def train_step_memory(args, config) -> dict:
+    """``compiled_memory`` of the run's GRPO train step, compiled on abstract inputs."""
+    from jaxpt.bench import compiled_memory
+    from jaxpt.bench.memory import abstract_batch, compile_train_step, hf_config
+
+    # Prompts are left-padded to the full budget, so every step has these shapes.
+    length = args.prompt_len + args.new_tokens
+    batch = abstract_batch("grpo", args.prompts * args.generations, length)
+    compiled, _ = compile_train_step(config, hf_config(args.model), batch)
+    return compiled_memory(compiled)

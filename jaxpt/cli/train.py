@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from jaxpt.distributed import initialize_distributed
+
+    try:  # before any other JAX call: jax.devices() then spans every process
+        initialize_distributed(config)
+    except ValueError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
     from jaxpt.checkpoint import CheckpointError
     from jaxpt.loop import NonFiniteError, run
 

@@ -24,7 +24,9 @@ def verifiable_accuracy(
     Answers are checked with ``jaxpt.rewards.math_reward`` (final ``#### x`` line,
     ``\\boxed{x}`` or an "answer is" phrase; numbers compared exactly, else math-verify).
     ``scorer`` replaces that check: any reward function (e.g. ``last_number_reward``); a
-    score of 1.0 counts as correct. Generation stops at ``eos_token_id`` (one id or several; default: the tokenizer's eos).
+    score of 1.0 counts as correct. Generation stops at ``eos_token_id`` (one id or several;
+    default: the tokenizer's eos). ``jaxpt.evals.evaluate_task`` adds sampling, pass@k and
+    maj@k over tasks described as data.
     Returns ``accuracy``, ``n``, the mean completion length and a few examples.
     """
     from jaxpt.data import encode_prompt

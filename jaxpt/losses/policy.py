@@ -150,6 +150,8 @@ def policy_gradient_loss(
 ):
     """Clipped-ratio surrogate per token [B, T] (to minimise) and per-token metrics.
 
+    ``advantages_b`` is one advantage per sequence [B] or one per token [B, T].
+
     ``ratio = exp(logp - old_logp)`` per token, or GSPO's sequence-level
     ``exp(mean_t(logp - old_logp))`` broadcast over the sequence's tokens;
     ``loss = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta k3``.
@@ -167,7 +169,9 @@ def policy_gradient_loss(
             seq_log_ratio_b[:, None]
         )
     ratio_bt = jnp.exp(log_ratio_bt)
-    adv_b1 = advantages_b[:, None].astype(jnp.float32)
+    # One advantage per sequence [B] (GRPO) or per token [B, T] (PPO's GAE).
+    advantages = advantages_b.astype(jnp.float32)
+    adv_b1 = advantages[:, None] if advantages.ndim == 1 else advantages
     clipped_bt = jnp.clip(ratio_bt, 1 - epsilon_low, 1 + epsilon_high)
     loss_bt = -jnp.minimum(ratio_bt * adv_b1, clipped_bt * adv_b1)
     metrics = {

@@ -52,6 +52,11 @@ class ScoreHead(nnx.Module):
     def __call__(self, h_bd):
         return jnp.einsum("bd,ld->bl", h_bd, self.weight[...].astype(self.dtype))
 
+    def per_token(self, h_btd):
+        """Float32 scores [B, T, num_labels] of hidden states [B, T, D]."""
+        weight = self.weight[...].astype(self.dtype)
+        return jnp.einsum("btd,ld->btl", h_btd, weight).astype(jnp.float32)
+
 
 def read_positions(input_ids_bt, real_bt=None, pad_token_id: int | None = None):
     """Index [B] of the token each row's score is read at: the rightmost token that is real
@@ -107,6 +112,12 @@ class SequenceClassifier(CausalLM):
         index_b = read_positions(input_ids, real_bt, self.pad_token_id)
         h_bd = jnp.take_along_axis(h_btd, index_b[:, None, None], axis=1)[:, 0]
         return self.score(h_bd).astype(jnp.float32)
+
+    def token_scores(self, input_ids, positions=None, segment_ids=None):
+        """Float32 scores [B, T, num_labels] at every position (a critic's per-token values):
+        the head applied to each position's hidden state, not only the read position's."""
+        h_btd = super().__call__(input_ids, positions, segment_ids, return_hidden=True)
+        return self.score.per_token(h_btd)
 
 
 # ------------------------------------------------------------------- HF config and I/O

@@ -18,11 +18,18 @@ from jaxpt.sharding import constrain
 # Deeper cache-free forwards scan over their layers by default (compile time, see CausalLM).
 SCAN_MIN_LAYERS = 8
 
+# What each decoder layer keeps for the backward pass (the rest is recomputed):
+#   none: everything (no recompute); full: only the layer input (recompute the whole layer);
+#   dots_saveable / dots: every matmul output; dots_no_batch: weight matmuls only (not the
+#   attention scores); offload: the weight matmul outputs, moved to pinned host memory
+#   between the passes (on CPU, where device memory is host memory, that is dots_no_batch).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -134,7 +141,10 @@ class CausalLM(nnx.Module):
         (training, scoring) as one ``lax.scan`` so compile time does not grow with depth;
         None scans from ``SCAN_MIN_LAYERS`` layers on."""
         if remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; choose from {list(REMAT_POLICIES)}")
+            raise ValueError(
+                f"unknown remat policy {remat!r} (config key 'model.remat'); choose from "
+                f"{list(REMAT_POLICIES)}"
+            )
         self.config = config
         self.dtype = dtype
         self.remat = remat

@@ -7,11 +7,16 @@ load slice by slice with no transposes, and each parameter names its logical axe
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
+from jax.sharding import PartitionSpec
 
-from jaxpt.sharding import constrain
+from jaxpt.sharding import constrain, current_mesh, logical_to_spec
 
 
 def _along_last(v, ndim):
@@ -37,9 +42,12 @@ class Linear(nnx.Module):
             else None
         )
         self.dtype = dtype
+        self.lora = None  # a low-rank adapter (jaxpt.models.lora.add_adapters)
 
     def __call__(self, x):
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        if self.lora is not None:
+            y = y + self.lora(x, self.dtype)
         if self.bias is not None:
             y = y + _along_last(self.bias[...].astype(self.dtype), y.ndim)
         return y
@@ -75,18 +83,39 @@ def apply_rotary(x_btnh, cos_bth, sin_bth):
     return out.astype(x_btnh.dtype)
 
 
+@struct.dataclass
+class AttentionMask:
+    """The boolean mask [B, 1, T, S] (``dense``) and what fused kernels rebuild it from:
+    the segment ids of queries and keys, the sliding window, and whether the keys are the
+    queries themselves (cache-free self-attention, where the mask is causal in index order).
+    """
+
+    dense: jax.Array
+    q_segment_bt: jax.Array
+    k_segment_bs: jax.Array
+    window: int | None = struct.field(pytree_node=False, default=None)
+    self_attention: bool = struct.field(pytree_node=False, default=False)
+
+
+def _dense(mask):
+    return mask.dense if isinstance(mask, AttentionMask) else mask
+
+
 def attention_mask(q_segment_bt, q_slot_t, q_pos_bt, k_segment_bs, k_slot_s, k_pos_bs, window):
-    """Boolean mask [B, 1, T, S]: causal in slot order, same document, key not padding.
+    """An ``AttentionMask`` whose ``dense`` [B, 1, T, S] is: causal in slot order, same
+    document, key not padding.
 
     Slots are indices into the key sequence (the KV cache during decoding); positions are
-    the rotary positions, used for sliding-window attention.
+    the rotary positions, used for sliding-window attention. Passing the query arrays as
+    the key arrays (the same objects) marks cache-free self-attention.
     """
     same_doc = q_segment_bt[:, :, None] == k_segment_bs[:, None, :]
     mask = same_doc & (k_segment_bs[:, None, :] != 0)
     mask = mask & (k_slot_s[None, None, :] <= q_slot_t[None, :, None])
     if window is not None:
         mask = mask & (q_pos_bt[:, :, None] - k_pos_bs[:, None, :] < window)
-    return mask[:, None, :, :]
+    self_attention = k_segment_bs is q_segment_bt and k_slot_s is q_slot_t
+    return AttentionMask(mask[:, None, :, :], q_segment_bt, k_segment_bs, window, self_attention)
 
 
 def decode_attention(q_b1nh, k_bskh, v_bskh, mask_b11s):
@@ -97,7 +126,7 @@ def decode_attention(q_b1nh, k_bskh, v_bskh, mask_b11s):
     k = k_bskh.shape[2]
     q_bkgh = q_b1nh.reshape(b, k, n // k, h).astype(jnp.float32) * (h**-0.5)
     scores_bskg = jnp.sum(q_bkgh[:, None] * k_bskh[:, :, :, None, :].astype(jnp.float32), -1)
-    mask_bs11 = mask_b11s[:, 0, 0, :, None, None]
+    mask_bs11 = _dense(mask_b11s)[:, 0, 0, :, None, None]
     scores_bskg = jnp.where(mask_bs11, scores_bskg, jnp.finfo(jnp.float32).min)
     probs_bskg = jax.nn.softmax(scores_bskg, axis=1)
     v_bsk1h = v_bskh[:, :, :, None, :].astype(jnp.float32)
@@ -117,24 +146,145 @@ def grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts):
     q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
     scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32)
     scores_bkgts = scores_bkgts * (h**-0.5)
-    mask_b11ts = mask_b1ts[:, :, None, :, :]
+    mask_b11ts = _dense(mask_b1ts)[:, :, None, :, :]
     scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
     probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
     out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
     return out_btkgh.reshape(b, t, n, h)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash")
+SPLASH_BLOCK = 128  # splash's default block: sequence lengths must be multiples of it
+
+
+def _cudnn_fits(q_btnh) -> bool:
+    # cuDNN's fused attention: half precision, head_dim a multiple of 8 up to 128.
+    h = q_btnh.shape[-1]
+    return q_btnh.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
+
+
+def _splash_fits(q_btnh, k_bskh, mask) -> bool:
+    t, s = q_btnh.shape[1], k_bskh.shape[1]
+    return (
+        isinstance(mask, AttentionMask) and mask.self_attention and t == s
+        and t % SPLASH_BLOCK == 0
+    )
+
+
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jaxpt_attention_platform", default=None
+)
+
+
+@contextlib.contextmanager
+def attention_platform(platform: str | None):
+    """Resolve ``auto`` attention as on ``platform`` ("cpu", "gpu", "tpu") in this context:
+    compiling for a TPU slice from a CPU host picks what the TPU run would."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def resolve_attention(implementation, q_btnh, k_bskh, mask) -> str:
+    """The implementation ``attend`` runs: ``auto`` (or None) is cuDNN on GPU when the
+    shapes and dtype allow, splash on TPU for cache-free self-attention over multiples of
+    128 tokens, XLA otherwise, and the einsum path on CPU."""
+    if implementation not in (None, *ATTENTION_IMPLEMENTATIONS):
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; choose from "
+            f"{ATTENTION_IMPLEMENTATIONS}"
+        )
+    if implementation not in (None, "auto"):
+        return implementation
+    backend = _TARGET_PLATFORM.get() or jax.default_backend()
+    if backend == "cpu":
+        return "einsum"
+    if backend == "gpu" and _cudnn_fits(q_btnh):
+        return "cudnn"
+    if backend == "tpu" and _splash_fits(q_btnh, k_bskh, mask):
+        return "splash"
+    return "xla"
+
+
 def attend(q_btnh, k_bskh, v_bskh, mask_b1ts, implementation=None):
-    """Dispatch attention: ``implementation`` None picks the einsum path on CPU and
-    ``jax.nn.dot_product_attention`` (XLA) elsewhere; ``"einsum"``, ``"xla"`` and
-    ``"cudnn"`` select one explicitly (cudnn is the GPU flash kernel)."""
-    if implementation is None:
-        implementation = "einsum" if jax.default_backend() == "cpu" else "xla"
+    """Dispatch attention (see ``resolve_attention``). ``mask_b1ts`` is an
+    ``AttentionMask`` or a boolean [B, 1, T, S] array (splash needs the former)."""
+    implementation = resolve_attention(implementation, q_btnh, k_bskh, mask_b1ts)
     if implementation == "einsum":
         return grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
+    if implementation == "splash":
+        return splash_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
+    causal = isinstance(mask_b1ts, AttentionMask) and mask_b1ts.self_attention
+    # The dense mask already holds causality; is_causal lets cuDNN skip masked blocks.
     return jax.nn.dot_product_attention(
-        q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation=implementation
+        q_btnh, k_bskh, v_bskh, mask=_dense(mask_b1ts),
+        is_causal=causal and implementation == "cudnn", implementation=implementation,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(t: int, group: int, window: int | None, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    if window is None:
+        head_mask = splash.CausalMask((t, t))
+    else:  # keys at most window - 1 slots back (slots = positions within a document)
+        head_mask = splash.LocalMask((t, t), (window - 1, 0), offset=0)
+    return splash.make_splash_mqa_single_device(
+        splash.MultiHeadMask([head_mask] * group), interpret=interpret
+    )
+
+
+def _splash_local(q_btnh, k_bskh, v_bskh, q_segment_bt, k_segment_bs, *, window, interpret):
+    """Splash on one device's rows and heads: each kv head with its query group (MQA)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    b, t, n, h = q_btnh.shape
+    kv = k_bskh.shape[2]
+    kernel = _splash_kernel(t, n // kv, window, interpret)
+    # [B, K, G, T, H] queries against [B, K, S, H] keys; splash does not scale queries.
+    q_bkgth = (q_btnh * (h**-0.5)).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+    k_bksh, v_bksh = k_bskh.transpose(0, 2, 1, 3), v_bskh.transpose(0, 2, 1, 3)
+
+    def one_row(q_kgth, k_ksh, v_ksh, q_seg_t, k_seg_s):
+        segments = SegmentIds(q=q_seg_t, kv=k_seg_s)
+        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(
+            q_kgth, k_ksh, v_ksh
+        )
+
+    out_bkgth = jax.vmap(one_row)(q_bkgth, k_bksh, v_bksh, q_segment_bt, k_segment_bs)
+    return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def splash_attention(q_btnh, k_bskh, v_bskh, mask: AttentionMask, interpret: bool = False):
+    """TPU splash attention (Pallas) with segment ids: causal (or sliding-window) in index
+    order within each document, padding (segment 0) never attended from real tokens.
+
+    Under a mesh it runs per shard (``shard_map``) over the rows' batch axes and the
+    heads' axis; ``interpret`` runs the kernel's reference interpreter (any backend).
+    """
+    if not _splash_fits(q_btnh, k_bskh, mask):
+        raise ValueError(
+            "splash attention needs cache-free self-attention over a multiple of "
+            f"{SPLASH_BLOCK} tokens (got queries {q_btnh.shape}, keys {k_bskh.shape})"
+        )
+    local = functools.partial(_splash_local, window=mask.window, interpret=interpret)
+    args = (q_btnh, k_bskh, v_bskh, mask.q_segment_bt, mask.k_segment_bs)
+    mesh = current_mesh()
+    if mesh is None:
+        return local(*args)
+    q_spec = logical_to_spec(("batch", None, "heads", None), q_btnh.shape, mesh)
+    k_spec = logical_to_spec(("batch", None, "kv_heads", None), k_bskh.shape, mesh)
+    if q_spec[2] != k_spec[2]:  # query groups must stay with their kv head
+        q_spec = PartitionSpec(q_spec[0], None, None, None)
+        k_spec = PartitionSpec(k_spec[0], None, None, None)
+    seg_spec = PartitionSpec(q_spec[0], None)
+    return jax.shard_map(
+        local, in_specs=(q_spec, k_spec, k_spec, seg_spec, seg_spec), out_specs=q_spec,
+        check_vma=False,
+    )(*args)
 
 
 class Attention(nnx.Module):
@@ -181,7 +331,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             kv_cache = (k, v)
-        if kv_cache is not None and t == 1 and self.implementation is None:
+        if kv_cache is not None and t == 1 and self.implementation in (None, "auto"):
             out = decode_attention(q, k, v, mask_b1ts)
         else:
             out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, self.implementation)

@@ -23,7 +23,55 @@ PRESETS: dict[str, dict] = {
         "tie_word_embeddings": False,
         "hidden_act": "silu",
     },
+    # SmolLM2-135M's shape (Llama, tied embeddings), random init: memory and throughput
+    # benchmarks of a real small model without a download.
+    "bench-small": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+    },
 }
+
+# Public architectures (their HF config.json values; random init, no weights): shapes for
+# `jaxpt.plan` memory plans and for benchmarks at real scale.
+_QWEN2 = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+    "use_sliding_window": False,
+}
+PRESETS.update({
+    "qwen2.5-0.5b": {**_QWEN2, "vocab_size": 151936, "hidden_size": 896,
+                     "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2,
+                     "tie_word_embeddings": True},
+    "qwen2.5-1.5b": {**_QWEN2, "vocab_size": 151936, "hidden_size": 1536,
+                     "intermediate_size": 8960, "num_hidden_layers": 28,
+                     "num_attention_heads": 12, "num_key_value_heads": 2,
+                     "tie_word_embeddings": True},
+    "qwen2.5-7b": {**_QWEN2, "vocab_size": 152064, "hidden_size": 3584,
+                   "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4,
+                   "tie_word_embeddings": False},
+    "llama-3.1-8b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "tie_word_embeddings": False,
+    },
+})
 
 
 def shipped_model_dir(name: str = "jaxpt-tiny") -> str:

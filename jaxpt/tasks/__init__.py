@@ -16,6 +16,7 @@ TASKS: dict[str, str] = {
     "rm": "jaxpt.tasks.rm",
     "dpo": "jaxpt.tasks.dpo",
     "grpo": "jaxpt.tasks.grpo",
+    "ppo": "jaxpt.tasks.ppo",
 }
 
 

@@ -92,3 +92,6 @@ class Task:
     export: Callable[[RunContext, Any, str], None]  # (ctx, TrainState, out_dir)
     # Load-time checks across sections (root config -> None, raises ConfigError).
     check_config: Callable[[Any], None] | None = None
+    # Per-parameter multipliers of the optimizer's updates, a tree like the params (e.g.
+    # PPO's critic learning rate): (ctx, params) -> tree of floats; None: all 1.
+    update_scales: Callable[[RunContext, Any], Any] | None = None

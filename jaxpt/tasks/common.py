@@ -85,7 +85,64 @@ def build_causal_lm(ctx: RunContext):
     check_model_path("model.path", ctx.config.model.path)
     model = load_model(ctx.config.model.path, **model_kwargs(ctx))
     check_vocab(resolve_tokenizer(ctx), model)
+    attach_lora(ctx, model)
     return model
+
+
+def lora_enabled(config) -> bool:
+    """Whether the run trains LoRA adapters (``lora.rank`` or ``lora.init_adapter`` set);
+    False for configs without a ``lora`` section (e.g. rejection sampling's)."""
+    lora = getattr(config, "lora", None)
+    return lora is not None and bool(lora.rank or lora.init_adapter)
+
+
+def attach_lora(ctx: RunContext, model) -> None:
+    """Add the ``lora`` section's adapters to ``model`` (fresh, or read from
+    ``lora.init_adapter``); a ConfigError naming the key when they do not fit it."""
+    from jaxpt.models.lora import DEFAULT_TARGETS, LoRASpec, add_adapters, projections, select
+    from jaxpt.models.peft_io import AdapterError, load_adapter_weights, read_adapter
+
+    if not lora_enabled(ctx.config):
+        return
+    cfg = ctx.config.lora
+    targets = cfg.targets
+    targets = tuple(targets) if isinstance(targets, (list, tuple)) else targets
+    adapter = paths = None
+    rank, alpha = cfg.rank, cfg.alpha
+    if cfg.init_adapter:
+        try:
+            adapter = read_adapter(cfg.init_adapter)
+        except AdapterError as error:
+            raise ConfigError(f"config key 'lora.init_adapter': {error}") from None
+        for key, ours, theirs in (("lora.rank", rank, adapter.rank),
+                                  ("lora.alpha", alpha, adapter.alpha)):
+            if ours and ours != theirs:
+                raise ConfigError(
+                    f"config key '{key}' ({ours}) differs from the adapter's ({theirs}) in "
+                    f"{cfg.init_adapter}; leave it unset to take the adapter's"
+                )
+        rank, alpha = adapter.rank, adapter.alpha
+        if targets is None:
+            paths = list(adapter.weights)
+            unknown = sorted(set(paths) - set(projections(model)))
+            if unknown:
+                raise ConfigError(
+                    f"config key 'lora.init_adapter': {cfg.init_adapter} adapts {unknown[0]}, "
+                    "which is not a projection of this model"
+                )
+    spec = LoRASpec(rank, float(alpha or rank), cfg.dropout, targets or DEFAULT_TARGETS)
+    try:
+        if paths is None:
+            paths = select(model, spec)
+        add_adapters(model, spec, seed=ctx.config.seed if cfg.seed is None else cfg.seed,
+                     mesh=ctx.mesh, rules=ctx.rules, paths=paths)
+    except (ValueError, KeyError) as error:
+        raise ConfigError(f"config key 'lora.targets': {error}") from None
+    if adapter is not None:
+        try:
+            load_adapter_weights(model, adapter)
+        except AdapterError as error:
+            raise ConfigError(f"config key 'lora.init_adapter': {error}") from None
 
 
 def reference_params(
@@ -93,10 +150,18 @@ def reference_params(
 ) -> nnx.State:
     """Frozen reference params for ``policy``: loaded from ``ref_model`` (config key ``key``,
     named in errors) when set, else a copy of the policy's initial params. Sharded like the policy, in their
-    own buffers (the train state's are donated every step)."""
+    own buffers (the train state's are donated every step). None under LoRA: the reference
+    is the policy with its adapters off, so no second copy of the weights is kept."""
     from jaxpt.models import load_model
     from jaxpt.state import copy_params
 
+    if lora_enabled(ctx.config):
+        if ref_model is not None:
+            raise ConfigError(
+                f"config key '{key}': with LoRA the reference is the base model (adapters "
+                "off); unset it or set lora.rank=0"
+            )
+        return None  # the reference forward drops the adapters (jaxpt.state.reference_model)
     if ref_model is None:
         return copy_params(policy)
     check_model_path(key, ref_model)
@@ -196,23 +261,19 @@ def load_rows(ctx: RunContext, source, kind: str, split: str) -> list[dict]:
     return source.rows
 
 
-def local_batch_size(ctx: RunContext) -> int:
-    """This process's share of ``train.batch_size``."""
-    batch_size, processes = ctx.config.train.batch_size, jax.process_count()
-    if batch_size % processes:
-        raise ConfigError(
-            f"config key 'train.batch_size' ({batch_size}) must divide over {processes} processes"
-        )
-    return batch_size // processes
-
-
 def pipeline_options(ctx: RunContext, *, train: bool) -> dict:
     """Options every data pipeline takes from the run's config: shuffled and repeated for
-    training, one ordered pass for evaluation."""
+    training, one ordered pass for evaluation.
+
+    Every process reads the whole global batch and keeps its own rows (``PipelineSource``):
+    packing and shuffling then see the same stream as a single-process run, so a run's
+    batches, and its steps, do not depend on the number of hosts.
+    """
     d = ctx.config.data
     options = {
-        "seq_len": d.seq_len, "batch_size": local_batch_size(ctx), "overflow": d.truncation,
-        "skip_invalid": d.skip_invalid,
+        "seq_len": d.seq_len, "batch_size": ctx.config.train.batch_size,
+        "overflow": d.truncation, "skip_invalid": d.skip_invalid,
+        "shard_index": 0, "shard_count": 1,
     }
     if train:
         options.update(seed=ctx.config.seed, split=d.train_split, shuffle=d.shuffle,
@@ -223,13 +284,16 @@ def pipeline_options(ctx: RunContext, *, train: bool) -> dict:
 
 
 class PipelineSource:
-    """A BatchSource over a Grain pipeline (SFT, RM, DPO): ignores the train state."""
+    """A BatchSource over a Grain pipeline of global batches (SFT, RM, DPO): returns this
+    process's rows of each (on the current mesh); ignores the train state."""
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
 
     def next(self, state):
-        return next(self.pipeline), {}
+        from jaxpt.step import local_rows
+
+        return local_rows(next(self.pipeline)), {}
 
     def get_state(self) -> dict:
         return self.pipeline.get_state()
@@ -259,9 +323,11 @@ def eval_pipeline_batches(ctx: RunContext, kind: str, make_pipeline) -> list[dic
     _, source = data_sources(ctx, kind)
     if source is None or ctx.config.train.eval_batches < 1:
         return None
+    from jaxpt.step import local_rows
+
     pipeline = make_pipeline(ctx, source, train=False)
     ctx.summary["eval_data"] = pipeline.stats.as_dict()
-    return eval_batches(pipeline, ctx.config.train.eval_batches)
+    return [local_rows(b, ctx.mesh) for b in eval_batches(pipeline, ctx.config.train.eval_batches)]
 
 
 def batch_loss_evaluator(ctx: RunContext, loss_fn, batches: list[dict] | None):
@@ -277,8 +343,29 @@ def batch_loss_evaluator(ctx: RunContext, loss_fn, batches: list[dict] | None):
 
 
 def export_with_tokenizer(ctx: RunContext, state, out_dir: str, save_fn) -> None:
-    """``save_fn(model, out_dir, dtype=...)`` (an HF checkpoint) plus the tokenizer files."""
-    save_fn(state.model(), out_dir, dtype=ctx.config.export.dtype)
+    """``save_fn(model, out_dir, dtype=...)`` (an HF checkpoint) plus the tokenizer files.
+
+    Under LoRA ``lora.export`` picks what is written: ``merged`` (adapters folded into the
+    weights, an HF checkpoint in ``out_dir``), ``peft`` (a PEFT adapter dir in ``out_dir``)
+    or ``both`` (merged in ``out_dir``, the adapter in ``adapter`` beside it).
+    """
+    from jaxpt.models.lora import has_adapters, merge_adapters
+    from jaxpt.models.peft_io import write_adapter
+
+    model = state.model()
+    lora = ctx.config.lora
+    if has_adapters(model) and lora.export in ("peft", "both"):
+        adapter_dir = out_dir if lora.export == "peft" else os.path.join(
+            os.path.dirname(out_dir), "adapter"
+        )
+        write_adapter(model, adapter_dir, base_model=ctx.config.model.path, dropout=lora.dropout)
+        if ctx.is_main_process:
+            resolve_tokenizer(ctx).save_pretrained(adapter_dir)
+        if lora.export == "peft":
+            return
+    if has_adapters(model):
+        model = merge_adapters(model)
+    save_fn(model, out_dir, dtype=ctx.config.export.dtype)
     if ctx.is_main_process:
         resolve_tokenizer(ctx).save_pretrained(out_dir)
 

@@ -21,7 +21,8 @@ from flax import nnx
 
 from jaxpt.config import ConfigError
 from jaxpt.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logprob, token_logprobs
-from jaxpt.state import with_params
+from jaxpt.losses.chunked import token_stats
+from jaxpt.state import reference_model
 from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import _preference as pref
 from jaxpt.tasks import common
@@ -55,14 +56,24 @@ class DpoConfig:
             )
 
 
-def pair_logps(model, batch: dict):
+def pair_logps(model, batch: dict, logits_chunk_size: int = 0):
     """Sequence log-probs (summed over response tokens, i.e. ``loss_mask``) of the chosen and
-    rejected responses [B] each, from one forward pass over the stacked [2B, S] batch."""
+    rejected responses [B] each, from one forward pass over the stacked [2B, S] batch; the
+    LM head runs ``logits_chunk_size`` positions at a time (0: all at once)."""
     rows = pref.stack_pairs(batch)
-    logits_btv = model(
-        rows["input_ids"], positions=rows["positions"], segment_ids=rows["segment_ids"]
-    )
-    logp_bt = token_logprobs(logits_btv, rows["target_ids"])
+    if logits_chunk_size:
+        hidden_btd = model(
+            rows["input_ids"], positions=rows["positions"], segment_ids=rows["segment_ids"],
+            return_hidden=True,
+        )
+        logp_bt = token_stats(
+            model.logits, hidden_btd, rows["target_ids"], logits_chunk_size
+        ).logprobs
+    else:
+        logits_btv = model(
+            rows["input_ids"], positions=rows["positions"], segment_ids=rows["segment_ids"]
+        )
+        logp_bt = token_logprobs(logits_btv, rows["target_ids"])
     return pref.split_pairs(sequence_logprob(logp_bt, rows["loss_mask"]))
 
 
@@ -74,14 +85,17 @@ def dpo_task_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    logits_chunk_size: int = 0,
 ) -> LossOutput:
     """DPO summed over real pairs / number of real pairs. Reference log-probs come from the
     batch (precomputed) or from a forward pass with the reference params ``ctx.ref_params``."""
-    policy_chosen_b, policy_rejected_b = pair_logps(model, batch)
+    policy_chosen_b, policy_rejected_b = pair_logps(model, batch, logits_chunk_size)
     if REF_KEYS[0] in batch:
         ref_chosen_b, ref_rejected_b = batch[REF_KEYS[0]], batch[REF_KEYS[1]]
     else:
-        ref_chosen_b, ref_rejected_b = pair_logps(with_params(model, ctx.ref_params), batch)
+        ref_chosen_b, ref_rejected_b = pair_logps(
+            reference_model(model, ctx.ref_params), batch, logits_chunk_size
+        )
     loss_b, metrics_b = dpo_loss(
         policy_chosen_b,
         policy_rejected_b,
@@ -178,8 +192,8 @@ def build(ctx: RunContext) -> BuiltModel:
         ref_params = common.reference_params(ctx, model, cfg.ref_model, "dpo.ref_model")
         return BuiltModel(model, ref_params=ref_params)
     reference = model  # the initial policy, unless a reference model is named
-    if cfg.ref_model is not None:
-        reference = with_params(
+    if cfg.ref_model is not None or common.lora_enabled(ctx.config):  # LoRA: adapters off
+        reference = reference_model(
             model, common.reference_params(ctx, model, cfg.ref_model, "dpo.ref_model")
         )
     d = ctx.config.data
@@ -222,6 +236,7 @@ def make_loss(ctx: RunContext):
         beta=cfg.beta,
         loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing,
+        logits_chunk_size=ctx.config.train.logits_chunk_size,
     )
 
 

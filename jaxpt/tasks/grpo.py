@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,33 +28,29 @@ from jaxpt.losses import (
     policy_gradient_loss,
     token_logprobs,
 )
+from jaxpt.losses.chunked import token_stats
 from jaxpt.losses.policy import IMPORTANCE_LEVELS
-from jaxpt.state import with_params
+from jaxpt.state import reference_model
 from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import common
 from jaxpt.tasks.base import BuiltModel, RunContext, Task
 from jaxpt.tasks.rollout import (
+    RewardSpec,
     Rollout,
     RolloutSource,
+    accuracy_evaluator,
+    check_reward_settings,
     completion_hidden,
     completion_window,
     prompt_rows,
+    reward_specs,
     shares_prompts,
     train_batch,
 )
 
+__all__ = ["TASK", "GrpoConfig", "RewardSpec", "grpo_loss", "make_batch", "reward_specs"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardSpec:
-    """One reward function: a built-in name (math, accuracy, format, code) or an import path
-    ``package.module:function`` in ``fn``; its weight in the total; keyword arguments."""
-
-    name: str | None = None
-    fn: str | None = None
-    weight: float = 1.0
-    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,11 +129,14 @@ class GrpoConfig:
 # ------------------------------------------------------------------------------ the loss
 
 
-def grpo_loss(model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig) -> LossOutput:
+def grpo_loss(
+    model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig, logits_chunk_size: int = 0
+) -> LossOutput:
     """Clipped policy-gradient loss (+ beta * k3 KL) aggregated per ``cfg.loss_type``.
 
     The policy is ``softmax(logits / temperature)``, the distribution the sampler drew from
     (``old_logprobs`` are its log-probs), so the first iteration's ratio is exactly 1.
+    ``logits_chunk_size`` > 0 runs the LM head that many positions at a time (same values).
     """
     window = completion_window(batch["input_ids"].shape[1], cfg.max_completion_length)
     group = cfg.num_generations if cfg.share_prompt_forward else 1
@@ -149,14 +147,30 @@ def grpo_loss(model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig) -> LossO
         hidden_btd = completion_hidden(m, batch, cfg.max_completion_length, group)
         return m.logits(hidden_btd) / cfg.temperature
 
-    logits_btv = window_logits(model)
+    def window_stats(m, with_entropy):
+        hidden_btd = completion_hidden(m, batch, cfg.max_completion_length, group)
+        return token_stats(
+            lambda h: m.logits(h) / cfg.temperature, hidden_btd, targets_bt,
+            logits_chunk_size, with_entropy=with_entropy,
+        )
+
     targets_bt = batch["target_ids"][:, window]
-    logp_bt = token_logprobs(logits_btv, targets_bt)
+    if logits_chunk_size:
+        stats = window_stats(model, with_entropy=True)
+        logp_bt, entropy_bt = stats.logprobs, stats.entropy
+    else:
+        logits_btv = window_logits(model)
+        logp_bt = token_logprobs(logits_btv, targets_bt)
+        entropy_bt = entropy_from_logits(logits_btv)
     mask_bt = batch["completion_mask"][:, window]
     ref_logp_bt = None
     if cfg.beta:
-        ref_logits_btv = window_logits(with_params(model, ctx.ref_params))
-        ref_logp_bt = jax.lax.stop_gradient(token_logprobs(ref_logits_btv, targets_bt))
+        ref_model = reference_model(model, ctx.ref_params)
+        if logits_chunk_size:
+            ref_logp_bt = window_stats(ref_model, with_entropy=False).logprobs
+        else:
+            ref_logp_bt = token_logprobs(window_logits(ref_model), targets_bt)
+        ref_logp_bt = jax.lax.stop_gradient(ref_logp_bt)
     loss_bt, token_metrics = policy_gradient_loss(
         logp_bt, batch["old_logprobs"][:, window], batch["advantages"], mask_bt,
         epsilon_low=cfg.epsilon_low,
@@ -168,7 +182,7 @@ def grpo_loss(model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig) -> LossO
         max_completion_length=cfg.max_completion_length,
     )
     numerator, denominator = aggregate(loss_bt)
-    token_metrics["entropy"] = jax.lax.stop_gradient(entropy_from_logits(logits_btv))
+    token_metrics["entropy"] = jax.lax.stop_gradient(entropy_bt)
     # Metrics aggregate like the loss, so "sum / denominator" is their mean in its unit.
     metrics = {name: aggregate(value)[0] for name, value in token_metrics.items()}
     return LossOutput(
@@ -180,43 +194,29 @@ def grpo_loss(model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig) -> LossO
 
 
 def make_loss(ctx: RunContext):
-    return functools.partial(grpo_loss, cfg=ctx.task_config)
+    return functools.partial(
+        grpo_loss, cfg=ctx.task_config, logits_chunk_size=ctx.config.train.logits_chunk_size
+    )
 
 
 # --------------------------------------------------------------------------- building
 
 
-def reward_specs(cfg: GrpoConfig) -> list[dict]:
-    """The ``grpo.rewards`` entries as ``jaxpt.rewards.build_reward_fns`` takes them."""
-    return [
-        {k: v for k, v in dataclasses.asdict(s).items() if v not in (None, {})}
-        for s in cfg.rewards
-    ]
-
-
 def check_config(config) -> None:
     """Load-time checks that need more than the ``grpo`` section: a ConfigError naming the
     key before any model or data is loaded."""
-    from jaxpt.rewards import build_reward_fns, resolve_reward_fn
-
     cfg = config.grpo
     if config.train.batch_size % cfg.num_generations:
         raise ConfigError(
             f"config key 'train.batch_size' ({config.train.batch_size}) counts completions and "
             f"must be divisible by 'grpo.num_generations' ({cfg.num_generations})"
         )
-    try:
-        build_reward_fns(reward_specs(cfg))
-    except (ValueError, TypeError, ImportError, AttributeError) as error:
-        raise ConfigError(f"config key 'grpo.rewards': {error}") from None
-    try:
-        resolve_reward_fn(cfg.eval_reward)
-    except (ValueError, TypeError, ImportError, AttributeError) as error:
-        raise ConfigError(f"config key 'grpo.eval_reward': {error}") from None
+    check_reward_settings("grpo", cfg)
 
 
 def build(ctx: RunContext) -> BuiltModel:
-    """The policy; with ``beta > 0`` also a frozen copy of its params as the reference."""
+    """The policy; with ``beta > 0`` also a frozen copy of its params as the reference
+    (none under LoRA: the reference is the policy with its adapters off)."""
     model = common.build_causal_lm(ctx)
     if not ctx.task_config.beta:
         return BuiltModel(model)
@@ -280,27 +280,7 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
 
 def make_evaluator(ctx: RunContext):
     """Greedy held-out accuracy (``eval_accuracy``) on prompts with an ``answer`` column."""
-    from jaxpt.evals import verifiable_accuracy
-    from jaxpt.rewards import resolve_reward_fn
-
-    cfg = ctx.task_config
-    if not cfg.eval_prompts:
-        return None
-    rows = [r for r in prompt_rows(ctx, "eval") if "answer" in r][: cfg.eval_prompts]
-    if not rows:
-        return None
-    tokenizer = common.resolve_tokenizer(ctx)
-    scorer = resolve_reward_fn(cfg.eval_reward)
-
-    def evaluate(state) -> dict[str, float]:
-        result = verifiable_accuracy(
-            state.model(), tokenizer, rows,
-            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length, scorer=scorer,
-        )
-        return {"eval_accuracy": result["accuracy"], "eval_n": float(result["n"]),
-                "eval_completion_tokens": result["mean_completion_tokens"]}
-
-    return evaluate
+    return accuracy_evaluator(ctx, ctx.task_config)
 
 
 TASK = Task(

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,39 @@ import numpy as np
 
 from jaxpt.tasks import common
 from jaxpt.tasks.base import RunContext
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """One reward function: a built-in name (math, accuracy, format, code) or an import path
+    ``package.module:function`` in ``fn``; its weight in the total; keyword arguments."""
+
+    name: str | None = None
+    fn: str | None = None
+    weight: float = 1.0
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def check_reward_settings(section: str, cfg) -> None:
+    """A ConfigError naming ``<section>.rewards`` or ``<section>.eval_reward`` when a reward
+    function cannot be built (an RL task's load-time check)."""
+    from jaxpt.config import ConfigError
+    from jaxpt.rewards import build_reward_fns, resolve_reward_fn
+
+    for key, build in (("rewards", lambda: build_reward_fns(reward_specs(cfg))),
+                       ("eval_reward", lambda: resolve_reward_fn(cfg.eval_reward))):
+        try:
+            build()
+        except (ValueError, TypeError, ImportError, AttributeError) as error:
+            raise ConfigError(f"config key '{section}.{key}': {error}") from None
+
+
+def reward_specs(cfg) -> list[dict]:
+    """A task section's ``rewards`` entries as ``jaxpt.rewards.build_reward_fns`` takes them."""
+    return [
+        {k: v for k, v in dataclasses.asdict(s).items() if v not in (None, {})}
+        for s in cfg.rewards
+    ]
 
 
 @dataclasses.dataclass
@@ -153,6 +186,21 @@ def shares_prompts(batch: dict, max_completion_length: int, group: int) -> bool:
     return True
 
 
+def minibatch_rows(
+    num_rows: int, group: int, minibatches: int, iteration: int, *, seed
+) -> np.ndarray:
+    """Row indices of minibatch ``iteration % minibatches`` of epoch ``iteration //
+    minibatches`` over a rollout of ``num_rows`` rows in groups of ``group``: each epoch is
+    a fresh seeded shuffle of the groups (a group's rows stay together and in order), cut
+    into ``minibatches`` equal parts, so an epoch visits every row exactly once."""
+    epoch, part = divmod(iteration, minibatches)
+    groups = num_rows // group
+    order = np.random.default_rng((*np.atleast_1d(seed).tolist(), epoch)).permutation(groups)
+    per_part = groups // minibatches
+    picked = order[part * per_part : (part + 1) * per_part]
+    return (picked[:, None] * group + np.arange(group)[None, :]).reshape(-1)
+
+
 def prompt_rows(ctx: RunContext, split: str) -> list[dict]:
     """The run's RL prompts (rows with ``prompt`` and any reward columns) for ``split``
     (``train`` or ``eval``)."""
@@ -165,6 +213,25 @@ def prompt_rows(ctx: RunContext, split: str) -> list[dict]:
 
 # A rollout's hook: (rollout) -> (train batch, metrics, per-row advantage for the log).
 MakeBatch = Callable[[Rollout], tuple[dict, dict, np.ndarray]]
+# The policy inside a train state, as the sampler takes it: (graphdef, params, rest).
+PolicyView = Callable[[Any], tuple[Any, Any, Any]]
+
+
+def whole_model(state) -> tuple[Any, Any, Any]:
+    """The train state's model is the policy (GRPO)."""
+    return state.graphdef, state.params, state.rest
+
+
+class BatchFinisher(Protocol):
+    """A hook that completes a rollout's train batch on device with the current state
+    (PPO: reference log-probs, values, GAE): ``(state, batch) -> (batch, metrics,
+    per-row advantage for the log)``. Its state is saved with every checkpoint."""
+
+    def __call__(self, state, batch: dict) -> tuple[dict, dict, np.ndarray]: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
 # Dynamic sampling's test: (rollout) -> [num_prompts] bool, the prompts whose group trains.
 GroupFilter = Callable[[Rollout], np.ndarray]
 
@@ -179,6 +246,12 @@ class RolloutSource:
     rollouts of fresh prompts until it has a full batch of groups that pass the filter
     (groups whose rewards all agree carry no gradient); a batch still short after the last
     round is completed with the first groups that failed, which ``make_batch`` masks.
+
+    With ``minibatches`` > 1 (PPO), a rollout holds ``minibatches`` train batches: each of
+    its ``reuse`` optimizer steps takes the next minibatch of a seeded per-epoch shuffle of
+    its prompt groups (a group's rows stay together). ``finish`` completes each rollout's
+    batch on device with the state it was sampled with (see ``BatchFinisher``), and
+    ``policy_view`` picks the policy out of a train state that holds more (PPO's critic).
     """
 
     def __init__(
@@ -198,6 +271,9 @@ class RolloutSource:
         log_completions: int = 2,
         group_filter: GroupFilter | None = None,
         max_rounds: int = 1,
+        minibatches: int = 1,
+        finish: BatchFinisher | None = None,
+        policy_view: PolicyView = whole_model,
     ):
         from jaxpt.rewards import RewardRunner, build_reward_fns
         from jaxpt.sampling import SamplingConfig
@@ -207,6 +283,7 @@ class RolloutSource:
         self.ctx, self.rows, self.make_batch = ctx, rows, make_batch
         self.samples_per_prompt, self.reuse = samples_per_prompt, reuse
         self.group_filter, self.max_rounds = group_filter, max_rounds
+        self.minibatches, self.finish, self.policy_view = minibatches, finish, policy_view
         self.max_prompt_length, self.log_completions = max_prompt_length, log_completions
         self.tokenizer = common.resolve_tokenizer(ctx)
         self.runner = RewardRunner(build_reward_fns(list(rewards)))
@@ -217,8 +294,15 @@ class RolloutSource:
             top_k=top_k, eos_token_id=self.tokenizer.eos_token_id,
             num_samples=samples_per_prompt, pad_token_id=self.pad_id,
         )
-        self.prompts_per_step = ctx.config.train.batch_size // samples_per_prompt
+        rollout_rows = ctx.config.train.batch_size * minibatches
+        if rollout_rows % (samples_per_prompt * minibatches):
+            raise ValueError(
+                f"a rollout of {rollout_rows} completions does not split into {minibatches} "
+                f"minibatches of whole groups of {samples_per_prompt}"
+            )
+        self.prompts_per_step = rollout_rows // samples_per_prompt
         self.epoch, self.cursor = 0, 0
+        self.rollouts = 0  # rollouts sampled so far: seeds the minibatch shuffles
         self.pending: dict | None = None  # the rollout batch being reused
         self.iteration = 0
         self.truncated_prompts = 0
@@ -228,15 +312,21 @@ class RolloutSource:
 
     # -- checkpointing
     def get_state(self) -> dict:
-        state = {"epoch": self.epoch, "cursor": self.cursor, "iteration": self.iteration}
+        state = {"epoch": self.epoch, "cursor": self.cursor, "iteration": self.iteration,
+                 "rollouts": self.rollouts}
         if self.pending is not None and self.iteration < self.reuse:
             state["pending"] = _encode_npz(self.pending)
+        if self.finish is not None:
+            state["finish"] = self.finish.get_state()
         return state
 
     def set_state(self, state: dict) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.iteration = int(state.get("iteration", 0))
+        self.rollouts = int(state.get("rollouts", 0))
         self.pending = _decode_npz(state["pending"]) if "pending" in state else None
+        if self.finish is not None and "finish" in state:
+            self.finish.set_state(state["finish"])
 
     def close(self) -> None:
         pass
@@ -244,8 +334,9 @@ class RolloutSource:
     # -- batches
     def next(self, state):
         if self.pending is not None and self.iteration < self.reuse:
+            batch = self._minibatch(self.pending, self.iteration)
             self.iteration += 1
-            return self._local_rows(self.pending), {}
+            return self._local_rows(batch), {}
         timings = {}
         if self._last_return is not None:  # the previous update ran while we were away
             jax.block_until_ready(state.params)
@@ -255,10 +346,26 @@ class RolloutSource:
             rollout, fill_metrics = self._fill_with_passing_groups(state, rollout, rollout_metrics)
             rollout_metrics.update(fill_metrics)
         batch, metrics, advantages_b = self.make_batch(rollout)
+        if self.finish is not None:
+            start = time.perf_counter()
+            batch, finish_metrics, advantages_b = self.finish(state, batch)
+            metrics = {**metrics, **finish_metrics, "time/finish_s": time.perf_counter() - start}
+        self.rollouts += 1
         self.pending, self.iteration = batch, 1
         self._log_samples(int(jax.device_get(state.step)) + 1, rollout, advantages_b)
         self._last_return = time.perf_counter()
-        return self._local_rows(batch), {**rollout_metrics, **metrics, **timings}
+        return (self._local_rows(self._minibatch(batch, 0)),
+                {**rollout_metrics, **metrics, **timings})
+
+    def _minibatch(self, batch: dict, iteration: int) -> dict:
+        """The rows optimizer step ``iteration`` of the current rollout trains on."""
+        if self.minibatches == 1:
+            return batch
+        rows = minibatch_rows(
+            len(next(iter(batch.values()))), self.samples_per_prompt, self.minibatches,
+            iteration, seed=(self.ctx.config.seed, self.rollouts),
+        )
+        return {k: v[rows] for k, v in batch.items()}
 
     def _fill_with_passing_groups(
         self, state, first: Rollout, first_metrics: dict
@@ -308,12 +415,9 @@ class RolloutSource:
         return self._encoded[index]
 
     def _local_rows(self, batch: dict) -> dict:
-        processes = jax.process_count()
-        if processes == 1:
-            return batch
-        rows = len(next(iter(batch.values()))) // processes
-        start = jax.process_index() * rows
-        return {k: v[start : start + rows] for k, v in batch.items()}
+        from jaxpt.step import local_rows
+
+        return local_rows(batch, self.ctx.mesh)
 
     def sample(self, state, indices: list[int], round_index: int = 0) -> tuple[Rollout, dict]:
         """Sample and score completions of the prompts ``indices`` with ``state``'s params
@@ -332,8 +436,9 @@ class RolloutSource:
         )
         if round_index:
             key = jax.random.fold_in(key, round_index)
+        graphdef, params, rest = self.policy_view(state)
         out = sample_arrays(
-            state.graphdef, (state.params, state.rest), jnp.asarray(prompt_ids),
+            graphdef, (params, rest), jnp.asarray(prompt_ids),
             jnp.asarray(prompt_mask), key, self.sampling,
         )
         out = jax.tree.map(_to_host, out)
@@ -391,6 +496,33 @@ class RolloutSource:
         os.makedirs(os.path.dirname(self.completions_path), exist_ok=True)
         with open(self.completions_path, "a") as f:
             f.writelines(json.dumps(sample) + "\n" for sample in samples)
+
+
+def accuracy_evaluator(ctx: RunContext, cfg, policy_of: Callable = lambda state: state.model()):
+    """Greedy held-out accuracy (``eval_accuracy``) of the policy on the eval prompts that
+    have an ``answer`` column, scored by ``cfg.eval_reward`` (1.0 = correct); None when
+    ``cfg.eval_prompts`` is 0 or no eval prompt has an answer. ``policy_of(state)`` is the
+    policy module of a train state."""
+    from jaxpt.evals import verifiable_accuracy
+    from jaxpt.rewards import resolve_reward_fn
+
+    if not cfg.eval_prompts:
+        return None
+    rows = [r for r in prompt_rows(ctx, "eval") if "answer" in r][: cfg.eval_prompts]
+    if not rows:
+        return None
+    tokenizer = common.resolve_tokenizer(ctx)
+    scorer = resolve_reward_fn(cfg.eval_reward)
+
+    def evaluate(state) -> dict[str, float]:
+        result = verifiable_accuracy(
+            policy_of(state), tokenizer, rows,
+            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length, scorer=scorer,
+        )
+        return {"eval_accuracy": result["accuracy"], "eval_n": float(result["n"]),
+                "eval_completion_tokens": result["mean_completion_tokens"]}
+
+    return evaluate
 
 
 def _encode_npz(arrays: dict) -> str:

@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxpt.losses.chunked import token_stats
 from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import common
 from jaxpt.tasks.base import BuiltModel, RunContext, Task
@@ -29,17 +30,31 @@ def token_cross_entropy(logits_btv, targets_bt):
     return logz_bt - target_logit_bt, logz_bt, correct_bt
 
 
-def sft_loss(model, batch: dict, ctx: StepContext, z_loss: float = 0.0) -> LossOutput:
+def sft_loss(
+    model, batch: dict, ctx: StepContext, z_loss: float = 0.0, logits_chunk_size: int = 0
+) -> LossOutput:
     """Sum of CE over trained tokens / number of trained tokens (see the loss contract).
 
     Packed documents never attend across each other (segment_ids) and restart positions,
     and targets never cross a document boundary, so packing does not change the loss.
+    ``logits_chunk_size`` > 0 runs the LM head that many positions at a time
+    (``jaxpt.losses.chunked``): the same loss without [B, T, V] logits in memory.
     """
-    logits_btv = model(
-        batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"]
-    )
     mask_bt = batch["loss_mask"].astype(jnp.float32)
-    ce_bt, logz_bt, correct_bt = token_cross_entropy(logits_btv, batch["target_ids"])
+    if logits_chunk_size:
+        hidden_btd = model(
+            batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+            return_hidden=True,
+        )
+        stats = token_stats(
+            model.logits, hidden_btd, batch["target_ids"], logits_chunk_size, with_top=True
+        )
+        ce_bt, logz_bt, correct_bt = -stats.logprobs, stats.logz, stats.is_top
+    else:
+        logits_btv = model(
+            batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+        )
+        ce_bt, logz_bt, correct_bt = token_cross_entropy(logits_btv, batch["target_ids"])
     numerator = jnp.sum(ce_bt * mask_bt)
     if z_loss:
         numerator = numerator + z_loss * jnp.sum(jnp.square(logz_bt) * mask_bt)
@@ -87,7 +102,10 @@ def make_evaluator(ctx: RunContext):
 
 def make_loss(ctx: RunContext):
     """The SFT loss with this run's options bound."""
-    return functools.partial(sft_loss, z_loss=ctx.task_config.z_loss)
+    return functools.partial(
+        sft_loss, z_loss=ctx.task_config.z_loss,
+        logits_chunk_size=ctx.config.train.logits_chunk_size,
+    )
 
 
 TASK = Task(

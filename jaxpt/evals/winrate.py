@@ -1,0 +1,76 @@
+"""Model-vs-model win rate: both models answer the same prompts, a reward model or an LLM
+judge picks the better answer per prompt, and ``jaxpt.evals.stats`` turns the outcomes
+into a win rate, a length-controlled win rate and bootstrap CIs.
+
+Outcomes are model A's scores (1 A better, 0.5 tie, 0 B better; an LLM judge whose two
+orders half-disagree gives 0.75 or 0.25). Lengths for the length control are characters of
+the decoded answers, so models with different tokenizers compare fairly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+# Reward-model scores closer than this are a tie (float32 noise on identical answers).
+DEFAULT_TIE_TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass
+class Responses:
+    """One model's answers: decoded texts and their token counts."""
+
+    texts: list[str]
+    num_tokens: list[int]
+
+
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+    eos_token_id: int | Sequence[int] | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> Responses:
+    """Answers of ``model`` to ``prompts`` (texts or chat messages, encoded as ``jaxpt``
+    encodes every generation prompt), greedy unless ``temperature`` > 0."""
+    from jaxpt.data import encode_prompt
+    from jaxpt.sampling import generate
+
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    texts, num_tokens = [], []
+    for begin in range(0, len(prompts), batch_size):
+        chunk = prompts[begin : begin + batch_size]
+        out = generate(
+            model, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens,
+            temperature=temperature, eos_token_id=eos, pad_token_id=int(pad),
+            seed=seed + begin,
+        )
+        texts += tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        num_tokens += [len(t) for t in out.tokens]
+    return Responses(texts, num_tokens)
+
+
+def reward_model_outcomes(
+    reward_model, prompts: Sequence, texts_a: Sequence[str], texts_b: Sequence[str],
+    *, tolerance: float = DEFAULT_TIE_TOLERANCE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(outcomes, scores_a, scores_b)``: A wins when its reward is higher by more than
+    ``tolerance``, B likewise, otherwise a tie."""
+    scores = reward_model.score(list(prompts) * 2, list(texts_a) + list(texts_b))
+    scores_a, scores_b = scores[: len(prompts)], scores[len(prompts) :]
+    diff = scores_a.astype(np.float64) - scores_b
+    outcomes = np.where(diff > tolerance, 1.0, np.where(diff < -tolerance, 0.0, 0.5))
+    return outcomes, scores_a, scores_b
+
+
+def judge_outcomes(judge, prompts: Sequence, texts_a: Sequence[str], texts_b: Sequence[str]):
+    """``(outcomes, verdicts)`` from a ``jaxpt.judges.PairwiseJudge`` (both orders asked)."""
+    verdicts = judge.judge(list(prompts), list(texts_a), list(texts_b))
+    return np.array([v.score_a for v in verdicts], np.float64), verdicts

@@ -1,0 +1,7 @@
+"""Ahead-of-time memory plans: compile a run's programs for a TPU slice or CPU mesh
+(no weights, no accelerator) and report what each device holds.
+
+``topology`` names the devices (importing it does not start jax, so a CLI can still give
+a ``cpu:N`` process its devices), ``abstract`` builds the run's sharded shapes, ``memory``
+compiles and measures.
+"""

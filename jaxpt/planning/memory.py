@@ -1,0 +1,226 @@
+"""Per-device memory of a run's compiled programs, before any weights exist.
+
+The train step is the one ``jaxpt.loop`` jits (``make_train_step`` + the task's loss, the
+state's shardings, the state donated); GRPO also compiles its rollout sampler (prefill and
+the decode loop, ``jaxpt.sampling.engine``). Both are lowered from sharded
+``ShapeDtypeStruct``s and compiled for the target devices; XLA's ``memory_analysis`` then
+gives what each device holds while the program runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxpt.models.layers import attention_platform
+from jaxpt.planning.abstract import AbstractRun, abstract_run, bytes_per_device
+from jaxpt.sampling import SamplingConfig
+from jaxpt.sampling.engine import _sample_jit, _StaticGraph
+from jaxpt.sharding import (
+    make_mesh,
+    merged_rules,
+    named_sharding,
+    replicated,
+    rules_key,
+    use_rules,
+)
+from jaxpt.step import jit_train_step, make_train_step
+from jaxpt.tasks import get_task
+
+
+@dataclasses.dataclass
+class ProgramMemory:
+    """XLA's per-device figures for one compiled program, in bytes."""
+
+    argument: int
+    output: int
+    alias: int  # outputs that reuse donated argument buffers
+    temp: int  # activations, gradients, workspace
+    generated_code: int
+    compile_s: float
+
+    @property
+    def peak(self) -> int:
+        """Live at once: inputs, outputs not written in place, temporaries, code."""
+        return self.argument + self.output - self.alias + self.temp + self.generated_code
+
+    @classmethod
+    def of(cls, compiled, compile_s: float) -> ProgramMemory:
+        m = compiled.memory_analysis()
+        return cls(
+            argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
+            alias=int(m.alias_size_in_bytes), temp=int(m.temp_size_in_bytes),
+            generated_code=int(m.generated_code_size_in_bytes), compile_s=round(compile_s, 2),
+        )
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Per-device bytes of a run on a topology and whether they fit its memory."""
+
+    topology: str
+    device_kind: str
+    num_devices: int
+    mesh: dict
+    params: int
+    opt_state: int
+    ref_params: int
+    batch: int
+    train_step: ProgramMemory
+    sampler: ProgramMemory | None
+    sampler_resident: int  # train state bytes that stay put while the sampler runs
+    hbm: int
+
+    @property
+    def total(self) -> int:
+        """The larger of the train step's peak and the rollout's (sampler + idle state)."""
+        rollout = 0 if self.sampler is None else self.sampler.peak + self.sampler_resident
+        return max(self.train_step.peak, rollout)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.hbm
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(total=self.total, fits=self.fits, train_step_peak=self.train_step.peak)
+        if self.sampler is not None:
+            d["sampler_peak"] = self.sampler.peak
+        return d
+
+
+def _compile(fn, *args, **kwargs):
+    start = time.perf_counter()
+    compiled = fn.lower(*args, **kwargs).compile()
+    return ProgramMemory.of(compiled, time.perf_counter() - start)
+
+
+def compile_train_step(run: AbstractRun) -> ProgramMemory:
+    """Compile the loop's jitted train step for ``run``'s abstract state and batch."""
+    config, ctx = run.ctx.config, run.ctx
+    loss_fn = get_task(config.task).make_loss(ctx)
+    step = make_train_step(loss_fn, run.tx, config.train.grad_accum_steps, schedule=run.schedule)
+    jitted = jit_train_step(step, ctx.mesh, run.state_shardings, run.batch)
+    return _compile(jitted, run.state, run.batch)
+
+
+def compile_sampler(run: AbstractRun) -> ProgramMemory:
+    """Compile GRPO's rollout sampler: ``batch_size / num_generations`` prompts of
+    ``max_prompt_length``, ``num_generations`` samples each, ``max_completion_length``
+    new tokens, with the policy's params as the rollout passes them."""
+    cfg, mesh = run.ctx.config.grpo, run.ctx.mesh
+    prompts = run.ctx.config.train.batch_size // cfg.num_generations
+    sampling = SamplingConfig.make(
+        max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+        top_p=cfg.top_p, top_k=cfg.top_k, num_samples=cfg.num_generations,
+    )
+    sampling = dataclasses.replace(sampling, eos_token_ids=())
+    shape = (prompts, cfg.max_prompt_length)
+    # Replicated when the prompts do not divide over the batch axes, as the sampler's own
+    # constraint does.
+    ids = jax.ShapeDtypeStruct(shape, jnp.int32,
+                               sharding=named_sharding(mesh, ("batch", None), shape))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(mesh))
+    limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    eos = jax.ShapeDtypeStruct((4,), jnp.int32, sharding=replicated(mesh))
+    state = run.state
+    return _compile(
+        _sample_jit, _StaticGraph(state.graphdef), (state.params, state.rest), ids, ids, key,
+        limit, eos, config=sampling, rules=rules_key(),
+    )
+
+
+def plan_memory(config, topology) -> MemoryPlan:
+    """Compile ``config``'s train step (and GRPO's sampler) for ``topology``'s devices."""
+    mesh = make_mesh(
+        {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
+        devices=list(topology.devices),
+    )
+    rules = merged_rules(config.mesh.rules)
+    with use_rules(rules):
+        # Outside set_mesh: optax builds its state tree eagerly, and TPU topology devices
+        # cannot run anything.
+        run = abstract_run(config, mesh, rules)
+    with jax.set_mesh(mesh), use_rules(rules), attention_platform(topology.platform):
+        train = compile_train_step(run)
+        sampler = compile_sampler(run) if config.task == "grpo" else None
+    params = bytes_per_device(run.state.params) + bytes_per_device(run.state.rest)
+    opt_state = bytes_per_device(run.state.opt_state)
+    ref = bytes_per_device(run.state.ref_params) if run.state.ref_params is not None else 0
+    return MemoryPlan(
+        topology=topology.name, device_kind=topology.device_kind,
+        num_devices=topology.num_devices, mesh={k: int(v) for k, v in mesh.shape.items()},
+        params=params, opt_state=opt_state, ref_params=ref,
+        batch=bytes_per_device(run.batch), train_step=train, sampler=sampler,
+        sampler_resident=(opt_state + ref) if sampler is not None else 0,
+        hbm=topology.hbm_bytes,
+    )
+
+
+def suggestions(config) -> list[tuple[str, list[str]]]:
+    """Concrete changes that lower the peak, most effective first, as (why, overrides)."""
+    out = []
+    mesh = config.mesh
+    if mesh.data > 1 or mesh.tensor > 1:
+        out.append(("shard params and optimizer state over every device (fsdp)",
+                     ["mesh.data=1", "mesh.tensor=1", "mesh.fsdp=-1"]))
+    if config.model.remat == "none":
+        out.append(("recompute activations in the backward pass (remat)",
+                    ["model.remat=full"]))
+    train = config.train
+    per_shard = train.batch_size // max(1, train.grad_accum_steps)
+    if per_shard % 2 == 0 and train.batch_size % (train.grad_accum_steps * 2) == 0:
+        out.append(("halve the micro-batch (same global batch, twice the accumulation)",
+                     [f"train.grad_accum_steps={train.grad_accum_steps * 2}"]))
+    if config.task == "sft" and config.data.seq_len >= 256:
+        out.append(("halve the sequence length", [f"data.seq_len={config.data.seq_len // 2}"]))
+    if config.task == "grpo" and config.grpo.max_completion_length >= 128:
+        out.append(("halve the completion budget",
+                    [f"grpo.max_completion_length={config.grpo.max_completion_length // 2}"]))
+    if config.model.param_dtype == "float32":
+        out.append(("keep master weights in bfloat16 (optimizer state follows)",
+                    ["model.param_dtype=bfloat16"]))
+    return out
+
+
+def gib(n: int) -> float:
+    return round(n / 1024**3, 3)
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A per-device table of the plan, in GiB."""
+    rows = [
+        ("params (+ non-trainable)", plan.params),
+        ("optimizer state", plan.opt_state),
+        ("reference params", plan.ref_params),
+        ("batch", plan.batch),
+        ("train step: arguments", plan.train_step.argument),
+        ("train step: outputs", plan.train_step.output),
+        ("train step: aliased (donated)", -plan.train_step.alias),
+        ("train step: grads/activations/temps", plan.train_step.temp),
+        ("train step: generated code", plan.train_step.generated_code),
+        ("train step: peak", plan.train_step.peak),
+    ]
+    if plan.sampler is not None:
+        rows += [
+            ("sampler: arguments (params)", plan.sampler.argument),
+            ("sampler: KV cache/temps", plan.sampler.temp),
+            ("sampler: peak + resident opt/ref", plan.sampler.peak + plan.sampler_resident),
+        ]
+    rows += [("TOTAL (peak)", plan.total), (f"HBM per device ({plan.device_kind})", plan.hbm)]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{plan.topology}: {plan.num_devices} devices, mesh {plan.mesh}"]
+    lines += [f"  {name:<{width}}  {gib(value):10.3f} GiB" for name, value in rows]
+    lines.append(f"  fits: {'yes' if plan.fits else 'NO'}"
+                 f" ({100 * plan.total / max(plan.hbm, 1):.0f}% of memory)")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "MemoryPlan", "ProgramMemory", "compile_sampler", "compile_train_step", "format_plan",
+    "gib", "plan_memory", "suggestions",
+]

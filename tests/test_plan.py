@@ -1,0 +1,130 @@
+"""`python -m jaxpt.plan`: per-device memory of the real train step, checked by hand."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxpt.cli.plan import main as plan_main
+from jaxpt.config import ConfigError, load_config
+from jaxpt.planning.memory import plan_memory
+from jaxpt.planning.topology import TopologyError, get_topology, libtpu_available, parse_spec
+
+# Every dimension divides 8, so each param with an `embed` axis shards 8 ways over fsdp.
+V, D, F, L, N, K, H = 256, 64, 128, 2, 4, 2, 16
+B, T = 16, 32
+TINY = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V,
+    "hidden_size": D, "intermediate_size": F, "num_hidden_layers": L,
+    "num_attention_heads": N, "num_key_value_heads": K, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 256, "tie_word_embeddings": False, "hidden_act": "silu",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan")
+    (path / "model").mkdir()
+    (path / "model" / "config.json").write_text(json.dumps(TINY))
+    (path / "sft.yaml").write_text(
+        f"task: sft\noutput_dir: {path / 'out'}\n"
+        f"model: {{path: {path / 'model'}, dtype: float32, param_dtype: float32}}\n"
+        f"data: {{train: arithmetic, seq_len: {T}}}\n"
+        f"train: {{max_steps: 10, batch_size: {B}}}\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_plan(tiny_config_dir):
+    config = load_config(str(tiny_config_dir / "sft.yaml"))
+    return plan_memory(config, get_topology("cpu:8", hbm_gib=1.0))
+
+
+def test_sft_plan_matches_a_hand_count_on_cpu8(sft_plan):
+    sharded = 2 * V * D + L * (N * H * D + 2 * K * H * D + D * N * H + 3 * D * F)
+    replicated = (2 * L + 1) * D  # RMSNorm weights: no embed axis
+    params = 4 * (sharded // 8 + replicated)
+    assert sft_plan.params == params
+    # AdamW: two float32 moments per param, plus a few int32 counters.
+    assert 0 <= sft_plan.opt_state - 2 * params <= 64
+    batch = 5 * 4 * B * T // 8  # five [B, T] 4-byte arrays, rows split 8 ways
+    assert sft_plan.batch == batch
+    step = sft_plan.train_step
+    # XLA's argument bytes: state (params, moments, step, rng) + this device's batch rows.
+    state = sft_plan.params + sft_plan.opt_state + 4 + 8
+    assert step.argument == state + batch
+    # The state is donated: the new one is written over it.
+    assert step.alias == state
+    # Activations: at least the float32 logits of this device's rows and their gradient.
+    assert step.temp >= 2 * 4 * (B // 8) * T * V
+    assert sft_plan.total == step.argument + step.output - step.alias + step.temp + (
+        step.generated_code
+    )
+    assert sft_plan.hbm == 1024**3 and sft_plan.fits == (sft_plan.total <= 1024**3)
+    assert sft_plan.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_cli_prints_json_and_suggests_when_it_does_not_fit(tiny_config_dir, capsys):
+    code = plan_main([
+        "--config", str(tiny_config_dir / "sft.yaml"), "--topology", "cpu:8",
+        "--hbm-gib", "0.001", "--no-recheck", "model.remat=none",
+    ])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["fits"] is False and result["topology"] == "cpu:8"
+    assert result["total"] > result["hbm"] == int(0.001 * 1024**3)
+    overrides = [s["overrides"] for s in result["suggestions"]]
+    assert ["model.remat=full"] in overrides
+    assert any("fits: NO" in line for line in lines)
+
+
+def test_grpo_plan_compiles_the_sampler_and_keeps_state_resident(tiny_config_dir):
+    config = load_config(str(tiny_config_dir / "sft.yaml"), [
+        "task=grpo", "train.batch_size=16", "grpo.num_generations=4",
+        "grpo.max_prompt_length=8", "grpo.max_completion_length=8", "grpo.beta=0.1",
+    ])
+    plan = plan_memory(config, get_topology("cpu:8"))
+    assert plan.sampler is not None
+    assert plan.ref_params == plan.params  # beta > 0 keeps a frozen copy, sharded alike
+    assert plan.sampler_resident == plan.opt_state + plan.ref_params
+    # The sampler reads the policy's params (plus the prompts).
+    assert plan.sampler.argument >= plan.params
+    assert plan.total >= plan.sampler.peak + plan.sampler_resident
+
+
+def test_bad_topologies_and_tasks_are_clear_errors(tiny_config_dir):
+    assert parse_spec("v5p:2x2x2") == ("v5p", (2, 2, 2))
+    with pytest.raises(TopologyError, match="KIND:SHAPE"):
+        parse_spec("v5e-8")
+    with pytest.raises(TopologyError, match="unknown kind 'v9'"):
+        parse_spec("v9:2x2")
+    with pytest.raises(TopologyError, match="needs 64 CPU devices"):
+        get_topology("cpu:64")
+    config = load_config(str(tiny_config_dir / "sft.yaml"), ["task=rm"])
+    with pytest.raises(ConfigError, match="memory plans cover sft, grpo"):
+        plan_memory(config, get_topology("cpu:8"))
+    missing = load_config(str(tiny_config_dir / "sft.yaml"), ["model.path=/nonexistent"])
+    with pytest.raises(ConfigError, match="model.path"):
+        plan_memory(missing, get_topology("cpu:8"))
+
+
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu not installed (pip install jaxpt[tpu])")
+def test_sft_plan_compiles_for_a_v5e_slice(tiny_config_dir, sft_plan):
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        topology = get_topology("v5e:2x4")
+    except TopologyError as error:
+        pytest.skip(f"libtpu cannot describe v5e:2x4 here: {error}")
+    assert topology.num_devices == 8 and topology.hbm_bytes == 16 * 1024**3
+    plan = plan_memory(load_config(str(tiny_config_dir / "sft.yaml")), topology)
+    # Sharded state bytes do not depend on the backend; activations do.
+    assert (plan.params, plan.opt_state, plan.batch) == (
+        sft_plan.params, sft_plan.opt_state, sft_plan.batch
+    )
+    # TPU layouts pad small arrays to tiles: at least the state and the batch.
+    assert plan.train_step.argument >= plan.params + plan.opt_state + plan.batch
+    assert plan.train_step.generated_code > 0 and plan.fits
+    np.testing.assert_equal(plan.device_kind, "TPU v5 lite")
