@@ -125,12 +125,15 @@ def plot_runs(runs: Sequence[str], out: str, metrics: Sequence[str] | None = Non
     else:
         chosen = choose_metrics(available, metrics)
     plt, fig, axes = _figure(len(chosen))
+    # One color per run in every panel, whichever runs logged the panel's metric.
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, name in zip(axes, chosen):
-        for label, series in zip(run_labels(runs), data):
+        for index, (label, series) in enumerate(zip(run_labels(runs), data)):
             if name in series:
                 steps, values = series[name]
                 style = "o-" if len(steps) < 3 else "-"
-                ax.plot(steps, values, style, label=label, markersize=3, linewidth=1.2)
+                ax.plot(steps, values, style, label=label, markersize=3, linewidth=1.2,
+                        color=colors[index % len(colors)])
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
