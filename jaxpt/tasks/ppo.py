@@ -362,32 +362,24 @@ class PpoFinisher:
         self.kl_coef = float(state["kl_coef"])
 
     def __call__(self, state, batch: dict):
-        from jaxpt.sharding import batch_sharding, replicated
+        from jaxpt.sharding import replicated
+        from jaxpt.step import local_rows, put_batch
         from jaxpt.tasks.rollout import _to_host
 
         if self._finish is None:
-            graphdef = state.graphdef
 
-            def finish(params, rest, ref_params, device_batch, kl_coef):
+            def finish(state, device_batch, kl_coef):
                 return finish_arrays(
-                    _merge(graphdef, params, rest), ref_params, device_batch, kl_coef,
-                    cfg=self.cfg, logits_chunk_size=self.ctx.config.train.logits_chunk_size,
+                    state.model(), state.ref_params, device_batch, kl_coef, cfg=self.cfg,
+                    logits_chunk_size=self.ctx.config.train.logits_chunk_size,
                 )
 
             self._finish = jax.jit(finish, out_shardings=replicated(self.ctx.mesh))
         mesh = self.ctx.mesh
         with jax.set_mesh(mesh):
-            # Every process holds the whole rollout: each array is built from its own rows.
-            device_batch = {
-                k: jax.make_array_from_callback(
-                    v.shape, batch_sharding(mesh, v.ndim), lambda index, v=v: v[index]
-                )
-                for k, v in batch.items()
-            }
-            arrays, metrics = self._finish(
-                state.params, state.rest, state.ref_params, device_batch,
-                jnp.float32(self.kl_coef),
-            )
+            # Every process holds the whole rollout and puts its own rows on the mesh.
+            device_batch = put_batch(local_rows(batch, mesh), mesh)
+            arrays, metrics = self._finish(state, device_batch, jnp.float32(self.kl_coef))
         arrays = {k: _to_host(v) for k, v in arrays.items()}
         metrics = {k: _to_host(v) for k, v in metrics.items()}
         row_advantages = metrics.pop("advantage_row_mean")
@@ -401,12 +393,6 @@ class PpoFinisher:
             self.cfg.kl_horizon,
         ))
         return out, logged, row_advantages
-
-
-def _merge(graphdef, params, rest):
-    from flax import nnx
-
-    return nnx.merge(graphdef, params, rest)
 
 
 def make_train_source(ctx: RunContext) -> RolloutSource:
