@@ -142,7 +142,10 @@ class CheckpointSection:
     every: int = 500  # 0: only at the end (and on preemption)
     keep: int = 2
     async_save: bool = True  # `async` is a Python keyword
-    resume: bool = True  # resume from the latest checkpoint in output_dir
+    resume: bool = True  # resume from the latest checkpoint in `directory`
+    # Where checkpoints live; default <output_dir>/checkpoints. May be a gs:// URL, which
+    # every host of a multi-host run reads and writes (the other outputs stay local).
+    directory: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +322,13 @@ def _check_choices_and_ranges(config) -> None:
             raise ConfigError(str(error)) from None
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ConfigError("config key 'data.eval_fraction' must be in [0, 1)")
+    if "://" in config.output_dir:
+        raise ConfigError(
+            f"config key 'output_dir' ({config.output_dir!r}) must be a local path: metrics, "
+            "completions, data files and the HF export are written there with plain file "
+            "I/O. Put checkpoints on shared storage with checkpoint.directory="
+            f"{config.output_dir.rstrip('/')}/checkpoints and keep output_dir local"
+        )
     if config.optim.lr < 0 or config.optim.warmup_steps < 0:
         raise ConfigError("config keys 'optim.lr' and 'optim.warmup_steps' must be >= 0")
 

@@ -297,7 +297,7 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
     try:
         with run.activate():
             checkpointer = Checkpointer(
-                os.path.join(out_dir, "checkpoints"),
+                checkpoint_directory(config, out_dir),
                 keep=config.checkpoint.keep,
                 async_save=config.checkpoint.async_save,
             )
@@ -438,8 +438,16 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
                 closeable.close()
 
 
+def checkpoint_directory(config, output_dir: str) -> str:
+    """``checkpoint.directory`` (local or a URL such as ``gs://``), else
+    ``<output_dir>/checkpoints``."""
+    if config.checkpoint.directory:
+        return absolute_path(config.checkpoint.directory)
+    return os.path.join(output_dir, "checkpoints")
+
+
 def run(config, *, stop_after_step: int | None = None) -> RunResult:
-    """Train per ``config`` (``setup`` then ``train``), resuming from
-    ``<output_dir>/checkpoints`` if present."""
+    """Train per ``config`` (``setup`` then ``train``), resuming from the newest checkpoint
+    in ``checkpoint_directory(config, output_dir)`` if present."""
     with setup(config) as prepared:
         return train(prepared, stop_after_step=stop_after_step)

@@ -38,9 +38,13 @@ def test_resume_after_stop_is_bit_exact(tmp_path, tiny_dir):
     full = str(tmp_path / "full")
     run(load_config(SFT_TINY, overrides(full, tiny_dir, **{"train.max_steps": 5})))
     resumed = str(tmp_path / "resumed")
-    config = load_config(SFT_TINY, overrides(resumed, tiny_dir, **{"train.max_steps": 5}))
+    # Checkpoints in their own directory (as a gs:// bucket for multi-host runs).
+    shared = str(tmp_path / "shared" / "ckpts")
+    config = load_config(SFT_TINY, overrides(resumed, tiny_dir, **{
+        "train.max_steps": 5, "checkpoint.directory": shared}))
     first = run(config, stop_after_step=3)  # as if preempted during step 3
     assert first.preempted and first.step == 3 and first.hf_dir is None
+    assert first.checkpoint_dir == shared and not os.path.exists(f"{resumed}/checkpoints")
     assert sorted(os.listdir(first.checkpoint_dir)) == ["2", "3"]
     second = run(config)
     assert not second.preempted and second.step == 5

@@ -38,6 +38,10 @@ def test_yaml_and_overrides_are_typed():
             "data.arithmetic.dropped_carry_rate=2",
             "config section 'data.arithmetic': dropped_carry_rate must be in [0, 1]",
         ),
+        (
+            "output_dir=gs://bucket/run",
+            "config key 'output_dir' ('gs://bucket/run') must be a local path",
+        ),
     ],
 )
 def test_errors_name_the_key(override, expected):

@@ -217,6 +217,17 @@ def test_cli_output_dir_and_last_line_json(tiny_dir, tmp_path, capsys):
     assert both["model"] == tiny_dir and 0.0 <= both["arithmetic"]["accuracy"] <= 1.0
     assert eval_cli.main(["--config", str(yaml), "--task", "rows"]) == 0
     assert last_json(capsys.readouterr().out)["task"] == "rows"  # one task: flat
+    # Flags given beside --config override it: no greedy pass, another batch size.
+    sampled = tmp_path / "sampled.yaml"
+    sampled.write_text(f"model: {tiny_dir}\nbatch_size: 64\ntasks:\n"
+                       f"  - {{name: rows, data: {data}, max_new_tokens: 2, num_samples: 2, "
+                       "temperature: 1.0}\n")
+    out2 = tmp_path / "out2"
+    argv = ["--config", str(sampled), "--no-greedy", "--batch-size", "2", "--output-dir",
+            str(out2)]
+    assert eval_cli.main(argv) == 0
+    rows = [json.loads(line) for line in (out2 / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 and not any(r["greedy"] for r in rows)
 
 
 # -- eval tasks during training -----------------------------------------------------------------

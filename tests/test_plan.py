@@ -128,3 +128,37 @@ def test_sft_plan_compiles_for_a_v5e_slice(tiny_config_dir, sft_plan):
     assert plan.train_step.argument >= plan.params + plan.opt_state + plan.batch
     assert plan.train_step.generated_code > 0 and plan.fits
     np.testing.assert_equal(plan.device_kind, "TPU v5 lite")
+
+
+def test_a_program_xla_refuses_to_fit_is_reported_as_not_fitting():
+    """The TPU compiler rejects a program whose temporaries exceed HBM; the plan reports
+    that as "does not fit" with the figure the error gives, instead of failing."""
+    import jax
+
+    from jaxpt.planning.memory import _compile, _required_bytes
+
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+               "HLO temporaries (16.39G) exceeds available HBM (15.75G).")
+    assert _required_bytes(message) == int(16.39 * 1024**3)
+    assert _required_bytes("Used 17.5G of 15.75G hbm. Exceeded hbm capacity") == int(
+        17.5 * 1024**3)
+
+    class Refused:
+        def lower(self, *args, **kwargs):
+            return self
+
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(message)
+
+    state = jax.ShapeDtypeStruct((1024, 256), np.float32)
+    program = _compile(Refused(), state, "static")
+    assert program.out_of_memory and "16.39G" in program.out_of_memory
+    assert program.argument == 1024 * 256 * 4
+    assert program.peak == 1024 * 256 * 4 + int(16.39 * 1024**3)
+
+    class Broken(Refused):
+        def compile(self):
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        _compile(Broken(), state)

@@ -66,6 +66,30 @@ def test_plot_selected_metrics_and_globs(tmp_path, capsys):
         choose_metrics(["loss"], ["kl"])
 
 
+def _pixels_near(image, rgb, box) -> int:
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB").crop(box), dtype=int)
+    return int((np.abs(pixels - np.array(rgb)).sum(-1) < 40).sum())
+
+
+def test_a_run_keeps_its_color_in_panels_other_runs_did_not_log(tmp_path, capsys):
+    # Only the second run logs "kl": its line there must be the second run's color (orange
+    # in matplotlib's default cycle), as in the "loss" panel, not the first color (blue).
+    a = _fake_run(tmp_path / "a", [{"step": s, "loss": 1.0 / s} for s in range(1, 6)])
+    b = _fake_run(tmp_path / "b", [{"step": s, "loss": 2.0 / s, "kl": 0.1 * s}
+                                   for s in range(1, 6)])
+    out = tmp_path / "colors.png"
+    assert plot_cli.main([a, b, "--out", str(out), "--metrics", "loss,kl"]) == 0
+    blue, orange = (31, 119, 180), (255, 127, 14)
+    with Image.open(out) as image:
+        loss_panel, kl_panel = (0, 0, 500, 350), (500, 0, 1000, 350)
+        assert _pixels_near(image, blue, loss_panel) > 50
+        assert _pixels_near(image, orange, loss_panel) > 50
+        assert _pixels_near(image, orange, kl_panel) > 50
+        assert _pixels_near(image, blue, kl_panel) == 0
+
+
 def test_plot_a_real_run_metrics_file(tmp_path, capsys):
     """The metrics file a real (seconds-long) SFT run of the tiny model writes."""
     from tiny import SFT_TINY, make_tiny_dir, sft_overrides

@@ -79,3 +79,14 @@ def test_an_unknown_policy_is_an_error_naming_the_key(tmp_path):
     config = load_config(None, [f"output_dir={tmp_path}", "data.train=arithmetic",
                                 "train.max_steps=1", "model.remat=offload"])
     assert config.model.remat == "offload"
+
+
+def test_a_remat_model_samples_like_one_without():
+    """GRPO samples from the model it trains; remat (a training setting) must not get in the
+    sampler's way, and must not change what it generates."""
+    from jaxpt.sampling import generate
+
+    prompts = [[5, 6, 7], [9, 8]]
+    outs = [generate(init_model(CONFIG, seed=0, remat=remat), prompts, max_new_tokens=4).tokens
+            for remat in ("none", "full")]
+    assert outs[0] == outs[1]

@@ -2,6 +2,7 @@
 mesh invariance, bucketing without recompiles, stop sequences and n samples per prompt."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from flax import nnx
 
 from jaxpt.models import from_pretrained, init_model, save_pretrained
 from jaxpt.sampling import SamplingConfig, generate, sample_arrays, trace_count
+from jaxpt.sampling.processors import nucleus_mask
 
 BASE = {
     "vocab_size": 128,
@@ -141,6 +143,7 @@ def _reference_distribution(logits_v, temperature, top_k=None, top_p=None, min_p
     "filters",
     [
         {"temperature": 0.7, "top_k": 12, "top_p": 0.9},
+        {"temperature": 0.8, "top_p": 0.9},
         {"temperature": 1.5, "min_p": 0.05},
     ],
 )
@@ -163,6 +166,36 @@ def test_filtered_sampling_distribution(llama, filters):
     support = int((expected > 0).sum())
     # E[TV] <= 0.5 * sqrt(support / samples); allow a wide margin over it.
     assert total_variation < 0.5 * np.sqrt(support / samples) + 0.02, total_variation
+
+
+def test_nucleus_mask_matches_the_sorted_prefix_rule():
+    rng = np.random.default_rng(0)
+    # Flat, peaked and heavy-tailed rows over a 50k vocabulary.
+    rows = [
+        rng.normal(size=50_000),
+        rng.normal(size=50_000) * 8,
+        np.concatenate([[12.0, 11.5], rng.normal(size=49_998)]),
+    ]
+    for logits in rows:
+        for top_p in (0.1, 0.5, 0.9, 0.95, 0.99):
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            order = np.argsort(-probs, kind="stable")
+            mass_before = np.cumsum(probs[order]) - probs[order]
+            expected = np.zeros(len(logits), bool)
+            expected[order[mass_before < top_p]] = True
+            got = np.asarray(nucleus_mask(jnp.asarray(logits[None], jnp.float32), top_p))[0]
+            # Float32 sums may move a token that sits exactly on the boundary; nothing else.
+            differ = np.flatnonzero(got != expected)
+            assert len(differ) <= 1, (top_p, differ)
+            for i in differ:
+                boundary = abs(mass_before[np.flatnonzero(order == i)[0]] - top_p)
+                assert boundary < 1e-5, (top_p, i, boundary)
+            assert got[np.argmax(probs)]  # the top token always stays
+    # Tokens tied on the boundary stay or go together, whatever order a sort gives them.
+    tied = jnp.asarray([[0.0, 0.0, 3.0]])
+    assert np.asarray(nucleus_mask(tied, 0.95)).tolist() == [[True, True, True]]
+    assert np.asarray(nucleus_mask(tied, 0.5)).tolist() == [[False, False, True]]
 
 
 def test_sharded_generation_matches_single_device(llama, mesh8):
@@ -238,7 +271,6 @@ CHATS = [
 
 def test_generate_accepts_tokenizer_output_and_arrays(llama):
     """Every prompt form a user may pass gives the same completions as plain id lists."""
-    import jax.numpy as jnp
 
     from jaxpt.data import encode_prompt, load_tokenizer
 
@@ -319,3 +351,19 @@ def test_generate_prompt_mask_must_match(llama):
         generate(llama[0], batch, max_new_tokens=2)
     with pytest.raises(ValueError, match="at least one token"):
         generate(llama[0], {"input_ids": [[1, 2]], "attention_mask": [[0, 0]]})
+
+
+def test_token_choice_draws_exactly_what_jax_random_categorical_draws():
+    """The sampler's Gumbel-max draw with its own argmax: same keys, same tokens."""
+    from jaxpt.sampling.processors import choose_tokens
+
+    keys = jax.random.split(jax.random.key(3), 64)
+    logits = np.random.default_rng(0).normal(size=(64, 1000)) * 3
+    logits[:, 500:] = -np.inf  # filtered tokens are never drawn
+    logits = jnp.asarray(logits, jnp.float32)
+    expected = jax.vmap(jax.random.categorical)(keys, logits)
+    got, _ = choose_tokens(logits, keys, SamplingConfig(temperature=1.0))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert np.asarray(got).max() < 500
+    greedy, _ = choose_tokens(logits, keys, SamplingConfig(temperature=0.0))
+    np.testing.assert_array_equal(np.asarray(greedy), np.argmax(np.asarray(logits), axis=-1))

@@ -101,15 +101,24 @@ def test_queued_create_and_collected_logs():
     ]
 
 
-def test_bad_flags_and_local_multi_host_output_dirs_are_refused():
+def test_bad_flags_and_local_multi_host_checkpoint_dirs_are_refused(tmp_path):
     missing = script("create.sh", "--name", "x", "--dry-run", check=False)
     assert missing.returncode == 2 and "--zone is required" in missing.stderr
     unknown = script("delete.sh", *TPU, "--bogus", check=False)
     assert unknown.returncode == 2 and "unknown flag --bogus" in unknown.stderr
     local = script("run.sh", *TPU, "--dry-run", "--config",
                    "tpu_scripts/examples/sft_llama8b_v5p16.yaml", "--workers", "2", "--",
-                   "output_dir=/tmp/run", check=False)
+                   "checkpoint.directory=/tmp/run", check=False)
     assert local.returncode == 2 and "is not gs://" in local.stderr and not local.stdout
+    # A block-style checkpoint section is read too; no directory at all is refused.
+    block = tmp_path / "block.yaml"
+    block.write_text("output_dir: runs/x\ncheckpoint:\n  every: 10\n  directory: gs://b/x\n")
+    ok = script("run.sh", *TPU, "--dry-run", "--config", str(block), "--workers", "2")
+    assert ok.returncode == 0 and "jaxpt.train" in ok.stdout
+    block.write_text("output_dir: runs/x\ncheckpoint:\n  every: 10\n")
+    none = script("run.sh", *TPU, "--dry-run", "--config", str(block), "--workers", "2",
+                  check=False)
+    assert none.returncode == 2 and "checkpoint.directory '' is not gs://" in none.stderr
 
 
 def test_readme_shows_exactly_what_the_v5e8_dry_run_prints():

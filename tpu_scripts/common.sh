@@ -127,19 +127,22 @@ train_command() {
     " --config config.yaml$overrides > train.log 2>&1 < /dev/null &"
 }
 
-# The output_dir a config file names (empty when it names none).
-config_output_dir() {
-  sed -n 's/^output_dir:[[:space:]]*\([^#[:space:]]*\).*/\1/p' "$1" | head -n 1
+# The checkpoint directory a config file names (empty when it names none): the value of a
+# `directory:` key, in block (`checkpoint:` + `  directory: X`) or flow style.
+config_checkpoint_dir() {
+  { grep -o 'directory:[[:space:]]*[^],}#[:space:]]*' "$1" || true; } | head -n 1 |
+    sed 's/^directory:[[:space:]]*//'
 }
 
-# Multi-host runs resume from a checkpoint every host can read: insist on gs://.
-check_output_dir() {
-  local out
-  out="$(config_output_dir "$CONFIG")"
+# Multi-host runs resume from checkpoints every host can read: insist on a gs://
+# checkpoint.directory (output_dir, with metrics and the HF export, stays on each worker).
+check_checkpoint_dir() {
+  local dir item
+  dir="$(config_checkpoint_dir "$CONFIG")"
   for item in "${OVERRIDES[@]}"; do
-    if [[ "$item" == output_dir=* ]]; then out="${item#output_dir=}"; fi
+    if [[ "$item" == checkpoint.directory=* ]]; then dir="${item#checkpoint.directory=}"; fi
   done
-  if [[ "$WORKERS" -gt 1 && "$out" != gs://* ]]; then
-    die "output_dir '$out' is not gs://: with $WORKERS workers every host must read the same checkpoints"
+  if [[ "$WORKERS" -gt 1 && "$dir" != gs://* ]]; then
+    die "checkpoint.directory '$dir' is not gs://: with $WORKERS workers every host must read the same checkpoints"
   fi
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Continue a run after preemption: jaxpt restores the newest checkpoint under the config's
-# output_dir by itself, so resuming is running the same command again (on a new VM if the
+# Continue a run after preemption: jaxpt restores the newest checkpoint in the config's
+# checkpoint.directory (default <output_dir>/checkpoints) by itself, so resuming is running the same command again (on a new VM if the
 # old one was preempted: --recreate deletes it, creates it and reinstalls jaxpt first).
 set -euo pipefail
 # shellcheck source=common.sh
@@ -18,7 +18,7 @@ USAGE
 
 parse_flags "$@"
 require name zone config
-check_output_dir
+check_checkpoint_dir
 here="$(dirname "${BASH_SOURCE[0]}")"
 pass=(--name "$NAME" --zone "$ZONE")
 if [[ -n "$PROJECT" ]]; then pass+=(--project "$PROJECT"); fi

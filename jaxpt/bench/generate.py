@@ -22,6 +22,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--compare-transformers",
+        "--compare",
+        dest="compare_transformers",
         action="store_true",
         help="also time transformers' PyTorch generate on the same model and batch",
     )

@@ -70,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, nargs="+", help="pass@k/maj@k/mean@k (default 1, n)")
     parser.add_argument("--no-greedy", action="store_true",
                         help="with sampling, skip the greedy pass (accuracy = mean@1)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch-size", type=int,
+                        help="rows per generate call (default 64; overrides --config's)")
+    parser.add_argument("--dtype", help="float32 (default) or bfloat16; overrides --config's")
     return parser
 
 
@@ -166,7 +167,11 @@ def main(argv=None) -> int:
                 raise ConfigError(f"{args.config}: key 'model' is required (or pass --model)")
             tokenizer_path = args.tokenizer or config.tokenizer
             output_dir = args.output_dir or config.output_dir
-            batch_size, dtype = config.batch_size, config.dtype
+            # Explicit flags win over the file; the tasks' sampling comes from the file.
+            batch_size = args.batch_size or config.batch_size
+            dtype = args.dtype or config.dtype
+            if args.no_greedy:
+                tasks = [dataclasses.replace(t, greedy=False) for t in tasks]
             single = args.task is not None or len(tasks) == 1
         else:
             if not args.model:
@@ -175,7 +180,8 @@ def main(argv=None) -> int:
                 _check_scorer(args.scorer)
             task = parse_task(_task_from_flags(args), "--task")
             tasks, model_path, tokenizer_path = [task], args.model, args.tokenizer
-            output_dir, batch_size, dtype = args.output_dir, args.batch_size, args.dtype
+            output_dir = args.output_dir
+            batch_size, dtype = args.batch_size or 64, args.dtype or "float32"
             single = True
         loaded = [(task, load_task_examples(task)) for task in tasks]
     except (ConfigError, DataError, ValueError) as error:  # bad flags, config or rows

@@ -35,7 +35,8 @@ REMAT_POLICIES = {
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys/values [B, S, K, H] plus what the attention mask needs per slot."""
+    """Per-layer keys [B, K, H, S] and values [B, K, S, H] (the layouts decoding reads in
+    place, see ``layers.decode_attention``) plus what the attention mask needs per slot."""
 
     k: tuple
     v: tuple
@@ -45,11 +46,11 @@ class KVCache:
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        k_shape = (batch, config.num_kv_heads, config.head_dim, length)
+        v_shape = (batch, config.num_kv_heads, length, config.head_dim)
         return cls(
-            k=zeros,
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            k=tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers)),
+            v=tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers)),
             segment_ids=jnp.zeros((batch, length), jnp.int32),
             positions=jnp.zeros((batch, length), jnp.int32),
             index=jnp.zeros((), jnp.int32),

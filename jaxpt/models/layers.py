@@ -118,19 +118,61 @@ def attention_mask(q_segment_bt, q_slot_t, q_pos_bt, k_segment_bs, k_slot_s, k_p
     return AttentionMask(mask[:, None, :, :], q_segment_bt, k_segment_bs, window, self_attention)
 
 
-def decode_attention(q_b1nh, k_bskh, v_bskh, mask_b11s):
-    """One query per row against a KV cache, as multiply-and-reduce over the cache's
-    stored [B, S, K, H] layout: a batched dot makes XLA CPU transpose (copy) the whole
-    cache every decode step, which costs more than the attention itself."""
+DECODE_BLOCK = 128  # cache slots per block of length-aware decode attention
+
+
+def decode_attention(q_b1nh, k_bkhs, v_bksh, mask_b11s, filled=None):
+    """One query per row against a KV cache stored kv-head major: keys [B, K, H, S],
+    values [B, K, S, H].
+
+    In that layout both products are plain (not transposed) matmuls batched over (B, K)
+    that read the cache in place: with [B, S, K, H] XLA CPU copies the whole cache every
+    step first, and with keys [B, K, S, H] the scores are a transposed product that runs
+    about 4x slower. With
+    ``filled`` (traced: the number of slots written so far, a prefix of the cache), only
+    the blocks of ``DECODE_BLOCK`` slots holding them are read, with an online softmax, so
+    a step costs what the text so far costs, not the whole cache bucket. Skipped slots are
+    masked ones, whose weight is exactly 0 either way.
+    """
     b, _, n, h = q_b1nh.shape
-    k = k_bskh.shape[2]
+    k, s = k_bkhs.shape[1], k_bkhs.shape[3]
     q_bkgh = q_b1nh.reshape(b, k, n // k, h).astype(jnp.float32) * (h**-0.5)
-    scores_bskg = jnp.sum(q_bkgh[:, None] * k_bskh[:, :, :, None, :].astype(jnp.float32), -1)
-    mask_bs11 = _dense(mask_b11s)[:, 0, 0, :, None, None]
-    scores_bskg = jnp.where(mask_bs11, scores_bskg, jnp.finfo(jnp.float32).min)
-    probs_bskg = jax.nn.softmax(scores_bskg, axis=1)
-    v_bsk1h = v_bskh[:, :, :, None, :].astype(jnp.float32)
-    out_bkgh = jnp.sum(probs_bskg[..., None] * v_bsk1h, axis=1)
+    mask_bs = _dense(mask_b11s)[:, 0, 0, :]
+    lowest = jnp.finfo(jnp.float32).min
+    if filled is None or s < 2 * DECODE_BLOCK or s % DECODE_BLOCK:
+        scores_bkgs = jnp.einsum("bkgh,bkhs->bkgs", q_bkgh, k_bkhs.astype(jnp.float32))
+        scores_bkgs = jnp.where(mask_bs[:, None, None, :], scores_bkgs, lowest)
+        probs_bkgs = jax.nn.softmax(scores_bkgs, axis=-1)
+        out_bkgh = jnp.einsum("bkgs,bksh->bkgh", probs_bkgs, v_bksh.astype(jnp.float32))
+        return out_bkgh.reshape(b, 1, n, h).astype(q_b1nh.dtype)
+
+    def block(j, carry):
+        max_bkg, total_bkg, acc_bkgh = carry
+        start = j * DECODE_BLOCK
+        k_blk = jax.lax.dynamic_slice_in_dim(k_bkhs, start, DECODE_BLOCK, axis=3)
+        v_blk = jax.lax.dynamic_slice_in_dim(v_bksh, start, DECODE_BLOCK, axis=2)
+        keep_b11c = jax.lax.dynamic_slice_in_dim(mask_bs, start, DECODE_BLOCK, axis=1)[
+            :, None, None, :
+        ]
+        scores = jnp.einsum("bkgh,bkhc->bkgc", q_bkgh, k_blk.astype(jnp.float32))
+        scores = jnp.where(keep_b11c, scores, lowest)
+        new_max_bkg = jnp.maximum(max_bkg, jnp.max(scores, axis=-1))
+        rescale_bkg = jnp.exp(max_bkg - new_max_bkg)
+        weights = jnp.where(keep_b11c, jnp.exp(scores - new_max_bkg[..., None]), 0.0)
+        total_bkg = total_bkg * rescale_bkg + jnp.sum(weights, axis=-1)
+        acc_bkgh = acc_bkgh * rescale_bkg[..., None] + jnp.einsum(
+            "bkgc,bkch->bkgh", weights, v_blk.astype(jnp.float32)
+        )
+        return new_max_bkg, total_bkg, acc_bkgh
+
+    blocks = jnp.minimum((filled + DECODE_BLOCK - 1) // DECODE_BLOCK, s // DECODE_BLOCK)
+    init = (
+        jnp.full(q_bkgh.shape[:3], lowest),
+        jnp.zeros(q_bkgh.shape[:3], jnp.float32),
+        jnp.zeros(q_bkgh.shape, jnp.float32),
+    )
+    _, total_bkg, acc_bkgh = jax.lax.fori_loop(0, blocks, block, init)
+    out_bkgh = acc_bkgh / total_bkg[..., None]
     return out_bkgh.reshape(b, 1, n, h).astype(q_b1nh.dtype)
 
 
@@ -314,8 +356,8 @@ class Attention(nnx.Module):
         self.implementation = implementation
 
     def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, kv_cache=None, cache_index=None):
-        """Attend; with ``kv_cache=(k_bskh, v_bskh)`` the new keys/values are written at
-        ``cache_index`` and attention runs over the whole cache. Returns (out, new kv)."""
+        """Attend; with ``kv_cache=(k_bkhs, v_bksh)`` the new keys/values are written at
+        ``cache_index`` and attention runs over the cache. Returns (out, new kv)."""
         b, t, _ = x_btd.shape
         q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -325,16 +367,24 @@ class Attention(nnx.Module):
         q = constrain(apply_rotary(q, cos_bth, sin_bth), ("batch", "seq", "heads", None))
         k = constrain(apply_rotary(k, cos_bth, sin_bth), ("batch", "seq", "kv_heads", None))
         v = constrain(v, ("batch", "seq", "kv_heads", None))
-        if kv_cache is not None:
+        if kv_cache is None:
+            out = attend(q, k, v, mask_b1ts, self.implementation)
+        else:  # keys [B, K, H, S], values [B, K, S, H]: see decode_attention
             k_cache, v_cache = kv_cache
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            kv_cache = (k, v)
-        if kv_cache is not None and t == 1 and self.implementation in (None, "auto"):
-            out = decode_attention(q, k, v, mask_b1ts)
-        else:
-            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, self.implementation)
+            k_bkhs = jax.lax.dynamic_update_slice(
+                k_cache, jnp.transpose(k, (0, 2, 3, 1)).astype(k_cache.dtype),
+                (0, 0, 0, cache_index),
+            )
+            v_bksh = jax.lax.dynamic_update_slice(
+                v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), (0, 0, cache_index, 0)
+            )
+            kv_cache = (k_bkhs, v_bksh)
+            if t == 1 and self.implementation in (None, "auto"):
+                out = decode_attention(q, k_bkhs, v_bksh, mask_b1ts, filled=cache_index + 1)
+            else:
+                k_all = jnp.transpose(k_bkhs, (0, 3, 1, 2)).astype(q.dtype)
+                v_all = jnp.swapaxes(v_bksh, 1, 2).astype(q.dtype)
+                out = attend(q, k_all, v_all, mask_b1ts, self.implementation)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv_cache
 
 

@@ -10,6 +10,7 @@ gives what each device holds while the program runs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import jax
@@ -41,6 +42,9 @@ class ProgramMemory:
     temp: int  # activations, gradients, workspace
     generated_code: int
     compile_s: float
+    # Set when XLA refused to compile because the program cannot fit the device; the
+    # figures are then a lower bound: arguments plus what the error says is needed.
+    out_of_memory: str | None = None
 
     @property
     def peak(self) -> int:
@@ -82,7 +86,8 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.hbm
+        oom = self.train_step.out_of_memory or (self.sampler and self.sampler.out_of_memory)
+        return not oom and self.total <= self.hbm
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -92,9 +97,39 @@ class MemoryPlan:
         return d
 
 
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _required_bytes(message: str) -> int | None:
+    """What an XLA out-of-memory error says the program needs beyond its arguments: the
+    temporaries ("HLO temporaries (16.39G)") or the overflow ("Used 17.2G of 15.75G")."""
+    found = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)i?B?\)", message)
+    if found is None:
+        found = re.search(r"Used ([\d.]+)([KMGT]?)i?B? of", message)
+    if found is None:
+        return None
+    return int(float(found.group(1)) * _UNITS[found.group(2)])
+
+
 def _compile(fn, *args, **kwargs):
     start = time.perf_counter()
-    compiled = fn.lower(*args, **kwargs).compile()
+    try:
+        compiled = fn.lower(*args, **kwargs).compile()
+    except jax.errors.JaxRuntimeError as error:
+        message = str(error)
+        if "RESOURCE_EXHAUSTED" not in message or "memory" not in message.lower():
+            raise
+        # The compiler gives up on programs that cannot fit: that is the plan's answer.
+        arrays = [x for x in jax.tree.leaves((args, kwargs))
+                  if isinstance(x, jax.ShapeDtypeStruct)]
+        arguments = bytes_per_device(arrays)
+        needed = _required_bytes(message)
+        return ProgramMemory(
+            argument=arguments, output=0, alias=0,
+            temp=needed if needed is not None else 0, generated_code=0,
+            compile_s=round(time.perf_counter() - start, 2),
+            out_of_memory=message.strip().splitlines()[-1][:300],
+        )
     return ProgramMemory.of(compiled, time.perf_counter() - start)
 
 
@@ -215,6 +250,10 @@ def format_plan(plan: MemoryPlan) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{plan.topology}: {plan.num_devices} devices, mesh {plan.mesh}"]
     lines += [f"  {name:<{width}}  {gib(value):10.3f} GiB" for name, value in rows]
+    for name, program in (("train step", plan.train_step), ("sampler", plan.sampler)):
+        if program is not None and program.out_of_memory:
+            lines.append(f"  {name}: XLA could not fit it (figures are a lower bound): "
+                         f"{program.out_of_memory}")
     lines.append(f"  fits: {'yes' if plan.fits else 'NO'}"
                  f" ({100 * plan.total / max(plan.hbm, 1):.0f}% of memory)")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxpt.models.decoder import KVCache
+from jaxpt.models.layers import DECODE_BLOCK
 from jaxpt.sampling.config import SamplingConfig
 from jaxpt.sampling.processors import choose_tokens, penalize_repetition, token_logprob
 from jaxpt.sharding import constrain, rules_key, use_rules
@@ -82,13 +83,21 @@ def _merge(graphdef, state):
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
-    axes = ("batch", "cache_seq", "kv_heads", None)
     return cache.replace(
-        k=tuple(constrain(k, axes) for k in cache.k),
-        v=tuple(constrain(v, axes) for v in cache.v),
+        k=tuple(constrain(k, ("batch", "kv_heads", None, "cache_seq")) for k in cache.k),
+        v=tuple(constrain(v, ("batch", "kv_heads", "cache_seq", None)) for v in cache.v),
         segment_ids=constrain(cache.segment_ids, ("batch", "cache_seq")),
         positions=constrain(cache.positions, ("batch", "cache_seq")),
     )
+
+
+def cache_length(slots: int) -> int:
+    """Cache slots for ``slots`` tokens: long caches round up to whole blocks of
+    ``DECODE_BLOCK``, so decoding reads only the blocks written so far (the extra slots
+    stay empty and masked)."""
+    if slots < 2 * DECODE_BLOCK:
+        return slots
+    return -(-slots // DECODE_BLOCK) * DECODE_BLOCK
 
 
 def _repeat_rows(x, n: int):
@@ -123,7 +132,7 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
 
     # Prefill; only the last position (every prompt is left-padded to end there) needs
     # logits, so the [B, T, V] tensor is never built.
-    cache = _constrain_cache(KVCache.init(model.config, b, t + n_new, model.dtype))
+    cache = _constrain_cache(KVCache.init(model.config, b, cache_length(t + n_new), model.dtype))
     hidden_btd, cache = model(ids_bt, positions_bt, segment_bt, cache=cache, return_hidden=True)
     logits_bv = model.logits(hidden_btd[:, -1:, :])[:, 0, :]
 
