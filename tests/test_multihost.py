@@ -2,7 +2,7 @@
 like 1 process x 8 devices on the same (data=2, fsdp=2, tensor=2) mesh (SFT and GRPO), a
 2-process checkpoint resumes in 1 process, and SIGTERM on one host stops both at the same
 saved step. Also the pieces on their own: mesh layout over hosts and slices (fake devices),
-where the processes come from, and a gs:// output dir."""
+where the processes come from, and a gs:// checkpoint directory."""
 
 import json
 import os
@@ -284,10 +284,13 @@ def test_distributed_args_from_config_env_and_cluster():
     assert distributed_args(None, {**slurm, "SLURM_NTASKS": "1"}) is None
 
 
-def test_gs_output_dir_passes_validation():
+def test_gs_checkpoint_directory_passes_validation():
     from jaxpt.checkpoint import absolute_path
+    from jaxpt.loop import checkpoint_directory
 
-    config = load_config(SFT_TINY, ["output_dir=gs://bucket/runs/sft"])
-    assert config.output_dir == "gs://bucket/runs/sft"
-    assert absolute_path(config.output_dir) == "gs://bucket/runs/sft"
+    config = load_config(SFT_TINY, ["output_dir=runs/sft",
+                                    "checkpoint.directory=gs://bucket/runs/sft/checkpoints"])
+    assert checkpoint_directory(config, "/abs/runs/sft") == "gs://bucket/runs/sft/checkpoints"
+    default = load_config(SFT_TINY, ["output_dir=runs/sft"])
+    assert checkpoint_directory(default, "/abs/runs/sft") == "/abs/runs/sft/checkpoints"
     assert absolute_path("runs/x") == os.path.join(os.getcwd(), "runs", "x")
