@@ -90,3 +90,37 @@ def test_a_remat_model_samples_like_one_without():
     outs = [generate(init_model(CONFIG, seed=0, remat=remat), prompts, max_new_tokens=4).tokens
             for remat in ("none", "full")]
     assert outs[0] == outs[1]
+
+
+def test_full_remat_also_wraps_the_shared_prompt_kv_cache_forward():
+    """GRPO's shared-prompt forward: each prompt runs once into a KV cache that its group
+    of completions attends to, and the gradient flows through that cache. Remat applies
+    there too, with unchanged loss and gradients. (Its memory saving shows in TPU plans,
+    7.4 instead of 14.0 GiB per chip for Qwen2.5-0.5B GRPO on a v5e-8; XLA:CPU schedules
+    unscanned layers without using it, so no CPU memory figure is asserted.)"""
+    from jaxpt.tasks.rollout import completion_hidden
+
+    group, prompt_len, completion_len = 4, 16, 24
+    rng = np.random.default_rng(1)
+    prompts = np.repeat(rng.integers(1, TINY["vocab_size"], (2, prompt_len)), group, axis=0)
+    completions = rng.integers(1, TINY["vocab_size"], (2 * group, completion_len))
+    ids = np.concatenate([prompts, completions], axis=1).astype(np.int32)
+    batch = {
+        "input_ids": jnp.asarray(ids),
+        "positions": jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape),
+        "segment_ids": jnp.ones(ids.shape, jnp.int32),
+    }
+    results = []
+    for remat in ("none", "full"):
+        model = init_model(CONFIG, seed=0, remat=remat, scan_layers=False)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params, graphdef=graphdef, rest=rest):
+            model = nnx.merge(graphdef, params, rest)
+            return jnp.mean(jnp.tanh(completion_hidden(model, batch, completion_len, group)))
+
+        jaxpr = str(jax.make_jaxpr(jax.value_and_grad(loss))(params))
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        results.append((float(value), grads, None))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (remat == "full")
+    _assert_same(results[1], results[0])

@@ -226,7 +226,10 @@ class CausalLM(nnx.Module):
         def run_layer(layer, h, cos, sin, mask, kv, index):
             return layer(h, cos, sin, mask, kv, index)
 
-        if self.remat != "none" and cache is None:
+        # Multi-token forwards through a cache (GRPO's shared-prompt training forward, a
+        # sampler's prefill) remat too; single-token decode steps run inside the sampler's
+        # loop, where nothing is differentiated.
+        if self.remat != "none" and (cache is None or t > 1):
             run_layer = nnx.remat(run_layer, policy=policy, prevent_cse=True)
 
         windows = [
