@@ -78,6 +78,7 @@ def test_cli_prints_json_and_suggests_when_it_does_not_fit(tiny_config_dir, caps
     assert result["total"] > result["hbm"] == int(0.001 * 1024**3)
     overrides = [s["overrides"] for s in result["suggestions"]]
     assert ["model.remat=full"] in overrides
+    assert ["train.logits_chunk_size=512"] in overrides
     assert any("fits: NO" in line for line in lines)
 
 
@@ -162,3 +163,20 @@ def test_a_program_xla_refuses_to_fit_is_reported_as_not_fitting():
 
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
         _compile(Broken(), state)
+
+
+def test_a_lora_plan_keeps_optimizer_state_for_the_adapters_alone(tiny_config_dir):
+    config = load_config(str(tiny_config_dir / "sft.yaml"), [
+        "task=grpo", "train.batch_size=16", "grpo.num_generations=4", "lora.rank=4",
+        "grpo.max_prompt_length=8", "grpo.max_completion_length=8", "grpo.beta=0.1",
+    ])
+    plan = plan_memory(config, get_topology("cpu:8"))
+    # Adapters on all 7 projections of both layers: A [in, 4] and B [4, out].
+    in_out = (D + N * H) + 2 * (D + K * H) + (N * H + D) + 3 * (D + F)
+    adam_bytes = 2 * L * 4 * in_out * 4  # two float32 moments
+    assert adam_bytes // 8 <= plan.opt_state <= adam_bytes + 1024
+    # The frozen base is still held (in the state's non-trained part) ...
+    assert plan.params >= (2 * V * D + L * (D * (2 * N * H + 2 * K * H) + 3 * D * F)) * 4 // 8
+    # ... and no reference copy: the reference is the base with its adapters off.
+    assert plan.ref_params == 0
+    assert plan.sampler is not None and plan.train_step.peak > 0

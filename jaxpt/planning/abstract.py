@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxpt.config import ConfigError
 from jaxpt.models import init_model, preset_config, state_shardings
+from jaxpt.models.lora import trainable_filter
 from jaxpt.optim import make_optimizer
 from jaxpt.sharding import batch_sharding, replicated
 from jaxpt.state import TrainState, opt_state_shardings
@@ -67,19 +68,30 @@ class AbstractRun:
 
 
 def abstract_model(ctx: RunContext):
-    """(graphdef, params, rest) of the run's model, abstract and sharded on ``ctx.mesh``."""
+    """(graphdef, params, rest) of the run's model, abstract and sharded on ``ctx.mesh``.
+    Under LoRA ``params`` are the adapters and the frozen base rides in ``rest``, as in
+    ``jaxpt.state.create_train_state``."""
     kwargs = common.model_kwargs(ctx)
     hf = hf_config_dict(ctx.config.model.path)
-    model = nnx.eval_shape(lambda: init_model(hf, **kwargs))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # Adapters are placed by their logical axes below, not on the (maybe remote) mesh.
+    unplaced = dataclasses.replace(ctx, mesh=None)
+
+    def build():
+        model = init_model(hf, **kwargs)
+        common.attach_lora(unplaced, model)
+        return model
+
+    model = nnx.eval_shape(build)
+    graphdef, params, rest = nnx.split(model, trainable_filter(model), ...)
     return graphdef, _sharded_state(params, ctx.mesh, ctx.rules), _sharded_state(
         rest, ctx.mesh, ctx.rules
     )
 
 
 def _keeps_reference(config) -> bool:
-    # As the task's build decides (GRPO keeps a frozen copy only for its KL term).
-    return config.task == "grpo" and config.grpo.beta > 0
+    # As the task's build decides: GRPO keeps a frozen copy only for its KL term, and under
+    # LoRA not at all (the reference is the base with its adapters off).
+    return config.task == "grpo" and config.grpo.beta > 0 and not common.lora_enabled(config)
 
 
 def abstract_batch(config, mesh) -> dict:

@@ -207,6 +207,11 @@ def suggestions(config) -> list[tuple[str, list[str]]]:
         out.append(("recompute activations in the backward pass (remat)",
                     ["model.remat=full"]))
     train = config.train
+    if train.logits_chunk_size == 0 and config.task in ("sft", "dpo", "grpo"):
+        # The float32 logits and their gradient are [rows, seq, vocab]: with a 150k
+        # vocabulary they outweigh a layer's activations many times over.
+        out.append(("run the LM head 512 positions at a time (chunked logits)",
+                    ["train.logits_chunk_size=512"]))
     per_shard = train.batch_size // max(1, train.grad_accum_steps)
     if per_shard % 2 == 0 and train.batch_size % (train.grad_accum_steps * 2) == 0:
         out.append(("halve the micro-batch (same global batch, twice the accumulation)",
