@@ -124,3 +124,42 @@ def test_full_remat_also_wraps_the_shared_prompt_kv_cache_forward():
         results.append((float(value), grads, None))
         assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (remat == "full")
     _assert_same(results[1], results[0])
+
+
+@pytest.mark.parametrize("policy", ["dots", "dots_saveable", "dots_no_batch"])
+def test_dot_policies_save_projection_outputs(policy, capsys):
+    """On CPU projections carry a custom gradient (``layers.project``); dot policies must
+    still keep their outputs rather than recompute them."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from jaxpt.models.layers import project
+
+    def mlp(x, w_in, w_out):
+        return jnp.sum(project(jnp.tanh(project(x, w_in)), w_out))
+
+    x, w_in, w_out = jnp.ones((4, 8)), jnp.ones((16, 8)), jnp.ones((8, 16))
+    print_saved_residuals(jax.checkpoint(mlp, policy=REMAT_POLICIES[policy]), x, w_in, w_out)
+    assert "f32[4,16]" in capsys.readouterr().out  # the first projection's output
+    print_saved_residuals(jax.checkpoint(mlp, policy=REMAT_POLICIES["full"]), x, w_in, w_out)
+    assert "f32[4,16]" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_projection_gradients_are_autodiffs(dtype):
+    """``project``'s hand-written backward (CPU) gives autodiff's gradients of x @ W.T."""
+    from jaxpt.models.layers import project
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), dtype)
+    w = jnp.asarray(rng.normal(size=(12, 8)), dtype)
+    dy = jnp.asarray(rng.normal(size=(2, 5, 12)), dtype)
+
+    def loss(f):
+        return lambda x, w: jnp.sum((f(x, w) * dy).astype(jnp.float32))
+
+    ours = jax.grad(loss(project), argnums=(0, 1))(x, w)
+    plain = jax.grad(loss(lambda x, w: jnp.einsum("...i,oi->...o", x, w)), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, plain):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5, atol=1e-5)

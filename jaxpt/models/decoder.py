@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxpt.models.config import ModelConfig
-from jaxpt.models.layers import MLP, Attention, RMSNorm, rotary_cos_sin
+from jaxpt.models.layers import MLP, PROJECTION, Attention, RMSNorm, project, rotary_cos_sin
 from jaxpt.models.layers import attention_mask as build_attention_mask
 from jaxpt.sharding import constrain
 
@@ -23,12 +23,19 @@ SCAN_MIN_LAYERS = 8
 #   dots_saveable / dots: every matmul output; dots_no_batch: weight matmuls only (not the
 #   attention scores); offload: the weight matmul outputs, moved to pinned host memory
 #   between the passes (on CPU, where device memory is host memory, that is dots_no_batch).
+def _or_projections(policy):
+    # Projections on CPU run through a custom gradient (layers.project) that dot policies
+    # cannot see; they save them by name instead.
+    names = jax.checkpoint_policies.save_only_these_names(PROJECTION)
+    return jax.checkpoint_policies.save_from_both_policies(policy, names)
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": _or_projections(jax.checkpoint_policies.dots_saveable),
+    "dots": _or_projections(jax.checkpoint_policies.checkpoint_dots),
+    "dots_no_batch": _or_projections(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
@@ -88,7 +95,7 @@ class Embedding(nnx.Module):
         return jnp.take(self.weight[...], ids_bt, axis=0).astype(self.dtype)
 
     def attend(self, h_btd):
-        return jnp.einsum("btd,vd->btv", h_btd, self.weight[...].astype(self.dtype))
+        return project(h_btd, self.weight[...].astype(self.dtype))
 
 
 class Decoder(nnx.Module):
