@@ -18,11 +18,7 @@ from jaxpt.sharding import constrain
 # Deeper cache-free forwards scan over their layers by default (compile time, see CausalLM).
 SCAN_MIN_LAYERS = 8
 
-# What each decoder layer keeps for the backward pass (the rest is recomputed):
-#   none: everything (no recompute); full: only the layer input (recompute the whole layer);
-#   dots_saveable / dots: every matmul output; dots_no_batch: weight matmuls only (not the
-#   attention scores); offload: the weight matmul outputs, moved to pinned host memory
-#   between the passes (on CPU, where device memory is host memory, that is dots_no_batch).
+
 def _or_projections(policy):
     # Projections on CPU run through a custom gradient (layers.project) that dot policies
     # cannot see; they save them by name instead.
@@ -30,6 +26,11 @@ def _or_projections(policy):
     return jax.checkpoint_policies.save_from_both_policies(policy, names)
 
 
+# What each decoder layer keeps for the backward pass (the rest is recomputed):
+#   none: everything (no recompute); full: only the layer input (recompute the whole layer);
+#   dots_saveable / dots: every matmul output; dots_no_batch: weight matmuls only (not the
+#   attention scores); offload: the weight matmul outputs, moved to pinned host memory
+#   between the passes (on CPU, where device memory is host memory, that is dots_no_batch).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,

@@ -38,7 +38,7 @@ def project(x_bi, w_oi):
 
     On CPU the weight gradient is computed as ``(x^T dy)^T``. Autodiff's ``dy^T x`` makes
     XLA:CPU write the wide ``dy`` (e.g. [tokens, 4 x hidden] after the MLP's activation, or
-    [tokens, vocab] at the LM head) transposed, a strided copy that took a sixth of a
+    [tokens, vocab] at the LM head) transposed, a strided copy that took a fifth of a
     bench-tiny SFT step; transposing the narrow ``x`` and the small product instead is
     several times cheaper. The values are the same products.
     """
