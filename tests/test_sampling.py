@@ -367,3 +367,32 @@ def test_token_choice_draws_exactly_what_jax_random_categorical_draws():
     assert np.asarray(got).max() < 500
     greedy, _ = choose_tokens(logits, keys, SamplingConfig(temperature=0.0))
     np.testing.assert_array_equal(np.asarray(greedy), np.argmax(np.asarray(logits), axis=-1))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplingConfig(temperature=0.0),
+        SamplingConfig(temperature=1.0),
+        SamplingConfig(temperature=0.7, top_p=0.9),
+        SamplingConfig(temperature=1.3, min_p=0.05),
+        SamplingConfig(temperature=0.8, top_k=20, top_p=0.95),
+    ],
+    ids=["greedy", "plain", "top-p", "min-p", "top-k"],
+)
+def test_vocabulary_major_logits_draw_the_same_tokens(config):
+    """The decode loop hands the token choice [V, B] logits (axis=0): same keys, same
+    tokens and log-probs as the [B, V] layout."""
+    from jaxpt.sampling.processors import choose_tokens, token_logprob
+
+    keys = jax.random.split(jax.random.key(5), 16)
+    logits_bv = jnp.asarray(np.random.default_rng(1).normal(size=(16, 300)) * 2, jnp.float32)
+    tokens_b, logprobs_b = choose_tokens(logits_bv, keys, config)
+    tokens_t, logprobs_t = choose_tokens(logits_bv.T, keys, config, axis=0)
+    np.testing.assert_array_equal(np.asarray(tokens_t), np.asarray(tokens_b))
+    np.testing.assert_allclose(np.asarray(logprobs_t), np.asarray(logprobs_b), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(token_logprob(logits_bv.T, tokens_b, axis=0)),
+        np.asarray(token_logprob(logits_bv, tokens_b)),
+        rtol=1e-6,
+    )

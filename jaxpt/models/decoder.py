@@ -180,6 +180,11 @@ class CausalLM(nnx.Module):
         )
         return bool(wanted) and len(set(windows)) == 1
 
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding attention window (None: full attention)."""
+        windows = self.config.sliding_windows
+        return [windows[i] if windows else None for i in range(len(self.model.layers))]
+
     def logits(self, h_btd):
         """LM-head logits (float32) from final hidden states."""
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
@@ -218,12 +223,7 @@ class CausalLM(nnx.Module):
             q_slot_t = jnp.arange(t, dtype=jnp.int32)
             k_slot_s, k_segment_bs, k_pos_bs = q_slot_t, segment_bt, positions_bt
         else:
-            q_slot_t = cache.index + jnp.arange(t, dtype=jnp.int32)
-            k_segment_bs = jax.lax.dynamic_update_slice(
-                cache.segment_ids, segment_bt, (0, cache.index)
-            )
-            k_pos_bs = jax.lax.dynamic_update_slice(cache.positions, positions_bt, (0, cache.index))
-            k_slot_s = jnp.arange(k_segment_bs.shape[1], dtype=jnp.int32)
+            q_slot_t, k_slot_s, k_segment_bs, k_pos_bs = cached_keys(cache, segment_bt, positions_bt)
 
         cos, sin = rotary_cos_sin(positions_bt, jnp.asarray(self.config.inv_freq()))
         masks = {}  # one mask per distinct sliding window
@@ -240,10 +240,7 @@ class CausalLM(nnx.Module):
         if self.remat != "none" and (cache is None or t > 1):
             run_layer = nnx.remat(run_layer, policy=policy, prevent_cse=True)
 
-        windows = [
-            self.config.sliding_windows[i] if self.config.sliding_windows else None
-            for i in range(len(self.model.layers))
-        ]
+        windows = self.layer_windows()
         for window in windows:
             if window not in masks:
                 masks[window] = build_attention_mask(
@@ -272,6 +269,18 @@ class CausalLM(nnx.Module):
             index=cache.index + t,
         )
         return out, new_cache
+
+
+def cached_keys(cache: KVCache, segment_bt, positions_bt):
+    """Where ``T`` new tokens go in ``cache`` and what the mask needs of every slot: the
+    query slots [T], all key slots [S], and the key segment ids and positions [B, S] with
+    the new tokens written at ``cache.index``."""
+    t = segment_bt.shape[1]
+    q_slot_t = cache.index + jnp.arange(t, dtype=jnp.int32)
+    k_segment_bs = jax.lax.dynamic_update_slice(cache.segment_ids, segment_bt, (0, cache.index))
+    k_pos_bs = jax.lax.dynamic_update_slice(cache.positions, positions_bt, (0, cache.index))
+    k_slot_s = jnp.arange(k_segment_bs.shape[1], dtype=jnp.int32)
+    return q_slot_t, k_slot_s, k_segment_bs, k_pos_bs
 
 
 def _scan_layers(layers, h_btd, cos, sin, mask, remat_policy):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxpt.models.decode import decode_step
 from jaxpt.models.decoder import KVCache
 from jaxpt.models.layers import DECODE_BLOCK
 from jaxpt.sampling.config import SamplingConfig
@@ -139,28 +140,29 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
     # num_samples: one prefill per prompt, its cache copied to the samples.
     cache = _constrain_cache(jax.tree.map(lambda x: _repeat_rows(x, n_samples), cache))
     cache = cache.replace(index=jnp.asarray(t, jnp.int32))
-    logits_bv = _repeat_rows(logits_bv, n_samples)
+    # The decode loop works vocabulary-major ([V, B] logits, see jaxpt.models.decode).
+    logits_vb = _repeat_rows(logits_bv, n_samples).T
     next_pos_b = _repeat_rows(prompt_len_b, n_samples)
     row_keys_b = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(rows))
     stop_seqs = tuple(s for s in config.stop if len(s) <= n_new)
     penalty = config.repetition_penalty
 
-    seen_bv = None
+    seen_vb = None
     if penalty is not None:
         vocab = logits_bv.shape[-1]
         seen_bv = jnp.zeros((b, vocab), bool)
         seen_bv = seen_bv.at[jnp.arange(b)[:, None], ids_bt].max(segment_bt != 0)
-        seen_bv = _repeat_rows(seen_bv, n_samples)
+        seen_vb = _repeat_rows(seen_bv, n_samples).T
 
-    def pick(step, logits_bv, seen_bv, done_b, out):
+    def pick(step, logits_vb, seen_vb, done_b, out):
         """Choose the token at column ``step`` and record it (rows already done get pads)."""
         tokens_bn, logprobs_bn, model_lp_bn, lengths_b = out
-        model_logits_bv = logits_bv
-        if seen_bv is not None:
-            logits_bv = penalize_repetition(logits_bv, seen_bv, penalty)
+        model_logits_vb = logits_vb
+        if seen_vb is not None:
+            logits_vb = penalize_repetition(logits_vb, seen_vb, penalty)
         step_keys_b = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_b)
-        token_b, logprob_b = choose_tokens(logits_bv, step_keys_b, config)
-        model_lp_b = token_logprob(model_logits_bv, token_b)
+        token_b, logprob_b = choose_tokens(logits_vb, step_keys_b, config, axis=0)
+        model_lp_b = token_logprob(model_logits_vb, token_b, axis=0)
         keep_b = ~done_b
         column = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], step, 1)
         tokens_bn = column(tokens_bn, jnp.where(keep_b, token_b, config.pad_token_id))
@@ -172,10 +174,10 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
             ended_b = ended_b | _stop_hit(tokens_bn, step, stop_seqs)
         return token_b, done_b | ended_b, (tokens_bn, logprobs_bn, model_lp_bn, lengths_b)
 
-    def mark_seen(seen_bv, token_b):
-        if seen_bv is None:
+    def mark_seen(seen_vb, token_b):
+        if seen_vb is None:
             return None
-        return seen_bv.at[jnp.arange(rows), token_b].set(True)
+        return seen_vb.at[token_b, jnp.arange(rows)].set(True)
 
     out = (
         constrain(jnp.full((rows, n_new), config.pad_token_id, jnp.int32), ("batch", None)),
@@ -184,21 +186,20 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
         jnp.zeros((rows,), jnp.int32),
     )
     done_b = jnp.zeros((rows,), bool)
-    token_b, done_b, out = pick(0, logits_bv, seen_bv, done_b, out)
-    seen_bv = mark_seen(seen_bv, token_b)
+    token_b, done_b, out = pick(0, logits_vb, seen_vb, done_b, out)
+    seen_vb = mark_seen(seen_vb, token_b)
 
     def cond(carry):
         step, _, _, done_b, _, _ = carry
         return (step < limit) & ~jnp.all(done_b)
 
     def body(carry):
-        step, cache, token_b, done_b, seen_bv, out = carry
-        pos_b1 = (next_pos_b + step - 1)[:, None]
-        logits_b1v, cache = model(token_b[:, None], pos_b1, jnp.ones_like(pos_b1), cache=cache)
-        token_b, done_b, out = pick(step, logits_b1v[:, 0, :], seen_bv, done_b, out)
-        return step + 1, cache, token_b, done_b, mark_seen(seen_bv, token_b), out
+        step, cache, token_b, done_b, seen_vb, out = carry
+        logits_vb, cache = decode_step(model, token_b, next_pos_b + step - 1, cache)
+        token_b, done_b, out = pick(step, logits_vb, seen_vb, done_b, out)
+        return step + 1, cache, token_b, done_b, mark_seen(seen_vb, token_b), out
 
-    carry = (jnp.asarray(1, jnp.int32), cache, token_b, done_b, seen_bv, out)
+    carry = (jnp.asarray(1, jnp.int32), cache, token_b, done_b, seen_vb, out)
     _, _, _, done_b, _, out = jax.lax.while_loop(cond, body, carry)
     tokens_bn, logprobs_bn, model_lp_bn, lengths_b = out
     return SampleArrays(
