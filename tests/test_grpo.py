@@ -139,6 +139,8 @@ def test_resume_is_exact_with_a_rollout_reused_across_the_checkpoint(
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     for key in ("loss", "grad_norm", "kl", "denominator"):
         assert [r[key] for r in a] == [r[key] for r in b], key
+    # Each rollout's reference log-probs were computed once, beside the rollout.
+    assert [("time/finish_s" in r) for r in a] == [True, False, True, False, True]
 
 
 def test_missing_eos_penalty_lowers_only_truncated_completions():
@@ -197,6 +199,47 @@ def test_shared_prompt_forward_equals_the_full_forward():
     np.testing.assert_allclose(float(shared), float(full), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(nnx.state(full_grads)), jax.tree.leaves(nnx.state(shared_grads))):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-4)
+
+
+def test_reference_logprobs_carried_by_the_batch_equal_the_in_step_forward():
+    """A reused rollout carries its reference log-probs (computed once, ReferenceFinisher):
+    the loss, its KL and its gradients are those of the reference forward inside the step."""
+    from flax import nnx
+
+    from jaxpt.tasks.grpo import reference_logprobs
+
+    model = init_model(TINY, seed=3)
+    ref_params = nnx.state(init_model(TINY, seed=4), nnx.Param)
+    rng = np.random.default_rng(2)
+    rows, lp, lc = 4, 6, 5
+    batch = _train_batch(
+        rng.integers(5, 128, (rows, lp)).astype(np.int32), np.ones((rows, lp), np.int32),
+        rng.integers(5, 128, (rows, lc)).astype(np.int32), np.array([5, 3, 1, 4]),
+        rng.normal(-1.0, 0.1, (rows, lc)).astype(np.float32),
+        rng.normal(size=rows).astype(np.float32), np.ones(rows, bool),
+    )
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    cfg = GrpoConfig(num_generations=2, max_completion_length=lc, beta=0.1)
+    ctx = StepContext(jax.random.key(0), jnp.int32(0), ref_params=ref_params)
+    carried = {**batch, "ref_logprobs": reference_logprobs(model, ref_params, batch, cfg)}
+
+    def loss_and_grads(rows_batch, step_ctx):
+        def loss(m):
+            out = grpo_loss(m, rows_batch, step_ctx, cfg=cfg)
+            return out.numerator / out.denominator, out.metrics["kl"]
+
+        return nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+
+    (in_step, kl), in_step_grads = loss_and_grads(batch, ctx)
+    # No reference in the step's context: only the batch's log-probs can give this KL.
+    no_reference = StepContext(jax.random.key(0), jnp.int32(0))
+    (from_batch, kl_from_batch), batch_grads = loss_and_grads(carried, no_reference)
+    assert float(kl) > 1e-3  # the reference differs from the policy: the KL term is live
+    np.testing.assert_allclose(float(from_batch), float(in_step), rtol=1e-6)
+    np.testing.assert_allclose(float(kl_from_batch), float(kl), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(nnx.state(in_step_grads)),
+                    jax.tree.leaves(nnx.state(batch_grads))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-7, rtol=1e-5)
 
 
 def test_dynamic_sampling_fills_the_batch_with_groups_that_have_spread_and_resumes_exactly(

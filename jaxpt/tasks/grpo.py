@@ -129,6 +129,35 @@ class GrpoConfig:
 # ------------------------------------------------------------------------------ the loss
 
 
+def completion_logprobs(m, batch: dict, cfg: GrpoConfig, logits_chunk_size: int = 0,
+                        with_entropy: bool = False):
+    """Log-probs [B, Lc] of the completion tokens under ``m`` at the sampling temperature
+    (and their entropy, or None). The LM head runs only where targets are completion
+    tokens: prompt positions would cost [B, Lp, vocab] of logits the loss never reads;
+    ``logits_chunk_size`` > 0 runs it that many positions at a time (same values)."""
+    window = completion_window(batch["input_ids"].shape[1], cfg.max_completion_length)
+    group = cfg.num_generations if cfg.share_prompt_forward else 1
+    targets_bt = batch["target_ids"][:, window]
+    hidden_btd = completion_hidden(m, batch, cfg.max_completion_length, group)
+    if logits_chunk_size:
+        stats = token_stats(
+            lambda h: m.logits(h) / cfg.temperature, hidden_btd, targets_bt,
+            logits_chunk_size, with_entropy=with_entropy,
+        )
+        return stats.logprobs, stats.entropy if with_entropy else None
+    logits_btv = m.logits(hidden_btd) / cfg.temperature
+    entropy_bt = entropy_from_logits(logits_btv) if with_entropy else None
+    return token_logprobs(logits_btv, targets_bt), entropy_bt
+
+
+def reference_logprobs(model, ref_params, batch: dict, cfg: GrpoConfig,
+                       logits_chunk_size: int = 0):
+    """The frozen reference's completion log-probs [B, Lc] (no gradients flow)."""
+    ref_model = reference_model(model, ref_params)
+    logp_bt, _ = completion_logprobs(ref_model, batch, cfg, logits_chunk_size)
+    return jax.lax.stop_gradient(logp_bt)
+
+
 def grpo_loss(
     model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig, logits_chunk_size: int = 0
 ) -> LossOutput:
@@ -137,40 +166,21 @@ def grpo_loss(
     The policy is ``softmax(logits / temperature)``, the distribution the sampler drew from
     (``old_logprobs`` are its log-probs), so the first iteration's ratio is exactly 1.
     ``logits_chunk_size`` > 0 runs the LM head that many positions at a time (same values).
+    The reference log-probs come with the batch when a rollout is reused
+    (``ReferenceFinisher``), else the reference forward runs here.
     """
     window = completion_window(batch["input_ids"].shape[1], cfg.max_completion_length)
-    group = cfg.num_generations if cfg.share_prompt_forward else 1
-
-    def window_logits(m):
-        # The LM head runs only where targets are completion tokens: prompt positions
-        # would cost [B, Lp, vocab] of logits that the loss never reads.
-        hidden_btd = completion_hidden(m, batch, cfg.max_completion_length, group)
-        return m.logits(hidden_btd) / cfg.temperature
-
-    def window_stats(m, with_entropy):
-        hidden_btd = completion_hidden(m, batch, cfg.max_completion_length, group)
-        return token_stats(
-            lambda h: m.logits(h) / cfg.temperature, hidden_btd, targets_bt,
-            logits_chunk_size, with_entropy=with_entropy,
-        )
-
-    targets_bt = batch["target_ids"][:, window]
-    if logits_chunk_size:
-        stats = window_stats(model, with_entropy=True)
-        logp_bt, entropy_bt = stats.logprobs, stats.entropy
-    else:
-        logits_btv = window_logits(model)
-        logp_bt = token_logprobs(logits_btv, targets_bt)
-        entropy_bt = entropy_from_logits(logits_btv)
+    logp_bt, entropy_bt = completion_logprobs(
+        model, batch, cfg, logits_chunk_size, with_entropy=True
+    )
     mask_bt = batch["completion_mask"][:, window]
     ref_logp_bt = None
     if cfg.beta:
-        ref_model = reference_model(model, ctx.ref_params)
-        if logits_chunk_size:
-            ref_logp_bt = window_stats(ref_model, with_entropy=False).logprobs
-        else:
-            ref_logp_bt = token_logprobs(window_logits(ref_model), targets_bt)
-        ref_logp_bt = jax.lax.stop_gradient(ref_logp_bt)
+        ref_logp_bt = batch.get("ref_logprobs")
+        if ref_logp_bt is None:
+            ref_logp_bt = reference_logprobs(
+                model, ctx.ref_params, batch, cfg, logits_chunk_size
+            )
     loss_bt, token_metrics = policy_gradient_loss(
         logp_bt, batch["old_logprobs"][:, window], batch["advantages"], mask_bt,
         epsilon_low=cfg.epsilon_low,
@@ -264,8 +274,46 @@ def make_batch(rollout: Rollout, cfg: GrpoConfig):
     return batch, metrics, advantages_b
 
 
+class ReferenceFinisher:
+    """Adds a rollout's reference log-probs (``ref_logprobs`` [B, Lc]) to its batch, once,
+    on device and without gradients. With ``num_iterations`` > 1 the batch trains that many
+    optimizer steps against the same frozen reference, so computing them inside every
+    update would repeat one forward per reuse."""
+
+    def __init__(self, ctx: RunContext, cfg: GrpoConfig):
+        self.ctx, self.cfg = ctx, cfg
+        self._reference = None
+
+    def get_state(self) -> dict:
+        return {}
+
+    def set_state(self, state: dict) -> None:
+        pass
+
+    def __call__(self, state, batch: dict):
+        from jaxpt.sharding import replicated
+        from jaxpt.step import local_rows, put_batch
+        from jaxpt.tasks.rollout import _to_host
+
+        if self._reference is None:
+            chunk = self.ctx.config.train.logits_chunk_size
+
+            def reference(state, device_batch):
+                return reference_logprobs(
+                    state.model(), state.ref_params, device_batch, self.cfg, chunk
+                )
+
+            self._reference = jax.jit(reference, out_shardings=replicated(self.ctx.mesh))
+        mesh = self.ctx.mesh
+        with jax.set_mesh(mesh):
+            # Every process holds the whole rollout and puts its own rows on the mesh.
+            ref_logp_bt = self._reference(state, put_batch(local_rows(batch, mesh), mesh))
+        return {**batch, "ref_logprobs": _to_host(ref_logp_bt)}, {}, batch["advantages"]
+
+
 def make_train_source(ctx: RunContext) -> RolloutSource:
     cfg = ctx.task_config
+    reused_with_kl = cfg.num_iterations > 1 and cfg.beta > 0
     return RolloutSource(
         ctx, prompt_rows(ctx, "train"), make_batch=functools.partial(make_batch, cfg=cfg),
         samples_per_prompt=cfg.num_generations, max_prompt_length=cfg.max_prompt_length,
@@ -275,6 +323,7 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
         group_filter=(functools.partial(groups_with_spread, cfg=cfg)
                       if cfg.dynamic_sampling and cfg.max_sampling_rounds > 1 else None),
         max_rounds=cfg.max_sampling_rounds,
+        finish=ReferenceFinisher(ctx, cfg) if reused_with_kl else None,
     )
 
 
