@@ -96,6 +96,26 @@ def test_grpo_plan_compiles_the_sampler_and_keeps_state_resident(tiny_config_dir
     assert plan.total >= plan.sampler.peak + plan.sampler_resident
 
 
+def test_a_reused_rollout_is_planned_with_its_reference_logprobs_in_the_batch(tiny_config_dir):
+    """With num_iterations > 1 and a KL term the reference forward runs once per rollout,
+    beside it: the planned train step takes the log-probs in its batch, as the run does."""
+    from jaxpt.planning.abstract import abstract_batch
+    from jaxpt.sharding import make_mesh
+
+    grpo = [
+        "task=grpo", "train.batch_size=16", "grpo.num_generations=4",
+        "grpo.max_prompt_length=8", "grpo.max_completion_length=8", "grpo.beta=0.1",
+    ]
+    mesh = make_mesh()
+    sft_yaml = str(tiny_config_dir / "sft.yaml")
+    once = load_config(sft_yaml, [*grpo, "grpo.num_iterations=1"])
+    reused = load_config(sft_yaml, [*grpo, "grpo.num_iterations=2"])
+    assert "ref_logprobs" not in abstract_batch(once, mesh)
+    assert abstract_batch(reused, mesh)["ref_logprobs"].shape == (16, 8)
+    plan = plan_memory(reused, get_topology("cpu:8"))
+    assert plan.ref_params == plan.params  # the frozen copy still lives in the state
+
+
 def test_bad_topologies_and_tasks_are_clear_errors(tiny_config_dir):
     assert parse_spec("v5p:2x2x2") == ("v5p", (2, 2, 2))
     with pytest.raises(TopologyError, match="KIND:SHAPE"):

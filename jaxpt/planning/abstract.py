@@ -114,8 +114,15 @@ def abstract_batch(config, mesh) -> dict:
     batch = {k: jax.ShapeDtypeStruct((b, t), d, sharding=batch_sharding(mesh, 2))
              for k, d in names.items()}
     if config.task == "grpo":
+        from jaxpt.tasks.grpo import carries_reference_logprobs
+
         batch["advantages"] = jax.ShapeDtypeStruct((b,), jnp.float32,
                                                    sharding=batch_sharding(mesh, 1))
+        if carries_reference_logprobs(config.grpo):  # the step runs no reference forward
+            batch["ref_logprobs"] = jax.ShapeDtypeStruct(
+                (b, config.grpo.max_completion_length), jnp.float32,
+                sharding=batch_sharding(mesh, 2),
+            )
     return batch
 
 

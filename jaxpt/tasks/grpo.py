@@ -274,6 +274,12 @@ def make_batch(rollout: Rollout, cfg: GrpoConfig):
     return batch, metrics, advantages_b
 
 
+def carries_reference_logprobs(cfg: GrpoConfig) -> bool:
+    """Whether each rollout's batch carries its reference log-probs (``ReferenceFinisher``):
+    when a KL term meets a rollout reused for several optimizer steps."""
+    return cfg.num_iterations > 1 and cfg.beta > 0
+
+
 class ReferenceFinisher:
     """Adds a rollout's reference log-probs (``ref_logprobs`` [B, Lc]) to its batch, once,
     on device and without gradients. With ``num_iterations`` > 1 the batch trains that many
@@ -313,7 +319,6 @@ class ReferenceFinisher:
 
 def make_train_source(ctx: RunContext) -> RolloutSource:
     cfg = ctx.task_config
-    reused_with_kl = cfg.num_iterations > 1 and cfg.beta > 0
     return RolloutSource(
         ctx, prompt_rows(ctx, "train"), make_batch=functools.partial(make_batch, cfg=cfg),
         samples_per_prompt=cfg.num_generations, max_prompt_length=cfg.max_prompt_length,
@@ -323,7 +328,7 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
         group_filter=(functools.partial(groups_with_spread, cfg=cfg)
                       if cfg.dynamic_sampling and cfg.max_sampling_rounds > 1 else None),
         max_rounds=cfg.max_sampling_rounds,
-        finish=ReferenceFinisher(ctx, cfg) if reused_with_kl else None,
+        finish=ReferenceFinisher(ctx, cfg) if carries_reference_logprobs(cfg) else None,
     )
 
 
