@@ -21,12 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxpt.models.decoder import CausalLM, KVCache, cached_keys
-from jaxpt.models.layers import attention_mask, decode_attention, target_platform
-
-
-def _along(v, axis: int, ndim: int):
-    """A vector shaped to broadcast along ``axis`` of an ``ndim`` array."""
-    return v.reshape((1,) * axis + v.shape + (1,) * (ndim - axis - 1))
+from jaxpt.models.layers import (
+    along,
+    decode_attention,
+    rotary_cos_sin,
+    rotate_half,
+    target_platform,
+    window_masks,
+)
 
 
 def _linear(linear, x_ib):
@@ -41,21 +43,13 @@ def _linear(linear, x_ib):
             lora.scale, dtype
         )
     if linear.bias is not None:
-        y_ob = y_ob + _along(linear.bias[...].astype(dtype), 0, y_ob.ndim)
+        y_ob = y_ob + along(linear.bias[...].astype(dtype), 0, y_ob.ndim)
     return y_ob
-
-
-def _norm(norm, x, axis: int):
-    """A ``layers.RMSNorm`` over ``axis`` of ``x``."""
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + norm.eps)
-    return _along(norm.weight[...].astype(norm.dtype), axis, x.ndim) * x32.astype(norm.dtype)
 
 
 def _rotate(x_nhb, cos_hb, sin_hb):
     """``layers.apply_rotary`` for heads stored [heads, head_dim, B]."""
-    half = x_nhb.shape[1] // 2
-    rotated = jnp.concatenate([-x_nhb[:, half:], x_nhb[:, :half]], axis=1)
+    rotated = rotate_half(x_nhb, axis=1)
     out = x_nhb.astype(jnp.float32) * cos_hb[None] + rotated.astype(jnp.float32) * sin_hb[None]
     return out.astype(x_nhb.dtype)
 
@@ -67,7 +61,7 @@ def _attention(attn, x_db, cos_hb, sin_hb, mask, k_cache, v_cache, index):
     k = _linear(attn.k_proj, x_db).reshape(kv, h, b)
     v = _linear(attn.v_proj, x_db).reshape(kv, h, b)
     if attn.q_norm is not None:
-        q, k = _norm(attn.q_norm, q, 1), _norm(attn.k_norm, k, 1)
+        q, k = attn.q_norm(q, axis=1), attn.k_norm(k, axis=1)
     q, k = _rotate(q, cos_hb, sin_hb), _rotate(k, cos_hb, sin_hb)
     # The cache keeps keys [B, K, H, S] and values [B, K, S, H]; one slot is written.
     k_cache = jax.lax.dynamic_update_slice(
@@ -102,17 +96,12 @@ def decode_step(model: CausalLM, token_b, position_b, cache: KVCache):
         logits_b1v, cache = model(token_b[:, None], position_b1, segment_b1, cache=cache)
         return logits_b1v[:, 0, :].T, cache
     q_slot_t, k_slot_s, k_segment_bs, k_pos_bs = cached_keys(cache, segment_b1, position_b1)
-    masks = {}
     windows = model.layer_windows()
-    for window in windows:
-        if window not in masks:
-            masks[window] = attention_mask(
-                segment_b1, q_slot_t, position_b1, k_segment_bs, k_slot_s, k_pos_bs, window
-            )
-    inv_freq_f = jnp.asarray(model.config.inv_freq())
-    angles_fb = inv_freq_f[:, None] * position_b1[:, 0].astype(jnp.float32)[None, :]
-    angles_hb = jnp.concatenate([angles_fb, angles_fb], axis=0)
-    cos_hb, sin_hb = jnp.cos(angles_hb), jnp.sin(angles_hb)
+    masks = window_masks(
+        windows, segment_b1, q_slot_t, position_b1, k_segment_bs, k_slot_s, k_pos_bs
+    )
+    cos_1bh, sin_1bh = rotary_cos_sin(position_b1.T, jnp.asarray(model.config.inv_freq()))
+    cos_hb, sin_hb = cos_1bh[0].T, sin_1bh[0].T
 
     decoder = model.model
     embed = decoder.embed_tokens
@@ -120,14 +109,14 @@ def decode_step(model: CausalLM, token_b, position_b, cache: KVCache):
     new_k, new_v = [], []
     for i, layer in enumerate(decoder.layers):
         attn_db, k_cache, v_cache = _attention(
-            layer.self_attn, _norm(layer.input_layernorm, x_db, 0), cos_hb, sin_hb,
+            layer.self_attn, layer.input_layernorm(x_db, axis=0), cos_hb, sin_hb,
             masks[windows[i]], cache.k[i], cache.v[i], cache.index,
         )
         x_db = x_db + attn_db
-        x_db = x_db + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, x_db, 0))
+        x_db = x_db + _mlp(layer.mlp, layer.post_attention_layernorm(x_db, axis=0))
         new_k.append(k_cache)
         new_v.append(v_cache)
-    x_db = _norm(decoder.norm, x_db, 0)
+    x_db = decoder.norm(x_db, axis=0)
     head = embed if model.lm_head is None else model.lm_head
     logits_vb = (head.weight[...].astype(head.dtype) @ x_db).astype(jnp.float32)
     new_cache = KVCache(

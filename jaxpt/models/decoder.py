@@ -11,8 +11,15 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxpt.models.config import ModelConfig
-from jaxpt.models.layers import MLP, PROJECTION, Attention, RMSNorm, project, rotary_cos_sin
-from jaxpt.models.layers import attention_mask as build_attention_mask
+from jaxpt.models.layers import (
+    MLP,
+    PROJECTION,
+    Attention,
+    RMSNorm,
+    project,
+    rotary_cos_sin,
+    window_masks,
+)
 from jaxpt.sharding import constrain
 
 # Deeper cache-free forwards scan over their layers by default (compile time, see CausalLM).
@@ -226,7 +233,6 @@ class CausalLM(nnx.Module):
             q_slot_t, k_slot_s, k_segment_bs, k_pos_bs = cached_keys(cache, segment_bt, positions_bt)
 
         cos, sin = rotary_cos_sin(positions_bt, jnp.asarray(self.config.inv_freq()))
-        masks = {}  # one mask per distinct sliding window
         h_btd = constrain(self.model.embed_tokens(ids_bt), ("batch", "seq", "embed"))
         new_k, new_v = [], []
         policy = REMAT_POLICIES[self.remat]
@@ -241,11 +247,9 @@ class CausalLM(nnx.Module):
             run_layer = nnx.remat(run_layer, policy=policy, prevent_cse=True)
 
         windows = self.layer_windows()
-        for window in windows:
-            if window not in masks:
-                masks[window] = build_attention_mask(
-                    segment_bt, q_slot_t, positions_bt, k_segment_bs, k_slot_s, k_pos_bs, window
-                )
+        masks = window_masks(
+            windows, segment_bt, q_slot_t, positions_bt, k_segment_bs, k_slot_s, k_pos_bs
+        )
         scanned = cache is None and self._scans(windows)
         if scanned:
             h_btd = _scan_layers(list(self.model.layers), h_btd, cos, sin, masks[windows[0]],

@@ -23,7 +23,12 @@ from jaxpt.sharding import constrain, current_mesh, logical_to_spec
 def _along_last(v, ndim):
     """A vector shaped to broadcast over the last axis of an ``ndim`` array (explicit
     ranks, so ``jax_numpy_rank_promotion='raise'`` holds)."""
-    return v.reshape((1,) * (ndim - 1) + v.shape)
+    return along(v, ndim - 1, ndim)
+
+
+def along(v, axis: int, ndim: int):
+    """A vector shaped to broadcast along ``axis`` of an ``ndim`` array."""
+    return v.reshape((1,) * axis + v.shape + (1,) * (ndim - axis - 1))
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
@@ -102,10 +107,13 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.dtype = dtype
 
-    def __call__(self, x):
+    def __call__(self, x, axis: int = -1):
+        """Normalize over ``axis`` (the last; the sampler's decode step stores features
+        first, ``axis=0``)."""
+        axis = axis % x.ndim
         x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return _along_last(self.weight[...].astype(self.dtype), x.ndim) * x32.astype(self.dtype)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + self.eps)
+        return along(self.weight[...].astype(self.dtype), axis, x.ndim) * x32.astype(self.dtype)
 
 
 def rotary_cos_sin(positions_bt, inv_freq_f):
@@ -115,10 +123,15 @@ def rotary_cos_sin(positions_bt, inv_freq_f):
     return jnp.cos(angles_bth), jnp.sin(angles_bth)
 
 
+def rotate_half(x, axis: int = -1):
+    """``[-x2, x1]`` of the halves ``[x1, x2]`` of ``axis`` (head_dim), transformers' layout."""
+    x1, x2 = jnp.split(x, 2, axis=axis)
+    return jnp.concatenate([-x2, x1], axis=axis)
+
+
 def apply_rotary(x_btnh, cos_bth, sin_bth):
     """Rotate query/key heads by position (the half-split layout transformers uses)."""
-    half = x_btnh.shape[-1] // 2
-    rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    rotated = rotate_half(x_btnh)
     cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
     out = x_btnh.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
     return out.astype(x_btnh.dtype)
@@ -140,6 +153,17 @@ class AttentionMask:
 
 def _dense(mask):
     return mask.dense if isinstance(mask, AttentionMask) else mask
+
+
+def window_masks(windows, q_segment_bt, q_slot_t, q_pos_bt, k_segment_bs, k_slot_s, k_pos_bs):
+    """``attention_mask`` for each distinct sliding window in ``windows`` (one per layer;
+    None: full attention), keyed by window."""
+    return {
+        window: attention_mask(
+            q_segment_bt, q_slot_t, q_pos_bt, k_segment_bs, k_slot_s, k_pos_bs, window
+        )
+        for window in dict.fromkeys(windows)
+    }
 
 
 def attention_mask(q_segment_bt, q_slot_t, q_pos_bt, k_segment_bs, k_slot_s, k_pos_bs, window):
