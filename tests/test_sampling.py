@@ -86,6 +86,34 @@ def test_greedy_matches_transformers(arch, tmp_path_factory):
     assert all(len(t) == len(lp) for t, lp in zip(out.tokens, out.logprobs))
 
 
+def test_a_long_generation_decodes_in_stages_and_matches_transformers(tmp_path_factory):
+    """Past DECODE_STAGE new tokens the loop runs in stages over a growing cache: still
+    token-identical to transformers, through an eos and a limit that fall mid-stage."""
+    from jaxpt.sampling.engine import decode_stages
+
+    # Seed 1: every greedy step of these 70 keeps a top-2 logit margin above 0.01, far
+    # from float noise (seed 0's path has a 4e-4 near-tie after 65 tokens).
+    model, hf, _ = _models("llama", tmp_path_factory, seed=1)
+    stages = decode_stages(16, 128)  # the buckets of the call below
+    assert [end for _, end in stages] == [32, 64, 96, 128]
+    assert [slots for slots, _ in stages] == [48, 80, 112, 144]
+    expected = [_hf_greedy(hf, p, 70) for p in PROMPTS[:2]]
+    out = generate(model, PROMPTS[:2], max_new_tokens=70)  # stops inside the third stage
+    assert out.tokens == expected
+
+    eos = expected[0][40]  # ends row 0 in the second stage (at its first occurrence)
+    out = generate(model, PROMPTS[:2], max_new_tokens=70, eos_token_id=eos)
+    assert out.tokens == [_cut_after(t, eos) for t in expected]
+    assert out.finish_reasons[0] == "stop"
+    teacher = _forward_logprobs(model, [PROMPTS[0] + out.tokens[0]], length=64)[0]
+    start = len(PROMPTS[0]) - 1
+    np.testing.assert_allclose(
+        out.model_logprobs[0],
+        teacher[np.arange(start, start + len(out.tokens[0])), out.tokens[0]],
+        atol=2e-5,
+    )
+
+
 def test_repetition_penalty_matches_transformers(llama):
     model, hf, _ = llama
     expected = [_hf_greedy(hf, p, 10, repetition_penalty=1.5) for p in PROMPTS[:2]]
@@ -367,6 +395,23 @@ def test_token_choice_draws_exactly_what_jax_random_categorical_draws():
     assert np.asarray(got).max() < 500
     greedy, _ = choose_tokens(logits, keys, SamplingConfig(temperature=0.0))
     np.testing.assert_array_equal(np.asarray(greedy), np.argmax(np.asarray(logits), axis=-1))
+
+
+def test_greedy_choice_is_the_first_argmax_and_its_log_softmax():
+    from jaxpt.sampling.processors import first_argmax, greedy_choice, token_logprob
+
+    logits_bv = np.random.default_rng(2).normal(size=(6, 50)).astype(np.float32)
+    logits_bv[1, [7, 30]] = logits_bv[1].max() + 1.0  # a tie: the first index wins
+    for axis, logits in ((-1, logits_bv), (0, logits_bv.T)):
+        token_b, logprob_b = greedy_choice(jnp.asarray(logits), axis)
+        np.testing.assert_array_equal(np.asarray(token_b), np.argmax(logits_bv, axis=-1))
+        assert int(token_b[1]) == 7
+        np.testing.assert_array_equal(np.asarray(token_b), first_argmax(jnp.asarray(logits), axis))
+        np.testing.assert_allclose(
+            np.asarray(logprob_b),
+            np.asarray(token_logprob(jnp.asarray(logits), token_b, axis)),
+            rtol=1e-6,
+        )
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
-"""The jitted sampler: one prefill, then a ``lax.while_loop`` of single-token decode steps.
+"""The jitted sampler: one prefill, then ``lax.while_loop``s of single-token decode steps.
 
 Everything between the prompt and the last token runs inside one compiled function over
-a preallocated KV cache that lives in the loop carry (updated in place). The model enters
+a preallocated KV cache that lives in the loop carry (updated in place). Long generations
+decode in a few stages whose cache grows between them (``decode_stages``), so early steps
+do not read the empty slots of later ones. The model enters
 as ``(graphdef, state)``: the graphdef is static, the weights are a traced argument, so
 new weights (an RL step) reuse the compiled program.
 """
@@ -101,6 +103,40 @@ def cache_length(slots: int) -> int:
     return -(-slots // DECODE_BLOCK) * DECODE_BLOCK
 
 
+DECODE_STAGE = 32  # new tokens per stage of the decode loop; each stage compiles one body
+MAX_DECODE_STAGES = 4
+
+
+def decode_stages(prompt_len: int, max_new_tokens: int) -> tuple[tuple[int, int], ...]:
+    """``(cache_slots, last_step)`` per stage of the decode loop.
+
+    Every decode step reads the whole KV cache it is given, and attention over the cache
+    is bandwidth-bound, so the loop runs in stages over a cache that grows between them:
+    a stage's cache holds the prompt and the tokens up to its last step, no more. Up to
+    ``MAX_DECODE_STAGES`` equal stages of at least ``DECODE_STAGE`` new tokens; a stage
+    costs one more compiled loop body, so short generations stay in one stage.
+    """
+    count = max(1, min(MAX_DECODE_STAGES, max_new_tokens // DECODE_STAGE))
+    ends = [-(-max_new_tokens * (i + 1) // count) for i in range(count)]
+    return tuple((cache_length(prompt_len + end), end) for end in ends)
+
+
+def _grow_cache(cache: KVCache, slots: int) -> KVCache:
+    """``cache`` with empty slots appended up to ``slots`` (segment 0 masks them)."""
+    extra = slots - cache.segment_ids.shape[1]
+    if extra == 0:
+        return cache
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+    return _constrain_cache(
+        cache.replace(
+            k=tuple(pad(k, 3) for k in cache.k),
+            v=tuple(pad(v, 2) for v in cache.v),
+            segment_ids=pad(cache.segment_ids, 1),
+            positions=pad(cache.positions, 1),
+        )
+    )
+
+
 def _repeat_rows(x, n: int):
     return (
         x if n == 1 or x.ndim == 0 else jnp.repeat(x, n, axis=0, total_repeat_length=x.shape[0] * n)
@@ -133,7 +169,8 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
 
     # Prefill; only the last position (every prompt is left-padded to end there) needs
     # logits, so the [B, T, V] tensor is never built.
-    cache = _constrain_cache(KVCache.init(model.config, b, cache_length(t + n_new), model.dtype))
+    stages = decode_stages(t, n_new)
+    cache = _constrain_cache(KVCache.init(model.config, b, stages[0][0], model.dtype))
     hidden_btd, cache = model(ids_bt, positions_bt, segment_bt, cache=cache, return_hidden=True)
     logits_bv = model.logits(hidden_btd[:, -1:, :])[:, 0, :]
 
@@ -162,7 +199,10 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
             logits_vb = penalize_repetition(logits_vb, seen_vb, penalty)
         step_keys_b = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_b)
         token_b, logprob_b = choose_tokens(logits_vb, step_keys_b, config, axis=0)
-        model_lp_b = token_logprob(model_logits_vb, token_b, axis=0)
+        if config.greedy and seen_vb is None:  # the same log-softmax of the same logits
+            model_lp_b = logprob_b
+        else:
+            model_lp_b = token_logprob(model_logits_vb, token_b, axis=0)
         keep_b = ~done_b
         column = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], step, 1)
         tokens_bn = column(tokens_bn, jnp.where(keep_b, token_b, config.pad_token_id))
@@ -189,18 +229,20 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
     token_b, done_b, out = pick(0, logits_vb, seen_vb, done_b, out)
     seen_vb = mark_seen(seen_vb, token_b)
 
-    def cond(carry):
-        step, _, _, done_b, _, _ = carry
-        return (step < limit) & ~jnp.all(done_b)
-
     def body(carry):
         step, cache, token_b, done_b, seen_vb, out = carry
         logits_vb, cache = decode_step(model, token_b, next_pos_b + step - 1, cache)
         token_b, done_b, out = pick(step, logits_vb, seen_vb, done_b, out)
         return step + 1, cache, token_b, done_b, mark_seen(seen_vb, token_b), out
 
-    carry = (jnp.asarray(1, jnp.int32), cache, token_b, done_b, seen_vb, out)
-    _, _, _, done_b, _, out = jax.lax.while_loop(cond, body, carry)
+    step = jnp.asarray(1, jnp.int32)
+    for slots, last_step in stages:
+        def cond(carry, last_step=last_step):
+            step, _, _, done_b, _, _ = carry
+            return (step < jnp.minimum(limit, last_step)) & ~jnp.all(done_b)
+
+        carry = (step, _grow_cache(cache, slots), token_b, done_b, seen_vb, out)
+        step, cache, token_b, done_b, seen_vb, out = jax.lax.while_loop(cond, body, carry)
     tokens_bn, logprobs_bn, model_lp_bn, lengths_b = out
     return SampleArrays(
         tokens_bn=tokens_bn,

@@ -93,8 +93,7 @@ def choose_tokens(logits_bv, keys_b, config: SamplingConfig, axis: int = -1):
     """
     axis = axis % logits_bv.ndim
     if config.greedy:
-        token_b = first_argmax(logits_bv, axis)
-        return token_b, token_logprob(logits_bv, token_b, axis)
+        return greedy_choice(logits_bv, axis)
     if config.top_k is not None and axis != logits_bv.ndim - 1:
         logits_bv, axis = jnp.moveaxis(logits_bv, axis, -1), logits_bv.ndim - 1  # top-k sorts
     logprobs_bk, ids_bk = sampling_logprobs(logits_bv, config, axis)
@@ -118,15 +117,32 @@ def _pick(values_bv, index_b, axis: int):
     return jnp.squeeze(jnp.take_along_axis(values_bv, index, axis=axis), axis)
 
 
+def greedy_choice(logits_bv, axis: int = -1):
+    """``(first_argmax, log_softmax(logits)[first_argmax])`` per row, sharing one max.
+
+    The chosen logit is the row's max, so its log-probability is
+    ``-log(sum(exp(logits - max)))``: one pass over the vocabulary for the max, one for the
+    token and one for the sum, where ``token_logprob`` would take the max again and gather.
+    """
+    axis = axis % logits_bv.ndim
+    best_b1 = jnp.max(logits_bv, axis=axis, keepdims=True)
+    token_b = _first_index_of(logits_bv, best_b1, axis)
+    total_b = jnp.sum(jnp.exp(logits_bv - best_b1), axis=axis)
+    return token_b, -jnp.log(total_b)
+
+
+def _first_index_of(logits_bv, best_b1, axis: int):
+    vocab = logits_bv.shape[axis]
+    ids_v = jax.lax.broadcasted_iota(jnp.int32, logits_bv.shape, axis)
+    first_b = jnp.min(jnp.where(logits_bv == best_b1, ids_v, vocab), axis=axis)
+    return jnp.minimum(first_b, vocab - 1)  # a NaN row matches nothing
+
+
 def first_argmax(logits_bv, axis: int = -1):
     """``argmax`` over ``axis`` (the first index on ties) as two plain reductions: XLA
     CPU runs argmax's paired (value, index) reduction several times slower."""
     axis = axis % logits_bv.ndim
-    vocab = logits_bv.shape[axis]
-    best_b1 = jnp.max(logits_bv, axis=axis, keepdims=True)
-    ids_v = jax.lax.broadcasted_iota(jnp.int32, logits_bv.shape, axis)
-    first_b = jnp.min(jnp.where(logits_bv == best_b1, ids_v, vocab), axis=axis)
-    return jnp.minimum(first_b, vocab - 1)  # a NaN row matches nothing
+    return _first_index_of(logits_bv, jnp.max(logits_bv, axis=axis, keepdims=True), axis)
 
 
 def token_logprob(logits_bv, token_b, axis: int = -1):
