@@ -208,3 +208,11 @@ def test_bench_prints_one_json_line(name, tiny_dir, capsys):
     result = json.loads(lines[0])
     assert result["benchmark"] == name and result["model"] == tiny_dir
     assert keys <= set(result), keys - set(result)
+
+
+@pytest.mark.slow
+def test_bench_generate_splits_the_batch_over_cpu_devices(tiny_dir, capsys):
+    argv, _ = BENCHES["generate"]
+    assert bench.main(["generate", "--model", tiny_dir, *argv, "--cpu-devices", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["devices"] == 2 and result["recompiles"] == 0

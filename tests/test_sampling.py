@@ -239,6 +239,20 @@ def test_sharded_generation_matches_single_device(llama, mesh8):
         )
 
 
+def test_one_device_weights_generate_over_a_data_mesh(llama, mesh8):
+    """A mesh given for one device's weights splits the batch over its data axes (how a
+    CPU host samples on every core) and draws what one device draws."""
+    model, _, _ = llama
+    prompts = PROMPTS + [[9, 8, 7, 6, 5]]
+    for kwargs in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 7}):
+        single = generate(model, prompts, max_new_tokens=8, **kwargs)
+        split = generate(model, prompts, max_new_tokens=8, mesh=mesh8, **kwargs)
+        assert split.tokens == single.tokens
+        np.testing.assert_allclose(
+            np.concatenate(split.logprobs), np.concatenate(single.logprobs), atol=1e-4
+        )
+
+
 def test_same_bucket_and_new_weights_do_not_recompile(tmp_path_factory):
     model = init_model({**BASE, **ARCHS["llama"], "num_hidden_layers": 1}, seed=5)
     before = trace_count()

@@ -28,6 +28,13 @@ def add_arguments(parser) -> None:
         help="also time transformers' PyTorch generate on the same model and batch",
     )
     parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        help="on CPU, split the batch over this many JAX devices, one per core "
+        "(jax_num_cpu_devices); XLA:CPU runs a device's small decode products on one core",
+    )
 
 
 def _time_runs(fn, repeats: int) -> list[float]:
@@ -66,11 +73,38 @@ def _transformers_runner(model, prompts_bt: np.ndarray, new_tokens: int, threads
     return run_once
 
 
+def _data_parallel_cpu(devices: int):
+    """A data mesh over ``devices`` CPU devices, None for one. Asks JAX for that many CPU
+    devices when it has not started yet; a process that already has them (tests) uses
+    its first ``devices``."""
+    if devices <= 1:
+        return None
+    from jaxpt.sharding import make_mesh
+
+    try:
+        jax.config.update("jax_num_cpu_devices", devices)
+    except RuntimeError:  # JAX already started: use the devices it has
+        pass
+    if jax.default_backend() != "cpu" or jax.device_count() < devices:
+        raise SystemExit(
+            f"--cpu-devices {devices} needs the CPU backend with {devices} devices; got "
+            f"{jax.device_count()} {jax.default_backend()} devices (JAX_PLATFORMS or "
+            "XLA_FLAGS set otherwise?)"
+        )
+    return make_mesh({"data": devices}, jax.devices()[:devices])
+
+
 def run(args) -> dict:
+    from flax import nnx
+
     from jaxpt.models import load_model
     from jaxpt.sampling import generate, trace_count
+    from jaxpt.sharding import replicated
 
+    mesh = _data_parallel_cpu(args.cpu_devices)
     model = load_model(args.model, seed=args.seed)
+    if mesh is not None:  # weights on every device, rows split over them
+        nnx.update(model, jax.device_put(nnx.state(model), replicated(mesh)))
     config = model.config
     rng = np.random.default_rng(args.seed)
     prompts_bt = rng.integers(0, config.vocab_size, (args.batch_size, args.prompt_len))
@@ -84,6 +118,7 @@ def run(args) -> dict:
             max_new_tokens=args.new_tokens,
             temperature=args.temperature,
             seed=args.seed,
+            mesh=mesh,
         )
         assert all(len(t) == args.new_tokens for t in out.tokens)
 
@@ -114,7 +149,7 @@ def run(args) -> dict:
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "backend": jax.default_backend(),
-        "devices": jax.device_count(),
+        "devices": 1 if mesh is None else mesh.size,
         "cpu_count": os.cpu_count(),
         "tokens_per_s": round(generated / step_s, 1),
         "run_s": round(step_s, 4),

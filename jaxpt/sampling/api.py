@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxpt.sampling.config import SamplingConfig
 from jaxpt.sampling.engine import SampleArrays, sample_arrays
-from jaxpt.sharding import batch_sharding, batch_shards
+from jaxpt.sharding import batch_sharding, batch_shards, replicated
 
 
 def bucket(n: int, minimum: int = 16, step: int = 256) -> int:
@@ -217,7 +217,11 @@ def generate(
 
     Prompt length, batch size and ``max_new_tokens`` are bucketed (powers of two) so that
     new batches reuse compiled programs. With weights sharded over a multi-device mesh
-    (or ``mesh`` given), the batch is split over its data axes.
+    (or ``mesh`` given), the batch is split over its data axes; weights that live on one
+    device are copied to every device of ``mesh`` for the call (place them once with
+    ``jaxpt.sharding.replicated`` to skip the copy). On a CPU host that is how sampling
+    uses every core: one JAX CPU device per core (``jax_num_cpu_devices``) and a data mesh
+    over them.
     """
     prompts = prompt_token_lists(prompts, attention_mask)
     if not prompts:
@@ -236,12 +240,15 @@ def generate(
         num_samples=num_samples,
         pad_token_id=pad_token_id,
     )
-    mesh = mesh if mesh is not None else _mesh_of(model)
+    weights_mesh = _mesh_of(model)
+    mesh = mesh if mesh is not None else weights_mesh
     shards = batch_shards(mesh)
     batch = shards * bucket(math.ceil(len(prompts) / shards), minimum=1, step=64)
     length = bucket(max(len(p) for p in prompts))
     ids_bt, mask_bt = left_pad(prompts, batch, length, pad_token_id)
     graphdef, state = nnx.split(model)
+    if mesh is not None and weights_mesh is None:  # one device's weights: on every device
+        state = jax.device_put(state, replicated(mesh))
     rng = jax.random.key(seed)
     if mesh is not None:
         with jax.set_mesh(mesh):
