@@ -114,6 +114,33 @@ def test_a_long_generation_decodes_in_stages_and_matches_transformers(tmp_path_f
     )
 
 
+def test_only_cpu_programs_decode_in_stages(llama):
+    """Growing the cache holds two copies at once; programs for accelerators, where the
+    cache bounds the batch, keep a single decode loop over the whole cache."""
+    from jaxpt.models.layers import attention_platform
+    from jaxpt.sampling.engine import _sample
+
+    graphdef, state = nnx.split(llama[0])
+    ids_bt, mask_bt = np.ones((2, 8), np.int32), np.ones((2, 8), np.int32)
+    config = SamplingConfig(max_new_tokens=128, temperature=0.0)
+
+    def loops(platform):
+        with attention_platform(platform):
+            jaxpr = jax.make_jaxpr(
+                lambda s: _sample(_Static(graphdef), s, ids_bt, mask_bt, jax.random.key(0),
+                                  jnp.int32(128), np.full(4, -1, np.int32), config)
+            )(state)
+        return sum(eqn.primitive.name == "while" for eqn in jaxpr.jaxpr.eqns)
+
+    assert loops("cpu") == 4
+    assert loops("tpu") == 1
+
+
+class _Static:
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+
 def test_repetition_penalty_matches_transformers(llama):
     model, hf, _ = llama
     expected = [_hf_greedy(hf, p, 10, repetition_penalty=1.5) for p in PROMPTS[:2]]

@@ -19,7 +19,7 @@ from flax import nnx, struct
 
 from jaxpt.models.decode import decode_step
 from jaxpt.models.decoder import KVCache
-from jaxpt.models.layers import DECODE_BLOCK
+from jaxpt.models.layers import DECODE_BLOCK, target_platform
 from jaxpt.sampling.config import SamplingConfig
 from jaxpt.sampling.processors import choose_tokens, penalize_repetition, token_logprob
 from jaxpt.sharding import constrain, rules_key, use_rules
@@ -107,16 +107,18 @@ DECODE_STAGE = 32  # new tokens per stage of the decode loop; each stage compile
 MAX_DECODE_STAGES = 4
 
 
-def decode_stages(prompt_len: int, max_new_tokens: int) -> tuple[tuple[int, int], ...]:
+def decode_stages(
+    prompt_len: int, max_new_tokens: int, max_stages: int = MAX_DECODE_STAGES
+) -> tuple[tuple[int, int], ...]:
     """``(cache_slots, last_step)`` per stage of the decode loop.
 
     Every decode step reads the whole KV cache it is given, and attention over the cache
     is bandwidth-bound, so the loop runs in stages over a cache that grows between them:
     a stage's cache holds the prompt and the tokens up to its last step, no more. Up to
-    ``MAX_DECODE_STAGES`` equal stages of at least ``DECODE_STAGE`` new tokens; a stage
-    costs one more compiled loop body, so short generations stay in one stage.
+    ``max_stages`` equal stages of at least ``DECODE_STAGE`` new tokens; a stage costs one
+    more compiled loop body, so short generations stay in one stage.
     """
-    count = max(1, min(MAX_DECODE_STAGES, max_new_tokens // DECODE_STAGE))
+    count = max(1, min(max_stages, max_new_tokens // DECODE_STAGE))
     ends = [-(-max_new_tokens * (i + 1) // count) for i in range(count)]
     return tuple((cache_length(prompt_len + end), end) for end in ends)
 
@@ -169,7 +171,9 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
 
     # Prefill; only the last position (every prompt is left-padded to end there) needs
     # logits, so the [B, T, V] tensor is never built.
-    stages = decode_stages(t, n_new)
+    # Growing the cache holds the old and the new one at once (up to 1.75x the final
+    # cache), so accelerators, where the cache is what limits the batch, keep one stage.
+    stages = decode_stages(t, n_new, MAX_DECODE_STAGES if target_platform() == "cpu" else 1)
     cache = _constrain_cache(KVCache.init(model.config, b, stages[0][0], model.dtype))
     hidden_btd, cache = model(ids_bt, positions_bt, segment_bt, cache=cache, return_hidden=True)
     logits_bv = model.logits(hidden_btd[:, -1:, :])[:, 0, :]
