@@ -37,6 +37,7 @@ from jaxpt.tasks.base import BuiltModel, RunContext, Task
 from jaxpt.tasks.rollout import (
     RewardSpec,
     Rollout,
+    RolloutProgram,
     RolloutSource,
     accuracy_evaluator,
     check_reward_settings,
@@ -287,8 +288,13 @@ class ReferenceFinisher:
     update would repeat one forward per reuse."""
 
     def __init__(self, ctx: RunContext, cfg: GrpoConfig):
-        self.ctx, self.cfg = ctx, cfg
-        self._reference = None
+        chunk = ctx.config.train.logits_chunk_size
+        self._reference = RolloutProgram(
+            ctx,
+            lambda state, device_batch: reference_logprobs(
+                state.model(), state.ref_params, device_batch, cfg, chunk
+            ),
+        )
 
     def get_state(self) -> dict:
         return {}
@@ -297,24 +303,8 @@ class ReferenceFinisher:
         pass
 
     def __call__(self, state, batch: dict):
-        from jaxpt.sharding import replicated
-        from jaxpt.step import local_rows, put_batch
-        from jaxpt.tasks.rollout import _to_host
-
-        if self._reference is None:
-            chunk = self.ctx.config.train.logits_chunk_size
-
-            def reference(state, device_batch):
-                return reference_logprobs(
-                    state.model(), state.ref_params, device_batch, self.cfg, chunk
-                )
-
-            self._reference = jax.jit(reference, out_shardings=replicated(self.ctx.mesh))
-        mesh = self.ctx.mesh
-        with jax.set_mesh(mesh):
-            # Every process holds the whole rollout and puts its own rows on the mesh.
-            ref_logp_bt = self._reference(state, put_batch(local_rows(batch, mesh), mesh))
-        return {**batch, "ref_logprobs": _to_host(ref_logp_bt)}, {}, batch["advantages"]
+        ref_logp_bt = self._reference(state, batch)
+        return {**batch, "ref_logprobs": ref_logp_bt}, {}, batch["advantages"]
 
 
 def make_train_source(ctx: RunContext) -> RolloutSource:

@@ -43,6 +43,7 @@ from jaxpt.tasks.base import BuiltModel, RunContext, Task
 from jaxpt.tasks.rollout import (
     RewardSpec,
     Rollout,
+    RolloutProgram,
     RolloutSource,
     accuracy_evaluator,
     check_reward_settings,
@@ -353,7 +354,14 @@ class PpoFinisher:
     def __init__(self, ctx: RunContext, cfg: PpoConfig):
         self.ctx, self.cfg = ctx, cfg
         self.kl_coef = float(cfg.kl_coef)
-        self._finish = None
+
+        def finish(state, device_batch, kl_coef):
+            return finish_arrays(
+                state.model(), state.ref_params, device_batch, kl_coef, cfg=cfg,
+                logits_chunk_size=ctx.config.train.logits_chunk_size,
+            )
+
+        self._finish = RolloutProgram(ctx, finish)
 
     def get_state(self) -> dict:
         return {"kl_coef": self.kl_coef}
@@ -362,26 +370,7 @@ class PpoFinisher:
         self.kl_coef = float(state["kl_coef"])
 
     def __call__(self, state, batch: dict):
-        from jaxpt.sharding import replicated
-        from jaxpt.step import local_rows, put_batch
-        from jaxpt.tasks.rollout import _to_host
-
-        if self._finish is None:
-
-            def finish(state, device_batch, kl_coef):
-                return finish_arrays(
-                    state.model(), state.ref_params, device_batch, kl_coef, cfg=self.cfg,
-                    logits_chunk_size=self.ctx.config.train.logits_chunk_size,
-                )
-
-            self._finish = jax.jit(finish, out_shardings=replicated(self.ctx.mesh))
-        mesh = self.ctx.mesh
-        with jax.set_mesh(mesh):
-            # Every process holds the whole rollout and puts its own rows on the mesh.
-            device_batch = put_batch(local_rows(batch, mesh), mesh)
-            arrays, metrics = self._finish(state, device_batch, jnp.float32(self.kl_coef))
-        arrays = {k: _to_host(v) for k, v in arrays.items()}
-        metrics = {k: _to_host(v) for k, v in metrics.items()}
+        arrays, metrics = self._finish(state, batch, jnp.float32(self.kl_coef))
         row_advantages = metrics.pop("advantage_row_mean")
         out = {**batch, **arrays}
         del out["scores"]

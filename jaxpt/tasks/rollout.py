@@ -232,6 +232,27 @@ class BatchFinisher(Protocol):
     def get_state(self) -> dict: ...
 
     def set_state(self, state: dict) -> None: ...
+class RolloutProgram:
+    """``fn(state, device_batch, *args)``, jitted once, run on a rollout's host batch for a
+    ``BatchFinisher``: every process holds the whole rollout and puts its own rows on the
+    mesh; the outputs are replicated and come back as host arrays (same pytree)."""
+
+    def __init__(self, ctx: RunContext, fn: Callable):
+        self.ctx, self.fn = ctx, fn
+        self._jitted = None
+
+    def __call__(self, state, batch: dict, *args):
+        from jaxpt.sharding import replicated
+        from jaxpt.step import local_rows, put_batch
+
+        mesh = self.ctx.mesh
+        if self._jitted is None:
+            self._jitted = jax.jit(self.fn, out_shardings=replicated(mesh))
+        with jax.set_mesh(mesh):
+            out = self._jitted(state, put_batch(local_rows(batch, mesh), mesh), *args)
+        return jax.tree.map(_to_host, out)
+
+
 # Dynamic sampling's test: (rollout) -> [num_prompts] bool, the prompts whose group trains.
 GroupFilter = Callable[[Rollout], np.ndarray]
 
