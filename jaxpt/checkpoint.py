@@ -1,11 +1,17 @@
 """Orbax checkpoints of a run: the train state, the data-iterator state and the config.
 
-Layout: ``<output_dir>/checkpoints/<step>/{state,data,config}``. ``state`` is the whole
-TrainState except its static graphdef (params, optimizer state, step, rng, reference, extras) as
-sharded arrays; ``data`` is the batch source's position, one JSON file per process (Grain's
-Orbax handler); ``config`` the resolved config. Orbax writes each step to a temporary
-directory and renames it when complete, so a checkpoint is either whole or absent. Restores
-go onto whatever shardings the caller's target has, so a run may resume on another mesh.
+Layout: ``<output_dir>/checkpoints/<step>/{state,data,config,frozen}``. ``state`` is the
+TrainState as sharded arrays (params, optimizer state, step, rng, extras) less its static
+graphdef and its *frozen* weights: the reference of DPO/GRPO/PPO (``ref_params``) and the
+LoRA base, which a resumed run re-reads from their source (``model.path`` or the task's
+``ref_model``) as a fresh run does. ``frozen`` records a fingerprint of those weights
+(``fingerprint``), so that resuming after their source changed is a ``CheckpointError``
+rather than a silent drift. ``data`` is the batch source's position, one JSON file per
+process (Grain's Orbax handler); ``config`` the resolved config. Orbax writes each step to a
+temporary directory and renames it when complete, so a checkpoint is either whole or
+absent. Restores go onto whatever shardings the caller's target has, so a run may resume on
+another mesh. Checkpoints written before the reference was left out still restore: their
+``ref_params`` are not read.
 
 A checkpoint that was committed but cannot be read back (a data file truncated by a full
 disk or an interrupted copy) is *damaged*: ``restore_latest`` logs which one and why,
@@ -19,6 +25,7 @@ damaged: that is a ``CheckpointError`` and nothing is renamed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -27,11 +34,14 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxpt.sharding import replicated
 from jaxpt.state import TrainState, abstract_like
 
 log = logging.getLogger(__name__)
@@ -53,6 +63,10 @@ class CheckpointError(RuntimeError):
 
 class _PositionMismatch(Exception):
     """The batch source rejected a saved position that was read back intact."""
+
+
+class _FrozenMismatch(Exception):
+    """The run's frozen weights differ from those the checkpoint was trained against."""
 
 
 class _SourceItem:
@@ -105,24 +119,95 @@ class _PositionRestore(ocp.args.CheckpointArgs):
 
 
 def _state_tree(state: TrainState) -> dict:
+    """What a checkpoint stores of ``state``: all but the frozen weights (``_frozen_tree``)."""
     return {
         "params": state.params,
-        # Frozen base weights (LoRA) are re-read from the model path, not checkpointed.
         "rest": nnx.filter_state(state.rest, _not_param),
         "opt_state": state.opt_state,
         "step": state.step,
         "rng": state.rng,
-        "ref_params": state.ref_params,
         "extras": state.extras,
     }
 
 
-def _caused_by(error: BaseException | None, cls: type) -> bool:
+def _frozen_tree(state: TrainState) -> dict:
+    """The weights a checkpoint leaves out because the run re-derives them from their source:
+    the frozen reference and the frozen LoRA base (``nnx.Param``s in ``rest``)."""
+    return {"ref_params": state.ref_params, "base": nnx.filter_state(state.rest, nnx.Param)}
+
+
+_OLD_ITEMS = ("ref_params",)  # in checkpoints of older versions; not read
+
+
+# ------------------------------------------------------------------- fingerprint
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's finalizer: a bijection of uint32 that spreads every input bit."""
+    x = x ^ (x >> 16)
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """``x``'s bits as uint32 words (a trailing axis of 2 for 8-byte dtypes)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+_LANE_SEEDS = (0x9E3779B9, 0x7F4A7C15)  # two independent 32-bit hashes: 64 bits in all
+
+
+def _leaf_sums(leaves: list) -> jax.Array:
+    """[leaves, 2] uint32: per leaf and lane, the wrapping sum over elements of
+    ``mix(word ^ mix(position ^ seed))``. Integer sums wrap mod 2**32 whatever the order, so
+    the result is the same on any mesh and backend; changing any one element changes it."""
+    rows = []
+    for x in leaves:
+        words = _words(x)
+        position = jnp.zeros(words.shape, jnp.uint32)  # the global row-major index, wrapping
+        for axis, n in enumerate(words.shape):
+            iota = jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+            position = position * np.uint32(n % 2**32) + iota
+        rows.append(jnp.stack([
+            jnp.sum(_mix32(words ^ _mix32(position ^ np.uint32(seed))), dtype=jnp.uint32)
+            for seed in _LANE_SEEDS
+        ]))
+    return jnp.stack(rows)
+
+
+def fingerprint(tree) -> str | None:
+    """A hex digest of ``tree``'s arrays, bit for bit, with their paths, shapes and dtypes;
+    None for a tree without arrays. The element pass runs on device (integer arithmetic
+    over the bit patterns, no float reductions), so it is cheap, and exact on any mesh."""
+    flat = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    if not flat:
+        return None
+    leaves = [x for _, x in flat]
+    sharding = leaves[0].sharding
+    out = replicated(sharding.mesh) if isinstance(sharding, jax.NamedSharding) else None
+    sums = np.asarray(jax.jit(_leaf_sums, out_shardings=out)(leaves)).astype("<u4")
+    digest = hashlib.sha256()
+    for (path, x), lanes in zip(flat, sums):
+        digest.update(f"{jax.tree_util.keystr(path)}:{x.dtype}:{tuple(x.shape)};".encode())
+        digest.update(lanes.tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _caused_by(error: BaseException | None, cls: type) -> BaseException | None:
+    """The exception of type ``cls`` in ``error``'s chain of causes, if any."""
     while error is not None:
         if isinstance(error, cls):
-            return True
+            return error
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
 def _root_cause(error: BaseException) -> str:
@@ -136,8 +221,12 @@ def _root_cause(error: BaseException) -> str:
 class Checkpointer:
     """Save every N steps, keep the last K, write asynchronously, resume from the latest."""
 
-    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True,
+                 frozen_source: str = "their source"):
+        """``frozen_source`` says where the run re-reads its frozen weights (the reference,
+        the LoRA base) from, for the error when they changed since a checkpoint."""
         self.directory = absolute_path(directory)
+        self.frozen_source = frozen_source
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -151,6 +240,7 @@ class Checkpointer:
                 "state": ocp.StandardCheckpointHandler(),
                 "data": _PositionHandler(),
                 "config": ocp.JsonCheckpointHandler(),
+                "frozen": ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -162,28 +252,75 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, source, config: dict, *, force=False) -> bool:
         """Start saving (returns once device buffers are copied; writing goes on behind)."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_state_tree(state)),
-            data=_PositionSave(_SourceItem(source)),
-            config=ocp.args.JsonSave(config),
-        )
-        return self.manager.save(step, args=args, force=force)
+        items = {
+            "state": ocp.args.StandardSave(_state_tree(state)),
+            "data": _PositionSave(_SourceItem(source)),
+            "config": ocp.args.JsonSave(config),
+        }
+        frozen = fingerprint(_frozen_tree(state))
+        if frozen is not None:
+            record = {"fingerprint": frozen, "source": self.frozen_source}
+            items["frozen"] = ocp.args.JsonSave(record)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, state: TrainState, source, step: int | None = None) -> TrainState:
-        """Restore onto ``state``'s shapes and shardings (its values are not used) and set
-        ``source`` to its saved position. Returns the restored TrainState."""
+        """Restore onto ``state``'s shapes and shardings and set ``source`` to its saved
+        position. Returns the restored TrainState, whose frozen weights (reference, LoRA
+        base) are ``state``'s own: their values must be the ones the checkpoint was trained
+        against (compared by fingerprint; ``_FrozenMismatch`` if not). ``state``'s other
+        values are not used."""
         step = self.latest_step() if step is None else step
+        self._check_frozen(step, state)
         target = abstract_like(_state_tree(state))
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                data=_PositionRestore(_SourceItem(source)),
-            ),
-        )
-        tree = restored["state"]
+        data = _PositionRestore(_SourceItem(source))
+        if any(k in self._saved_items(step) for k in _OLD_ITEMS):
+            # An older version's checkpoint: restore all but its reference copy.
+            with ocp.PyTreeCheckpointer() as reader:
+                tree = reader.restore(
+                    epath.Path(self._step_dir(step)) / "state",
+                    args=ocp.args.PyTreeRestore(
+                        target, partial_restore=True,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    ),
+                )
+            self.manager.restore(step, args=ocp.args.Composite(data=data))
+        else:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=data)
+            tree = self.manager.restore(step, args=args)["state"]
         frozen = nnx.filter_state(state.rest, nnx.Param)
         return state.replace(**{**tree, "rest": nnx.merge_state(frozen, tree["rest"])})
+
+    def _saved_items(self, step: int) -> dict:
+        """The top-level items of ``step``'s saved state tree (as metadata, {} if unread)."""
+        try:
+            return dict(self.manager.metadata(step).item_metadata["state"])
+        except Exception:  # noqa: BLE001  unreadable metadata: the restore reports it
+            return {}
+
+    def _check_frozen(self, step: int, state: TrainState) -> None:
+        """``_FrozenMismatch`` if ``state``'s frozen weights are not those ``step`` was
+        trained against. Checkpoints without a record (older versions) are not checked."""
+        current = fingerprint(_frozen_tree(state))
+        path = epath.Path(self._step_dir(step)) / "frozen"
+        if current is None or not path.exists():
+            if current is not None:
+                log.warning("checkpoint %s records no fingerprint of the frozen weights: "
+                            "not checking that %s still holds them", self._step_dir(step),
+                            self.frozen_source)
+            return
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(frozen=ocp.args.JsonRestore())
+        )
+        record = restored["frozen"]
+        if record["fingerprint"] != current:
+            raise _FrozenMismatch(
+                f"checkpoint {self._step_dir(step)} was trained against other frozen weights "
+                f"(reference or LoRA base) than {self.frozen_source} holds now (fingerprint "
+                f"{record['fingerprint']} saved from {record.get('source')}, {current} now). "
+                "Checkpoints leave them out and a resumed run re-reads them from their source, "
+                "which must not change: put back the weights the run started from, or use a "
+                "new output_dir or checkpoint.resume=false."
+            )
 
     def restore_latest(self, state: TrainState, source) -> TrainState | None:
         """Restore the newest intact checkpoint (see ``restore``), setting damaged ones
@@ -202,6 +339,8 @@ class Checkpointer:
                     error = CheckpointError("another process could not read it")
             if error is None:
                 return restored
+            if mismatch := _caused_by(error, _FrozenMismatch):
+                raise CheckpointError(str(mismatch)) from error
             if _caused_by(error, _PositionMismatch):
                 raise CheckpointError(
                     f"the data position saved in {self._step_dir(step)} does not fit this "
@@ -223,7 +362,8 @@ class Checkpointer:
         counts as damage and returns."""
         try:
             saved = self.manager.metadata(step).item_metadata["state"]
-            saved = {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(saved, sep=".").items()}
+            saved = {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(saved, sep=".").items()
+                     if k.split(".")[0] not in _OLD_ITEMS}
         except Exception:  # noqa: BLE001
             return
         wanted = {

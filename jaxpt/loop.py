@@ -33,6 +33,7 @@ from flax import nnx
 from jaxpt import config as config_lib
 from jaxpt.checkpoint import Checkpointer, absolute_path
 from jaxpt.distributed import StopVote
+from jaxpt.host_memory import release_freed_memory
 from jaxpt.metrics import MetricsWriter, Progress
 from jaxpt.models.lora import trainable_filter
 from jaxpt.optim import make_optimizer, scale_updates
@@ -46,7 +47,7 @@ from jaxpt.step import (
     make_train_step,
     put_batch,
 )
-from jaxpt.tasks import BatchSource, RunContext, Task, get_task
+from jaxpt.tasks import BatchSource, RunContext, Task, common, get_task
 
 log = logging.getLogger("jaxpt")
 
@@ -253,6 +254,11 @@ def setup(config, *, mesh: jax.sharding.Mesh | None = None) -> Run:
                 f"({cfg_train.grad_accum_steps})"
             )
         built = task.build(ctx)
+        if (built.ref_params is not None) != common.keeps_reference(config):
+            raise RuntimeError(  # memory plans and benchmarks size the state by the rule
+                f"task {task.name!r} built {'a' if built.ref_params is not None else 'no'} "
+                "reference, against jaxpt.tasks.common.keeps_reference"
+            )
         tx, schedule = make_optimizer(config.optim, cfg_train.max_steps)
         if task.update_scales is not None:
             params = nnx.state(built.model, trainable_filter(built.model))
@@ -263,6 +269,7 @@ def setup(config, *, mesh: jax.sharding.Mesh | None = None) -> Run:
             extras=built.extras,
         )
         del built
+        release_freed_memory()  # the build's cycles and freed heap, before the compile
         ctx.state_shardings = shardings_of(state)
         ctx.summary["params"] = num_params(state.params)
         loss_fn = task.make_loss(ctx)
@@ -300,6 +307,7 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
                 checkpoint_directory(config, out_dir),
                 keep=config.checkpoint.keep,
                 async_save=config.checkpoint.async_save,
+                frozen_source=common.reference_source(config),
             )
             state, start = run.state, 0
             if config.checkpoint.resume:

@@ -1,6 +1,9 @@
 """Metric writers: metrics.jsonl, TensorBoard (tensorboardX), optional W&B, a tqdm bar.
 
-Only process 0 writes; on other processes every writer is a no-op.
+Only process 0 writes; on other processes every writer is a no-op. Each jsonl row carries
+``walltime``: when it was written, in seconds since the epoch (TensorBoard's walltime). A
+train row is written once its step's metrics are fetched, so consecutive train rows' times
+are the wall time of a step, host work included (``jaxpt.bench.step_wall_times``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import time
 import jax
 
 log = logging.getLogger(__name__)
+
+WALLTIME = "walltime"  # the jsonl rows' write time: a timestamp, not a metric
 
 
 def _scalar(value):
@@ -61,13 +66,15 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        walltime = time.time()
         row = {"step": int(step)}
         row.update({k: _scalar(v) if not isinstance(v, str) else v for k, v in metrics.items()})
-        self._file.write(json.dumps(row) + "\n")
         numeric = {k: v for k, v in row.items() if isinstance(v, float) and k != "step"}
+        row[WALLTIME] = walltime
+        self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key, value in numeric.items():
-                self._tb.add_scalar(key, value, step)
+                self._tb.add_scalar(key, value, step, walltime=walltime)
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
 

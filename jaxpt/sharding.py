@@ -33,6 +33,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "norm": None,
     "cache_seq": None,
+    "layers": None,  # the stacked decoder layers' leading axis (scanned over, never split)
 }
 
 

@@ -21,7 +21,9 @@ class TrainState:
     adapters' ``LoRAParam``s), ``rest`` any other model variables (under LoRA also the
     frozen base weights), ``rng`` raw uint32 key data (checkpoint friendly), ``ref_params``
     the frozen reference params of DPO/GRPO/PPO (never differentiated, no optimizer state;
-    None when the task keeps no reference), ``extras`` any other task state.
+    None unless ``jaxpt.tasks.common.keeps_reference``), ``extras`` any other task state.
+    Checkpoints leave the frozen weights (reference, LoRA base) out: a resumed run re-reads
+    them from their source (see ``jaxpt.checkpoint``).
     """
 
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)

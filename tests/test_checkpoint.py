@@ -1,4 +1,5 @@
-"""Checkpoints: exact resume, restore onto another mesh, and SIGTERM (preemption)."""
+"""Checkpoints: exact resume, restore onto another mesh, SIGTERM (preemption), and the
+fingerprint of the frozen weights they leave out."""
 
 import os
 import signal
@@ -7,16 +8,25 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from flax import nnx
 from tiny import ROOT, SFT_TINY, TINY, sft_overrides, train_rows
 
-from jaxpt.checkpoint import Checkpointer
+from jaxpt.checkpoint import (
+    Checkpointer,
+    _PositionSave,
+    _SourceItem,
+    _state_tree,
+    fingerprint,
+)
 from jaxpt.config import load_config
 from jaxpt.loop import run
 from jaxpt.models import init_model
 from jaxpt.sharding import make_mesh
-from jaxpt.state import create_train_state
+from jaxpt.state import copy_params, create_train_state
 
 
 def overrides(output_dir, model_path, **extra):
@@ -55,19 +65,19 @@ def test_resume_after_stop_is_bit_exact(tmp_path, tiny_dir):
         assert [r[key] for r in a] == [r[key] for r in b], key
 
 
+class Source:
+    def __init__(self, state):
+        self.state = state
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.state = state
+
+
 def test_restore_onto_a_different_mesh(tmp_path, mesh8):
     tx = optax.adamw(1e-3)
-
-    class Source:
-        def __init__(self, state):
-            self.state = state
-
-        def get_state(self):
-            return self.state
-
-        def set_state(self, state):
-            self.state = state
-
     with jax.set_mesh(mesh8):
         saved = create_train_state(init_model(TINY, seed=4, mesh=mesh8), tx, mesh8, seed=9)
     checkpointer = Checkpointer(str(tmp_path / "ckpt"), async_save=True)
@@ -120,3 +130,48 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_dir):
     last = train_rows(str(out))[-1]["step"]
     assert os.listdir(out / "checkpoints") == [str(last)]
     assert last < 100000
+
+
+def test_fingerprint_is_exact_across_meshes_and_sees_one_ulp_or_a_swap(mesh8, mesh1):
+    params = []
+    for mesh in (mesh8, mesh1):
+        with jax.set_mesh(mesh):
+            params.append(nnx.state(init_model(TINY, seed=4, mesh=mesh), nnx.Param))
+    sharded, single = params
+    assert fingerprint(sharded) == fingerprint(single) is not None
+    assert fingerprint({"ref_params": None}) is None
+    leaves, treedef = jax.tree.flatten(single)
+    i = max(range(len(leaves)), key=lambda j: leaves[j].size)  # a random matrix
+    x = leaves[i].reshape(-1)
+    assert x[0] != x[1]
+    one_ulp = x.at[0].set(jnp.nextafter(x[0], jnp.inf))
+    swapped = x.at[jnp.array([0, 1])].set(x[jnp.array([1, 0])])
+    for changed in (one_ulp, swapped):
+        changed_leaves = [*leaves[:i], changed.reshape(leaves[i].shape), *leaves[i + 1:]]
+        assert fingerprint(jax.tree.unflatten(treedef, changed_leaves)) != fingerprint(single)
+
+
+def test_a_checkpoint_holding_an_old_reference_copy_restores_without_it(tmp_path, mesh1):
+    """Checkpoints of older versions stored ``ref_params``: they restore, and the run keeps
+    its own (re-derived) reference."""
+    tx = optax.adamw(1e-3)
+    with jax.set_mesh(mesh1):
+        model = init_model(TINY, seed=4, mesh=mesh1)
+        saved = create_train_state(model, tx, mesh1, seed=9, ref_params=copy_params(model))
+        fresh_model = init_model(TINY, seed=5, mesh=mesh1)
+        fresh = create_train_state(fresh_model, tx, mesh1, ref_params=copy_params(fresh_model))
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    old_layout = {**_state_tree(saved), "ref_params": saved.ref_params}
+    checkpointer.manager.save(7, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(old_layout),
+        data=_PositionSave(_SourceItem(Source({"next_index": 42}))),
+        config=ocp.args.JsonSave({}),
+    ))
+    checkpointer.wait()
+    source = Source(None)
+    restored = checkpointer.restore(fresh, source)
+    assert source.state == {"next_index": 42}
+    for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(restored.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert restored.ref_params is fresh.ref_params
+    checkpointer.close()

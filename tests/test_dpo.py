@@ -1,7 +1,10 @@
 """DPO: losses through the task against numpy, response-only log-probs on the ChatML
-template, the frozen reference (in the train state or precomputed), 8 devices vs 1, exact resume."""
+template, the frozen reference (in the train state or precomputed), 8 devices vs 1, exact resume
+with the reference left out of checkpoints."""
 
 import functools
+import os
+import re
 
 import jax
 import numpy as np
@@ -15,8 +18,10 @@ from preference_helpers import (
     train_rows,
     train_steps,
 )
+from tiny import assert_no_reference_saved
 from tolerances import assert_params_close_after_adam
 
+from jaxpt.checkpoint import CheckpointError
 from jaxpt.data import build_preference_pipeline, generate_preference_pairs, load_tokenizer
 from jaxpt.loop import run
 from jaxpt.models import init_model, save_pretrained
@@ -107,12 +112,12 @@ def test_dpo_8_devices_with_reference_params_match_1_device_precomputed(tmp_path
     on_the_fly = config_for("dpo", base + ["dpo.precompute_ref=false"])
     state8, hist8, eval8 = train_steps(on_the_fly, mesh8, 3)
     # The reference sits in TrainState.ref_params, sharded like the policy, and never moves.
-    ref = state8.ref_params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
-    up = state8.params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
+    ref = state8.ref_params["model"]["layers"]["mlp"]["up_proj"]["weight"]
+    up = state8.params["model"]["layers"]["mlp"]["up_proj"]["weight"]
     assert ref.sharding.spec == up.sharding.spec
     reference = nnx.state(init_model(TINY, seed=1), nnx.Param)
     assert_close_trees(state8.ref_params, reference, rtol=0, atol=0)
-    initial_up = nnx.state(init_model(TINY, seed=0), nnx.Param)["model"]["layers"][0]["mlp"]
+    initial_up = nnx.state(init_model(TINY, seed=0), nnx.Param)["model"]["layers"]["mlp"]
     assert not np.allclose(np.asarray(up), np.asarray(initial_up["up_proj"]["weight"]))
 
     precomputed = config_for("dpo", base + ["dpo.precompute_ref=true"])
@@ -141,8 +146,8 @@ def test_dpo_default_reference_is_the_initial_policy_and_stays_apart(tmp_path, t
     state, history, _ = train_steps(config, mesh8, 2)
     initial = nnx.state(init_model(TINY, seed=0), nnx.Param)
     assert_close_trees(state.ref_params, initial, rtol=0, atol=0)
-    ref = state.ref_params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
-    up = state.params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
+    ref = state.ref_params["model"]["layers"]["mlp"]["up_proj"]["weight"]
+    up = state.params["model"]["layers"]["mlp"]["up_proj"]["weight"]
     assert ref.sharding.spec == up.sharding.spec
     assert not np.allclose(np.asarray(up), np.asarray(ref))
     # Policy == reference at step 1: margin 0 and loss log 2, up to float noise (only these
@@ -159,6 +164,35 @@ def test_dpo_resumes_exactly_with_precomputed_reference(tmp_path, tiny_dir):
     run(full)
     resumed = config_for("dpo", fast_overrides(str(tmp_path / "resumed"), tiny_dir, **extra))
     assert run(resumed, stop_after_step=2).preempted
+    assert run(resumed).step == 4
+    a, b = train_rows(str(tmp_path / "full")), train_rows(str(tmp_path / "resumed"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/rejected"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def test_dpo_checkpoints_leave_the_reference_out_resume_exactly_and_catch_a_changed_one(
+    tmp_path, tiny_dir
+):
+    """The reference (dpo.ref_model) is re-read on resume, not stored; the checkpoint's
+    fingerprint of it makes a changed model at that path an error, not a silent drift."""
+    ref_dir = str(tmp_path / "reference")
+    save_pretrained(init_model(TINY, seed=1), ref_dir)
+    extra = {"train.max_steps": 4, "dpo.precompute_ref": "false", "dpo.ref_model": ref_dir,
+             "export.hf": "false", "train.eval_batches": 0}
+    run(config_for("dpo", fast_overrides(str(tmp_path / "full"), tiny_dir, **extra)))
+    resumed = config_for("dpo", fast_overrides(str(tmp_path / "resumed"), tiny_dir, **extra))
+    first = run(resumed, stop_after_step=2)
+    assert first.preempted
+    assert_no_reference_saved(first.checkpoint_dir, 2)
+
+    save_pretrained(init_model(TINY, seed=2), ref_dir)  # another model at the same path
+    where, source = re.escape(f"{first.checkpoint_dir}/2"), re.escape(f"({ref_dir})")
+    with pytest.raises(CheckpointError, match=rf"{where} .*'dpo.ref_model' {source}"):
+        run(resumed)
+    assert os.listdir(first.checkpoint_dir) == ["2"]  # an error, not damage: nothing set aside
+
+    save_pretrained(init_model(TINY, seed=1), ref_dir)  # the original back: resumes exactly
     assert run(resumed).step == 4
     a, b = train_rows(str(tmp_path / "full")), train_rows(str(tmp_path / "resumed"))
     assert [r["step"] for r in b] == [1, 2, 3, 4]

@@ -1,4 +1,5 @@
-"""GRPO: batch layout, the loss on a real model, learning on a toy task, exact resume."""
+"""GRPO: batch layout, the loss on a real model, learning on a toy task, exact resume (the
+reference re-derived, not checkpointed)."""
 
 import json
 import os
@@ -7,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import TINY, train_rows
+from tiny import TINY, assert_no_reference_saved, make_tiny_dir, train_rows
 
+from jaxpt.checkpoint import CheckpointError
 from jaxpt.config import load_config
 from jaxpt.loop import run
 from jaxpt.losses import token_logprobs
@@ -134,6 +136,7 @@ def test_resume_is_exact_with_a_rollout_reused_across_the_checkpoint(
     config = load_config(GRPO_ARITH, overrides(resumed, tiny_dir, prompts_file, **extra))
     first = run(config, stop_after_step=3)  # mid-rollout: step 4 reuses step 3's samples
     assert first.preempted and first.step == 3
+    assert_no_reference_saved(first.checkpoint_dir, 3)  # re-derived from model.path instead
     run(config)
     a, b = train_rows(full), train_rows(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
@@ -141,6 +144,11 @@ def test_resume_is_exact_with_a_rollout_reused_across_the_checkpoint(
         assert [r[key] for r in a] == [r[key] for r in b], key
     # Each rollout's reference log-probs were computed once, beside the rollout.
     assert [("time/finish_s" in r) for r in a] == [True, False, True, False, True]
+    # The reference is the initial policy of model.path: other weights there are an error.
+    other = make_tiny_dir(str(tmp_path / "other"), seed=1)
+    changed = load_config(GRPO_ARITH, overrides(resumed, other, prompts_file, **extra))
+    with pytest.raises(CheckpointError, match=r"/checkpoints/5 .*'model.path' \(.*other\)"):
+        run(changed)
 
 
 def test_missing_eos_penalty_lowers_only_truncated_completions():

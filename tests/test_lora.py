@@ -19,7 +19,14 @@ from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import ConfigError, load_config
 from jaxpt.loop import run, setup, train
 from jaxpt.models import from_pretrained
-from jaxpt.models.lora import LoRAParam, LoRASpec, adapted, add_adapters, enable_dropout
+from jaxpt.models.lora import (
+    LoRAParam,
+    LoRASpec,
+    adapted,
+    adapter_sites,
+    add_adapters,
+    enable_dropout,
+)
 from jaxpt.state import num_params, reference_model
 
 RANK, ALPHA = 4, 8
@@ -87,8 +94,10 @@ def test_sft_trains_only_the_adapters(sft_run, tiny_dir):
     assert len(base) == len(frozen)
     for path, value in base:
         np.testing.assert_array_equal(np.asarray(frozen[path][...]), np.asarray(value[...]))
-    b_norms = [float(np.abs(np.asarray(a.b[...])).max()) for a in adapted(state.model()).values()]
-    assert min(b_norms) > 0  # every B moved off its zero init
+    sites = adapter_sites(state.model())
+    assert len(sites) == 2 * 7  # one per layer of each projection, sharing stacked adapters
+    b_norms = [float(np.abs(np.asarray(lora.b[...][layer])).max()) for lora, layer in sites.values()]
+    assert min(b_norms) > 0  # every layer's B moved off its zero init
 
 
 def test_checkpoint_holds_adapters_not_the_base(sft_run):
@@ -294,3 +303,27 @@ def test_dropout_acts_in_train_steps_only(tiny_dir, mesh1):
             dropped.append(np.asarray(m(IDS)))
         assert np.abs(dropped[0] - plain).max() > 1e-4
         assert np.abs(dropped[0] - dropped[1]).max() > 1e-4
+
+
+def test_adapters_on_some_layers_export_only_those(tiny_dir, mesh1, tmp_path):
+    """Stacked layers keep stacked adapters; a layer the targets skip holds zeros that the
+    forward ignores and the PEFT export leaves out."""
+    from jaxpt.models.peft_io import write_adapter
+
+    with jax.set_mesh(mesh1):
+        model = from_pretrained(tiny_dir, mesh=mesh1, scan_layers=True)
+        paths = add_adapters(model, LoRASpec(RANK, ALPHA, targets=r"layers\.1\.self_attn\.q_proj"),
+                             seed=0, mesh=mesh1)
+        assert paths == ["model.layers.1.self_attn.q_proj"] == list(adapted(model))
+        lora = model.model.layers.self_attn.q_proj.lora
+        assert lora.a.shape == (2, 32, RANK) and lora.layers == (1,)
+        assert not np.asarray(lora.a[...][0]).any()
+        lora.b[...] = lora.b[...] * 0 + 0.05
+        ours = jax_logits(model, mesh1)
+        write_adapter(model, str(tmp_path), base_model=tiny_dir, dropout=0.0)
+    tensors = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    assert sorted(tensors) == [
+        f"base_model.model.model.layers.1.self_attn.q_proj.lora_{side}.weight" for side in "AB"
+    ]
+    theirs = hf_logits(peft.PeftModel.from_pretrained(hf_base(tiny_dir), str(tmp_path)).eval())
+    np.testing.assert_allclose(theirs, ours, atol=ATOL, rtol=0)

@@ -194,6 +194,9 @@ def test_per_layer_sliding_windows_match_hf(tmp_path):
     ids = random_ids(seed=11)
     actual = jax_logits(model, ids)
     assert_close(actual, hf_logits(hf, ids))
+    # Scanned, each layer's window travels with it and picks its mask in the scan body.
+    scanned = jm.from_pretrained(str(tmp_path), scan_layers=True)
+    assert_close(jax_logits(scanned, ids), actual, atol=1e-5)
     model.config = dataclasses.replace(model.config, sliding_windows=(None, None))
     assert np.max(np.abs(jax_logits(model, ids) - actual)) > 0.1  # the window mattered
 
@@ -297,6 +300,27 @@ def test_jaxpt_save_loads_in_transformers(pair, tmp_path):
     assert_close(jax_logits(jm.from_pretrained(str(tmp_path)), ids), hf_logits(hf, ids))
 
 
+def test_layers_are_stored_stacked_and_round_trip_exactly(pair, tmp_path):
+    """One array per layer weight, [L, ...] (scanned as stored, no per-call stacking), and
+    load -> export writes transformers' per-layer tensors back bit for bit."""
+    flat = {
+        ".".join(map(str, path)): var
+        for path, var in nnx.to_flat_state(nnx.state(pair.model, nnx.Param))
+    }
+    assert not [name for name in flat if ".layers.0." in name or ".layers.1." in name]
+    up = flat["model.layers.mlp.up_proj.weight"]
+    assert up.shape == (_BASE["num_hidden_layers"], 128, 64)
+    assert up.get_metadata()["logical_axes"] == ("layers", "mlp", "embed")
+    np.testing.assert_array_equal(
+        np.asarray(up[...][1]), pair.hf.model.layers[1].mlp.up_proj.weight.detach().numpy()
+    )
+    jm.save_pretrained(pair.model, str(tmp_path))
+    saved = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    original = safetensors.torch.load_file(os.path.join(pair.path, "model.safetensors"))
+    assert saved.keys() == original.keys()
+    assert all(torch.equal(saved[k], original[k]) for k in saved)
+
+
 def test_load_transformers_sharded_checkpoint(llama, tmp_path):
     llama.hf.save_pretrained(str(tmp_path), max_shard_size="50KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
@@ -391,9 +415,9 @@ def test_wrong_shape_is_named_with_both_shapes(llama, tmp_path):
 
 def test_sharded_forward_matches_single_device(llama, mesh8, tmp_path):
     sharded = jm.from_pretrained(llama.path, mesh=mesh8)
-    q_spec = sharded.model.layers[0].self_attn.q_proj.weight[...].sharding.spec
-    assert q_spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-    assert len(sharded.model.layers[0].mlp.down_proj.weight[...].sharding.device_set) == 8
+    q_spec = sharded.model.layers.self_attn.q_proj.weight[...].sharding.spec
+    assert q_spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")  # layers replicated
+    assert len(sharded.model.layers.mlp.down_proj.weight[...].sharding.device_set) == 8
     embed = sharded.model.embed_tokens.weight[...]
     assert embed.addressable_shards[0].data.shape == (VOCAB // 2, 32)  # vocab/tensor, embed/fsdp
 
@@ -425,7 +449,7 @@ def test_init_model_is_deterministic_per_seed():
 
 def test_bfloat16_compute_stays_close_to_float32(llama):
     model = jm.from_pretrained(llama.path, dtype="bfloat16", param_dtype="float32")
-    assert model.model.layers[0].mlp.up_proj.weight[...].dtype == jnp.float32
+    assert model.model.layers.mlp.up_proj.weight[...].dtype == jnp.float32
     ids = random_ids(seed=9)
     expected = jax_logits(llama.model, ids)
     actual = jax_logits(model, ids)

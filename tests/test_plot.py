@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from jaxpt.cli import plot as plot_cli
-from jaxpt.evals.plots import choose_metrics, read_metrics, run_labels
+from jaxpt.evals.plots import choose_metrics, ema_smooth, read_metrics, run_labels
 
 
 def _fake_run(path, rows):
@@ -145,3 +145,43 @@ def test_plot_errors(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(SystemExit):
         plot_cli.main(["--out", str(tmp_path / "x.png")])  # neither runs nor --eval
+
+
+def test_ema_smoothing_is_tensorboards_debiased_average():
+    # weight 0.6: last = 0.6 * last + 0.4 * value, shown as last / (1 - 0.6**n).
+    # 1: 0.4 / 0.4 = 1; 2: (0.24 + 0.8) / 0.64 = 1.625; nan kept, not averaged;
+    # 4: (0.624 + 1.6) / 0.784 = 2.2244 / 0.784.
+    smoothed = ema_smooth([1.0, 2.0, math.nan, 4.0], 0.6)
+    assert smoothed[:2] == pytest.approx([1.0, 1.625])
+    assert math.isnan(smoothed[2])
+    assert smoothed[3] == pytest.approx(2.224 / 0.784)
+    assert ema_smooth([3.0, 1.0], 0.0) == [3.0, 1.0]  # 0: off
+    with pytest.raises(ValueError, match="smoothing"):
+        ema_smooth([1.0], 1.0)
+
+
+def test_smoothed_line_over_a_faint_raw_one(tmp_path, capsys):
+    noisy = [{"step": s, "loss": 1.0 + (s % 2), "walltime": 1e9 + s} for s in range(1, 21)]
+    run = _fake_run(tmp_path / "noisy", noisy)
+    assert "walltime" not in read_metrics(run)  # a timestamp, not a metric
+    smooth, raw = tmp_path / "smooth.png", tmp_path / "raw.png"
+    assert plot_cli.main([run, "--out", str(smooth)]) == 0
+    assert _last(capsys)["metrics"] == ["loss"]
+    assert plot_cli.main([run, "--out", str(raw), "--smoothing", "0"]) == 0
+    blue, panel = (31, 119, 180), (0, 0, 500, 350)
+    with Image.open(smooth) as a, Image.open(raw) as b:
+        # The zig-zag drawn at full color covers far more pixels than its smoothed line.
+        assert 50 < _pixels_near(a, blue, panel) < _pixels_near(b, blue, panel) / 2
+    with pytest.raises(SystemExit):
+        plot_cli.main([run, "--out", str(raw), "--smoothing", "1"])
+
+
+def test_sft_and_rl_accuracies_get_their_own_panels(tmp_path, capsys):
+    sft = _fake_run(tmp_path / "sft", [
+        {"step": s, "loss": 1.0 / s, "token_accuracy": 0.1 * s, "eval_token_accuracy": 0.1 * s}
+        for s in range(1, 4)
+    ])
+    grpo = _grpo_like(tmp_path / "grpo", 1.0)
+    assert plot_cli.main([sft, grpo, "--out", str(tmp_path / "both.png")]) == 0
+    drawn = _last(capsys)["metrics"]
+    assert {"accuracy", "eval_accuracy", "token_accuracy", "eval_token_accuracy"} <= set(drawn)

@@ -362,3 +362,51 @@ def test_arithmetic_rows_carry_their_problem_for_step_rewards():
     scores = worked_steps_reward([r["prompt"] for r in rows], solutions,
                                  problem=[r["problem"] for r in rows])
     assert scores == [1.0] * 20
+
+
+# --- failing reward functions stop a run ----------------------------------------------------
+
+
+def _fails_unless_short(prompts, completions, **kwargs):
+    if any(len(c) > 1 for c in completions):
+        raise ValueError("cannot score a long completion")
+    return [1.0] * len(completions)
+
+
+def test_runner_raises_when_a_function_fails_on_most_items():
+    from jaxpt.rewards import RewardError
+
+    runner = RewardRunner([("ok", _constant(1.0), 1.0), ("picky", _fails_unless_short, 1.0)],
+                          max_error_frac=0.5)
+    # 2 of 4 fail: not more than half, so counted and scored 0 as before.
+    batch = runner(prompts=["p"] * 4, completions=["a", "b", "long", "longer"])
+    np.testing.assert_array_equal(batch.scores["picky"], [1.0, 1.0, np.nan, np.nan])
+    assert batch.counters["picky"]["item_errors"] == 2
+    # 3 of 4: the run stops, naming the function, with its first item's traceback.
+    with pytest.raises(RewardError, match="'picky' failed on 3 of 4 completions") as info:
+        runner(prompts=["p"] * 4, completions=["a", "long", "longer", "longest"])
+    message = str(info.value)
+    assert "Traceback" in message and "in _fails_unless_short" in message
+    assert "ValueError: cannot score a long completion" in message
+    # Without the per-item retry a batch-level exception fails every item.
+    no_retry = RewardRunner([("broken", _raises, 1.0)], retry_per_item=False, max_error_frac=0.5)
+    with pytest.raises(RewardError, match="'broken' failed on 2 of 2") as info:
+        no_retry(prompts=["p"] * 2, completions=["x", "y"])
+    assert "RuntimeError: broken reward" in str(info.value)
+    # Wrong counts and non-numeric scores are failures too.
+    for name, fn in (("short", lambda prompts, completions, **kw: [1.0]),
+                     ("text", lambda prompts, completions, **kw: ["1"] * len(completions))):
+        with pytest.raises(RewardError, match=f"'{name}' failed on 3 of 3"):
+            RewardRunner([(name, fn, 1.0)], max_error_frac=0.5)(["p"] * 3, ["a", "b", "c"])
+
+
+def test_rl_tasks_check_max_reward_error_frac():
+    from jaxpt.config import ConfigError
+    from jaxpt.tasks.grpo import GrpoConfig
+    from jaxpt.tasks.ppo import PpoConfig
+
+    assert GrpoConfig().max_reward_error_frac == PpoConfig().max_reward_error_frac == 0.5
+    with pytest.raises(ConfigError, match="'grpo.max_reward_error_frac' must be in"):
+        GrpoConfig(max_reward_error_frac=1.5)
+    with pytest.raises(ConfigError, match="'ppo.max_reward_error_frac' must be in"):
+        PpoConfig(max_reward_error_frac=-0.1)

@@ -175,6 +175,30 @@ def test_sampled_logprobs_equal_teacher_forced_forward(llama):
         np.testing.assert_allclose(out.model_logprobs[row], reference, atol=1e-4)
 
 
+def test_policy_logprobs_are_the_unfiltered_tempered_forward_whatever_the_filters(llama):
+    """``policy_logprobs_bn``: ``log_softmax(logits / T)`` of the raw logits (no penalty, no
+    top-k/top-p/min-p), the policy an RL loss computes, while ``logprobs`` keep the filtered
+    distribution's."""
+    model, temperature = llama[0], 0.7
+    out = generate(model, PROMPTS[:2], max_new_tokens=6, temperature=temperature, top_k=4,
+                   top_p=0.8, min_p=0.1, repetition_penalty=2.0, seed=5)
+    tokens_scored = [p + t for p, t in zip(PROMPTS[:2], out.tokens)]
+    graphdef, state = nnx.split(model)
+    width = max(map(len, tokens_scored))
+    ids_bt = np.zeros((2, width), np.int32)
+    for row, seq in enumerate(tokens_scored):
+        ids_bt[row, : len(seq)] = seq
+    logits_btv = np.asarray(nnx.merge(graphdef, state)(ids_bt), np.float32)
+    for row, (prompt, tokens) in enumerate(zip(PROMPTS[:2], out.tokens)):
+        positions = np.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1)
+        logprobs_tv = jax.nn.log_softmax(logits_btv[row, positions] / temperature, axis=-1)
+        reference = np.asarray(logprobs_tv)[np.arange(len(tokens)), tokens]
+        policy = out.arrays.policy_logprobs_bn[row, : len(tokens)]
+        np.testing.assert_allclose(policy, reference, atol=1e-5)
+        # The filters renormalise: the sampled distribution puts more mass on each token.
+        assert (np.asarray(out.logprobs[row]) > policy + 1e-3).all()
+
+
 def _reference_distribution(logits_v, temperature, top_k=None, top_p=None, min_p=None):
     """The truncated, renormalized distribution, computed directly (HF's definitions)."""
     scores = logits_v.astype(np.float64) / temperature

@@ -37,8 +37,18 @@ def train_rows(output_dir: str) -> list[dict]:
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
-def make_tiny_dir(path: str) -> str:
+def make_tiny_dir(path: str, seed: int = 0) -> str:
     """A tiny random causal-LM HF checkpoint with the shipped tokenizer."""
-    save_pretrained(init_model(TINY, seed=0), path)
+    save_pretrained(init_model(TINY, seed=seed), path)
     load_tokenizer().save_pretrained(path)
     return path
+
+
+def assert_no_reference_saved(checkpoint_dir: str, step: int) -> None:
+    """Checkpoint ``step`` stores no copy of the frozen reference (no ``ref_params`` in its
+    state's Orbax metadata), only a fingerprint of it."""
+    with open(os.path.join(checkpoint_dir, str(step), "state", "_METADATA")) as f:
+        metadata = f.read()
+    assert "params" in metadata and "ref_params" not in metadata
+    with open(os.path.join(checkpoint_dir, str(step), "frozen", "metadata")) as f:
+        assert len(json.load(f)["fingerprint"]) == 32

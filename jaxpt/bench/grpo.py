@@ -1,8 +1,11 @@
 """GRPO step time: one full step (generation, reward, update) through the real trainer.
 
 Runs the ``grpo`` task end to end (``jaxpt.loop.run``) on the shipped arithmetic prompts
-with a preset or HF model, then reports the median step and its split from the run's
-own per-step timings. Compile steps are excluded (``--warmup``). The train step's
+with a preset or HF model, then reports ``step_time_s``: the median wall time between
+consecutive step ends (each ``metrics.jsonl`` train row's ``walltime``, as the peers' benches
+measure), host work between the phases included; beside it the median of each phase
+(``generate_s``, ``reward_s``, ``update_s``) and of their sum (``phase_sum_s``) from the
+run's own per-step timings. Compile steps are excluded (``--warmup``). The train step's
 compiled memory (``compiled_peak_bytes``) comes from compiling it once more on abstract
 inputs of the same shapes (``jaxpt.bench.memory``), after ``peak_rss_mb`` is read; not
 with ``--lora``.
@@ -15,7 +18,7 @@ import json
 import os
 import tempfile
 
-from jaxpt.bench import median, peak_rss_mb
+from jaxpt.bench import median, peak_rss_mb, step_time_figures
 from jaxpt.bench.sft import LORA
 
 
@@ -68,7 +71,8 @@ def run(args) -> dict:
         config = load_config(None, [f"{k}={v}" for k, v in values.items()])
         run_training(config)
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            rows = [r for r in map(json.loads, f) if "time/generate_s" in r]
+            all_rows = list(map(json.loads, f))
+        rows = [r for r in all_rows if "time/generate_s" in r]
         peak_rss = peak_rss_mb()
         # The abstract compile builds the model without adapters: no figure under LoRA.
         memory = {} if args.lora else train_step_memory(args, config)
@@ -80,7 +84,7 @@ def run(args) -> dict:
                           following["time/update_s"]))
     if not steps:
         raise SystemExit("grpo bench: not enough steps after warmup; raise --steps")
-    totals = [sum(s) for s in steps]
+    figures = step_time_figures(all_rows, args.warmup, [sum(s) for s in steps])
     generated = [r["completion_length/mean"] * args.prompts * args.generations for r in rows]
     return {
         "model": args.model,
@@ -89,12 +93,12 @@ def run(args) -> dict:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "beta": args.beta,
-        "step_time_s": round(median(totals), 4),
+        **figures,
         "generate_s": round(median([s[0] for s in steps]), 4),
         "reward_s": round(median([s[1] for s in steps]), 4),
         "update_s": round(median([s[2] for s in steps]), 4),
         "generated_tokens_per_step": round(median(generated), 1),
-        "steps_timed": len(steps),
+        "steps_timed": len(figures["step_times_s"]),
         "peak_rss_mb": round(peak_rss, 1),
         "remat": args.remat,
         "logits_chunk_size": args.logits_chunk_size,

@@ -98,6 +98,7 @@ def compile_train_step(config, model_config: dict, batch: dict):
     from jaxpt.state import TrainState, num_params
     from jaxpt.step import make_train_step
     from jaxpt.tasks import RunContext, get_task
+    from jaxpt.tasks.common import keeps_reference
 
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     rules = merged_rules(config.mesh.rules)
@@ -110,12 +111,11 @@ def compile_train_step(config, model_config: dict, batch: dict):
         ))
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
         tx, _ = make_optimizer(config.optim, config.train.max_steps)
-        needs_ref = config.task == "grpo" and config.grpo.beta > 0
         state = TrainState(
             graphdef, params, rest, jax.eval_shape(tx.init, params),
             jax.ShapeDtypeStruct((), jnp.int32),
             jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-            ref_params=params if needs_ref else None,
+            ref_params=params if keeps_reference(config) else None,
         )
         ctx = RunContext(config, mesh, rules, config.output_dir)
         step = make_train_step(get_task(config.task).make_loss(ctx), tx)

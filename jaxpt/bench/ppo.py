@@ -5,8 +5,9 @@ Runs the ``ppo`` task end to end (``jaxpt.loop.run``) on the shipped arithmetic 
 ``--prompts`` x ``--generations`` completions of ``--new-tokens`` per rollout, the KL to
 the reference in the reward (``--kl-coef``, GRPO's ``--beta``), one epoch of one minibatch,
 so every step samples; the critic is a value head on its own copy of the backbone
-(``--critic shared``: on the policy's). Reports the median step and its split from the
-run's own per-step timings; compile steps are excluded (``--warmup``).
+(``--critic shared``: on the policy's). Reports ``step_time_s``, the median wall time
+between consecutive step ends, and the median of each phase beside it, as ``bench grpo``
+does; compile steps are excluded (``--warmup``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import tempfile
 
-from jaxpt.bench import median, peak_rss_mb
+from jaxpt.bench import median, peak_rss_mb, step_time_figures
 from jaxpt.bench.grpo import add_rollout_arguments
 
 
@@ -52,7 +53,8 @@ def run(args) -> dict:
         config = load_config(None, [f"{k}={v}" for k, v in values.items()])
         result = run_training(config)
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            rows = [r for r in map(json.loads, f) if "time/generate_s" in r]
+            all_rows = list(map(json.loads, f))
+    rows = [r for r in all_rows if "time/generate_s" in r]
     parts = ("time/generate_s", "time/reward_s", "time/finish_s")
     # A step's update is timed when the next step starts, so pair step i with row i + 1.
     steps = [
@@ -63,6 +65,7 @@ def run(args) -> dict:
         raise SystemExit("ppo bench: not enough steps after warmup; raise --steps")
     split = dict(zip(("generate_s", "reward_s", "finish_s", "update_s"),
                      (round(median(list(column)), 4) for column in zip(*steps))))
+    figures = step_time_figures(all_rows, args.warmup, [sum(s) for s in steps])
     generated = [r["completion_length/mean"] * args.prompts * args.generations for r in rows]
     return {
         "model": args.model,
@@ -73,9 +76,9 @@ def run(args) -> dict:
         "kl_coef": args.kl_coef,
         "critic": args.critic,
         "params": result.summary.get("params"),
-        "step_time_s": round(median([sum(s) for s in steps]), 4),
+        **figures,
         **split,
         "generated_tokens_per_step": round(median(generated), 1),
-        "steps_timed": len(steps),
+        "steps_timed": len(figures["step_times_s"]),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }

@@ -1,4 +1,12 @@
-"""SFT train-step throughput: tokens/s, step time and MFU on synthetic packed batches."""
+"""SFT train-step throughput: tokens/s, step time and MFU on synthetic packed batches.
+
+``mfu``: the FLOPs the step does (``train_flops_per_token``: under ``--lora`` no weight
+gradients for the frozen base) per second over the devices' named peak (``peak_flops``,
+``peak_flops_source``: ``jaxpt.bench.PEAK_FLOPS`` by ``device_kind`` and ``--dtype``); null
+where none is named (CPUs). ``matmul_peak_fraction`` divides by a matmul measured here
+instead (``measured_matmul_flops``). ``compile_s`` is lowering + compiling the step (AOT),
+no step run.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,13 @@ import jax
 import numpy as np
 
 from jaxpt.bench import (
+    RssPhases,
     compiled_memory,
-    decoder_flops_per_token,
+    lora_adapter_params,
     measure_matmul_peak,
     median,
-    peak_rss_mb,
+    named_peak_flops,
+    train_flops_per_token,
 )
 
 # The LoRA variant (--lora): adapters on every attention and MLP projection.
@@ -72,7 +82,9 @@ def run(args) -> dict:
     from jaxpt.loop import setup
     from jaxpt.state import num_params
 
+    rss = RssPhases()  # peak RSS of setup (import, init), compile and the steps apart
     with tempfile.TemporaryDirectory() as out, setup(bench_config(args, out)) as prepared:
+        rss.end("setup")
         config = prepared.state.model().config
         rng = np.random.default_rng(0)
         host_batches = [
@@ -85,22 +97,29 @@ def run(args) -> dict:
         # Compiled ahead of time, so its memory analysis is read from the program that runs.
         with prepared.activate():
             step = prepared.jit_step(host_batches[0]).lower(state, batches[0]).compile()
+        compile_s = time.perf_counter() - start
+        rss.end("compile")
         memory = compiled_memory(step)
         for i in range(args.warmup):
             state, metrics = step(state, batches[i % 2])
         jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - start
         times = []
         for i in range(args.steps):
             start = time.perf_counter()
             state, metrics = step(state, batches[i % 2])
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
+        rss.end("step")
         params = num_params(state.params)
     step_time = median(times)
     tokens = args.batch_size * args.seq_len
-    flops_per_token = 3 * decoder_flops_per_token(config, args.seq_len)  # fwd + bwd
-    peak = measure_matmul_peak() * len(jax.devices())
+    adapters = lora_adapter_params(config, LORA["rank"]) if args.lora else 0
+    achieved = train_flops_per_token(config, args.seq_len, adapters) * tokens / step_time
+    devices = len(jax.devices())
+    kind = jax.devices()[0].device_kind
+    named = named_peak_flops(kind, args.dtype)
+    peak, peak_source = (named[0] * devices, named[1]) if named else (None, f"none for {kind!r}")
+    measured = measure_matmul_peak(dtype=jax.numpy.dtype(args.dtype)) * devices
     return {
         "model": args.model,
         "params": params,
@@ -109,11 +128,17 @@ def run(args) -> dict:
         "devices": len(jax.devices()),
         "tokens_per_s": tokens / step_time,
         "step_time_s": step_time,
-        "mfu": flops_per_token * tokens / step_time / peak,
+        "mfu": achieved / peak if peak else None,
         "peak_flops": peak,
+        "peak_flops_source": peak_source,
+        "device_kind": kind,
+        "achieved_flops": achieved,
+        "matmul_peak_fraction": achieved / measured,
+        "measured_matmul_flops": measured,
         "compile_s": compile_s,
         "loss": float(metrics["loss"]),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": rss.peak_mb(),
+        **rss.report(),
         "remat": args.remat,
         "logits_chunk_size": args.logits_chunk_size,
         "lora": args.lora,

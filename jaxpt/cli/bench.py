@@ -11,7 +11,10 @@ import importlib
 import json
 import sys
 
+from jaxpt.cli import command
 
+
+@command
 def main(argv=None) -> int:
     from jaxpt.bench import BENCHMARKS
 

@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from jaxpt.cli import command
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -50,6 +52,7 @@ def _write(src: str, out_dir: str, dtype: str):
     return hf_config, tokenizer_for_model(src)
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
     from jaxpt.models import UnsupportedArchitectureError, resolve_checkpoint_path

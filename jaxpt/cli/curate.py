@@ -14,6 +14,8 @@ import json
 import logging
 import sys
 
+from jaxpt.cli import command
+
 
 def _parser() -> argparse.ArgumentParser:
     from jaxpt.curation import STEP_TYPES
@@ -59,6 +61,7 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(

@@ -28,6 +28,8 @@ import os
 import sys
 from typing import Any
 
+from jaxpt.cli import command
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -42,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="rows with 'prompt' and 'answer'; with --task gsm8k, "
                         "math or humaneval, a local copy in that task's format")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--tokenizer", help="default: the model dir's, else the shipped one")
+    parser.add_argument("--tokenizer", help="default: the model's own (the shipped one for presets)")
     parser.add_argument("--output-dir", help="write results.json and samples.jsonl here")
     parser.add_argument(
         "-n", "--num-examples", type=int, default=200, help="-1: all (operand-range tasks)"
@@ -146,6 +148,7 @@ def _check_scorer(name: str) -> None:
         raise ConfigError(f"--scorer: {error}") from None
 
 
+@command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

@@ -1,9 +1,9 @@
 """``python -m jaxpt.generate --model DIR --prompt "..."``: stream a completion (or chat).
 
-The tokenizer comes from the model directory; a preset model name (``jaxpt-tiny``) or a
-directory without one uses jaxpt's shipped tokenizer. The chat template is applied when
-the tokenizer has one (``--no-chat-template`` to send the raw prompt). ``--chat`` reads
-user turns from stdin and keeps the conversation.
+The tokenizer comes from the model directory (or ``--tokenizer``); a preset model name
+(``jaxpt-tiny``) uses jaxpt's shipped tokenizer, and a directory without one is an error.
+The chat template is applied when the tokenizer has one (``--no-chat-template`` to send
+the raw prompt). ``--chat`` reads user turns from stdin and keeps the conversation.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxpt.cli import command
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jaxpt.generate", description=__doc__)
     parser.add_argument("--model", required=True, help="HF model dir or preset (jaxpt-tiny)")
-    parser.add_argument("--tokenizer", help="default: the model dir's, else the shipped one")
+    parser.add_argument("--tokenizer", help="default: the model's own (the shipped one for presets)")
     parser.add_argument("--prompt", help="the prompt (or the first user turn with --chat)")
     parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     parser.add_argument("--system", help="system message for the chat template")
@@ -47,14 +49,15 @@ def _user_turns(args, stdin):
         yield line.rstrip("\n")
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
     from jaxpt.data import encode_prompt, eos_token_ids, tokenizer_for_model
     from jaxpt.models import load_model
     from jaxpt.sampling.stream import stream_text
 
+    tokenizer = tokenizer_for_model(args.model, args.tokenizer)  # first: it names a bad path
     model = load_model(args.model, seed=args.seed)
-    tokenizer = tokenizer_for_model(args.model, args.tokenizer)
     sampling = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,

@@ -19,6 +19,8 @@ import json
 import math
 import sys
 
+from jaxpt.cli import command
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -76,6 +78,7 @@ def _print_table(summary: dict) -> None:
         )
 
 
+@command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from jaxpt.human import export_page, summarize

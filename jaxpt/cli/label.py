@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 
+from jaxpt.cli import command
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -71,6 +73,7 @@ def _read_pairs(args) -> list[dict]:
     return rows
 
 
+@command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.source == "arithmetic" and args.truth_field is None:

@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from jaxpt.cli import command
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -45,6 +47,7 @@ def _use_cpu_devices(topology: str) -> None:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from jaxpt.planning.topology import TopologyError

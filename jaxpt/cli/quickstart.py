@@ -21,6 +21,8 @@ import sys
 import time
 from importlib import resources
 
+from jaxpt.cli import command
+
 # The repo's configs/, two levels above this file (jaxpt/cli/).
 CONFIG_DIR = os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
@@ -59,9 +61,10 @@ def stage_sft(args, results: dict) -> list[str]:
             f"  held-out loss     {first['eval_loss']:.3f} (step {first['step']}) -> "
             f"{last['eval_loss']:.3f} (step {last['step']})"
         )
-        if "eval_accuracy" in last:
+        if "eval_token_accuracy" in last:
             lines.append(
-                f"  token accuracy    {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f}"
+                f"  token accuracy    {first['eval_token_accuracy']:.3f} -> "
+                f"{last['eval_token_accuracy']:.3f}"
             )
     lines += [
         f"  metrics           {os.path.join(result.output_dir, 'metrics.jsonl')}",
@@ -138,6 +141,7 @@ def reward_windows(metrics_path: str, window: int = 20) -> tuple[float, float]:
 STAGES = [("sft", stage_sft), ("grpo", stage_grpo)]
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxpt.quickstart", description=__doc__)
     parser.add_argument("--output-dir", default="runs/quickstart")

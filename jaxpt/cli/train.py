@@ -9,6 +9,8 @@ import argparse
 import logging
 import sys
 
+from jaxpt.cli import command
+
 
 def _parser() -> argparse.ArgumentParser:
     from jaxpt.tasks import available_tasks, get_task
@@ -24,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     parser.add_argument("--config", help="YAML config file")

@@ -24,6 +24,8 @@ import os
 import sys
 import time
 
+from jaxpt.cli import command
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -123,6 +125,7 @@ def _write(output_dir: str, result: dict, rows: list[dict]) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
+@command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from jaxpt.data import DataError

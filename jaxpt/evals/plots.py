@@ -2,7 +2,9 @@
 
 A run dir holds ``metrics.jsonl``: one JSON object per line with ``step`` and any metrics
 (train rows, ``eval_*`` rows and one-off rows such as data statistics; non-finite values
-are written as strings). ``plot_runs`` draws one panel per metric and one line per run.
+are written as strings; ``walltime`` is a row's timestamp, not a metric). ``plot_runs``
+draws one panel per metric and one line per run: the raw values faint, their exponential
+moving average (``ema_smooth``, TensorBoard's smoothing) over them.
 ``plot_results`` draws grouped bars from ``results.json`` files (``python -m jaxpt.eval
 --output-dir``, ``python -m jaxpt.winrate --output-dir``); a metric's ``<name>_ci`` pair,
 when present, becomes an error bar.
@@ -19,8 +21,13 @@ from collections.abc import Sequence
 # Panels drawn when no metrics are asked for: the first matches of each, in this order.
 DEFAULT_METRICS = (
     "loss", "eval_loss", "reward", "eval_reward*", "kl", "*kl", "accuracy", "eval_accuracy",
-    "margin", "eval_margin", "completion_length/mean", "tokens_per_s",
+    "token_accuracy", "eval_token_accuracy", "margin", "eval_margin",
+    "completion_length/mean", "tokens_per_s",
 )
+# Row fields that are not metrics: the step and the write time (``jaxpt.metrics.WALLTIME``).
+NOT_METRICS = ("step", "walltime")
+SMOOTHING = 0.6  # TensorBoard's default weight
+RAW_ALPHA = 0.25  # the raw line under a smoothed one
 DEFAULT_RESULT_METRICS = ("accuracy", "*accuracy*", "pass@*", "maj@*", "win_rate", "lc_win_rate")
 PANEL_INCHES = (5.0, 3.5)
 DPI = 100
@@ -60,13 +67,31 @@ def read_metrics(run: str) -> dict[str, tuple[list[int], list[float]]]:
                 raise TypeError(f"{path}: line {line_no}: expected an object with an int 'step'")
             for key, value in row.items():
                 number = _number(value)
-                if key != "step" and number is not None:
+                if key not in NOT_METRICS and number is not None:
                     steps, values = series.setdefault(key, ([], []))
                     steps.append(row["step"])
                     values.append(number)
     if not series:
         raise ValueError(f"{path}: no metrics")
     return series
+
+
+def ema_smooth(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average with weight ``weight`` on the
+    past, debiased (divided by ``1 - weight**n`` after ``n`` finite values) so the start is
+    not pulled toward 0. Non-finite values are kept as they are and skipped by the average.
+    ``weight`` 0 returns the values unchanged."""
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {weight}")
+    smoothed, last, count = [], 0.0, 0
+    for value in values:
+        if not math.isfinite(value):
+            smoothed.append(value)
+            continue
+        last = last * weight + (1 - weight) * value
+        count += 1
+        smoothed.append(last / (1 - weight**count))
+    return smoothed
 
 
 def choose_metrics(
@@ -114,9 +139,15 @@ def _figure(num_panels: int):
     return plt, fig, list(axes.flat[:num_panels])
 
 
-def plot_runs(runs: Sequence[str], out: str, metrics: Sequence[str] | None = None) -> list[str]:
+def plot_runs(
+    runs: Sequence[str], out: str, metrics: Sequence[str] | None = None,
+    smoothing: float = SMOOTHING,
+) -> list[str]:
     """Draw the runs' curves into ``out`` (PNG): a grid of panels (3 per row, 500x350 px
-    each), one line per run. Returns the metrics drawn."""
+    each), one line per run: with ``smoothing`` > 0 its ``ema_smooth`` over the raw values
+    drawn faint (series of under 3 points are drawn raw only). Returns the metrics drawn."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
     data = [read_metrics(r) for r in runs]
     available = sorted({k for series in data for k in series})
     if metrics is None:  # by default, only what was logged over time
@@ -131,9 +162,15 @@ def plot_runs(runs: Sequence[str], out: str, metrics: Sequence[str] | None = Non
         for index, (label, series) in enumerate(zip(run_labels(runs), data)):
             if name in series:
                 steps, values = series[name]
+                color = colors[index % len(colors)]
+                if smoothing and len(steps) >= 3:
+                    ax.plot(steps, values, "-", linewidth=1.0, color=color, alpha=RAW_ALPHA)
+                    ax.plot(steps, ema_smooth(values, smoothing), "-", label=label,
+                            linewidth=1.2, color=color)
+                    continue
                 style = "o-" if len(steps) < 3 else "-"
                 ax.plot(steps, values, style, label=label, markersize=3, linewidth=1.2,
-                        color=colors[index % len(colors)])
+                        color=color)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)

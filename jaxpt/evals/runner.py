@@ -85,15 +85,16 @@ def evaluate_task(
     None for the greedy completion), ``greedy``, the ``prompt``, the ``completion``,
     ``scored`` (the extracted answer, or the program that ran without its tests) and
     ``score``. Generation uses the task's own seed: it touches no other random state.
+    Generation stops at ``eos_token_id`` (default: ``jaxpt.data.eos_token_ids(tokenizer)``).
     """
-    from jaxpt.data import encode_prompt
+    from jaxpt.data import encode_prompt, eos_token_ids
 
     if examples is None:
         examples = load_task_examples(task)
     if not examples:
         raise ValueError(f"task {task.name!r} has no examples")
     start = time.perf_counter()
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    eos = eos_token_ids(tokenizer) if eos_token_id is None else eos_token_id
     prompts = [encode_prompt(tokenizer, e.prompt, chat_template=task.chat) for e in examples]
     metrics: dict[str, float] = {}
     samples: list[dict] = []

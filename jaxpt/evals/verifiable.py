@@ -25,18 +25,19 @@ def verifiable_accuracy(
     ``\\boxed{x}`` or an "answer is" phrase; numbers compared exactly, else math-verify).
     ``scorer`` replaces that check: any reward function (e.g. ``last_number_reward``); a
     score of 1.0 counts as correct. Generation stops at ``eos_token_id`` (one id or several;
-    default: the tokenizer's eos). ``jaxpt.evals.evaluate_task`` adds sampling, pass@k and
+    default: ``jaxpt.data.eos_token_ids(tokenizer)``, the eos and the chat template's end of
+    turn; pass ``eos_token_ids(tokenizer, model_path)`` to add the model's generation config). ``jaxpt.evals.evaluate_task`` adds sampling, pass@k and
     maj@k over tasks described as data.
     Returns ``accuracy``, ``n``, the mean completion length and a few examples.
     """
-    from jaxpt.data import encode_prompt
+    from jaxpt.data import encode_prompt, eos_token_ids
     from jaxpt.rewards import math_reward
     from jaxpt.sampling import generate
 
     if not rows:
         raise ValueError("verifiable_accuracy needs at least one row")
     start = time.perf_counter()
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    eos = eos_token_ids(tokenizer) if eos_token_id is None else eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     completions, lengths = [], []
     for begin in range(0, len(rows), batch_size):

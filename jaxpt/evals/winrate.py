@@ -38,11 +38,12 @@ def generate_responses(
     seed: int = 0,
 ) -> Responses:
     """Answers of ``model`` to ``prompts`` (texts or chat messages, encoded as ``jaxpt``
-    encodes every generation prompt), greedy unless ``temperature`` > 0."""
-    from jaxpt.data import encode_prompt
+    encodes every generation prompt), greedy unless ``temperature`` > 0; each stops at
+    ``eos_token_id`` (default: ``jaxpt.data.eos_token_ids(tokenizer)``)."""
+    from jaxpt.data import encode_prompt, eos_token_ids
     from jaxpt.sampling import generate
 
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    eos = eos_token_ids(tokenizer) if eos_token_id is None else eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts, num_tokens = [], []
     for begin in range(0, len(prompts), batch_size):

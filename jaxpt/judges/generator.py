@@ -36,8 +36,8 @@ class ModelGenerator:
     ``model`` is a loaded jaxpt model (then ``tokenizer`` is required) or a path / preset /
     hub name, loaded on first use with ``jaxpt.models.load_model(model, **load_kwargs)``
     (tokenizer default: ``tokenizer_for_model``). Generation stops at ``eos_token_id``
-    (default: ``jaxpt.data.eos_token_ids``, i.e. the tokenizer's eos plus the model dir's
-    ``generation_config.json`` ones).
+    (default: ``jaxpt.data.eos_token_ids``: the tokenizer's eos, the chat template's end of
+    turn and the model dir's ``generation_config.json`` ones).
     """
 
     def __init__(

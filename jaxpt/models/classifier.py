@@ -25,8 +25,8 @@ from jaxpt.models.hf_io import (
     _model_kwargs,
     _tensor_files,
     hf_config_of,
+    hf_names,
     load_state,
-    param_name,
     resolve_model_dir,
     save_pretrained,
     state_shardings,
@@ -153,10 +153,15 @@ def _materialize(build, seed, mesh, rules, tensors=None, model_dir=None):
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build(0)))
     shardings = state_shardings(abstract_state, mesh, rules)
     flat = list(nnx.to_flat_state(abstract_state))
-    names = {path: param_name(path) for path, _ in flat}
-    missing = [p for p, _ in flat if tensors is None or names[p] not in tensors]
+    names = {path: hf_names(path, var) for path, var in flat}
+    missing = [
+        p for p, _ in flat if tensors is None or any(n not in tensors for n in names[p])
+    ]
     bad = [
-        names[p] for p in missing if tensors is not None and not names[p].startswith(HEAD_PREFIX)
+        n
+        for p in missing
+        for n in names[p]
+        if tensors is not None and n not in tensors and not n.startswith(HEAD_PREFIX)
     ]
     if bad:
         raise KeyError(f"{model_dir}: checkpoint is missing tensor {bad[0]!r}")

@@ -107,7 +107,7 @@ def decode_step(model: CausalLM, token_b, position_b, cache: KVCache):
     embed = decoder.embed_tokens
     x_db = jnp.take(embed.weight[...], token_b, axis=0).astype(embed.dtype).T
     new_k, new_v = [], []
-    for i, layer in enumerate(decoder.layers):
+    for i, layer in enumerate(decoder.unstacked()):  # sliced from the stacked weights
         attn_db, k_cache, v_cache = _attention(
             layer.self_attn, layer.input_layernorm(x_db, axis=0), cos_hb, sin_hb,
             masks[windows[i]], cache.k[i], cache.v[i], cache.index,

@@ -1,10 +1,16 @@
 """The decoder-only causal LM (Llama / Qwen2 / Qwen3 / Mistral family) in Flax NNX.
 
-Module and parameter names mirror transformers' (``model.layers.0.self_attn.q_proj.weight``)
-so that checkpoint I/O is a name lookup.
+Module and parameter names mirror transformers', with the layers stored stacked: one
+``DecoderLayer`` whose every weight has a leading layer axis (logical axis ``layers``), so
+``model.layers.self_attn.q_proj.weight`` [L, out, in] holds transformers'
+``model.layers.{i}.self_attn.q_proj.weight`` at index ``i`` (``layer_path`` names them;
+checkpoint I/O converts at the boundary). A cache-free forward scans over the stacked
+weights as they are stored; cached forwards (prefill, decoding) slice layer ``i``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +30,77 @@ from jaxpt.sharding import constrain
 
 # Deeper cache-free forwards scan over their layers by default (compile time, see CausalLM).
 SCAN_MIN_LAYERS = 8
+LAYER_AXIS = "layers"  # logical axis of the stacked layer dimension (sharding: replicated)
+
+
+def stacked_layers(variable) -> int | None:
+    """The number of layers a stacked Variable holds (its leading ``layers`` axis); None
+    for a Variable that is not stacked."""
+    axes = variable.get_metadata().get("logical_axes")
+    return int(variable.shape[0]) if axes and axes[0] == LAYER_AXIS else None
+
+
+def layer_path(path, layer: int) -> tuple:
+    """The path of layer ``layer``'s slice of a stacked path, transformers' name for it:
+    ``(model, layers, mlp, ...)`` -> ``(model, layers, 3, mlp, ...)``."""
+    path = tuple(path)
+    at = path.index(LAYER_AXIS) + 1
+    return (*path[:at], layer, *path[at:])
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """One module of ``modules``' graph whose every Variable stacks theirs on a new leading
+    ``layers`` axis (their logical axes gain it in front)."""
+    graphdef, _ = nnx.split(modules[0])
+    states = [nnx.state(m) for m in modules]
+
+    def stack(*variables):
+        axes = variables[0].get_metadata().get("logical_axes")
+        value = jnp.stack([v[...] for v in variables])
+        if axes is None:
+            return variables[0].replace(value)
+        return variables[0].replace(value, logical_axes=(LAYER_AXIS, *axes))
+
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, stacked)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _unstack_floats(leaves, axes):
+    return [
+        [_constrain(x[i], ax[1:] if ax else None) for x, ax in zip(leaves, axes)]
+        for i in range(leaves[0].shape[0])
+    ]
+
+
+def _unstack_fwd(leaves, axes):
+    return _unstack_floats(leaves, axes), None
+
+
+def _unstack_bwd(axes, _, per_layer_cts):
+    # One stack of the layers' cotangents, not a sum of zero-padded slices per layer, laid
+    # out as the stacked weight is (else the partitioner picks a layout to reshard from).
+    return ([_constrain(jnp.stack(cts), ax) for cts, ax in zip(zip(*per_layer_cts), axes)],)
+
+
+_unstack_floats.defvjp(_unstack_fwd, _unstack_bwd)
+
+
+def _constrain(x, axes):
+    return x if axes is None else constrain(x, axes)
+
+
+def _unstack(leaves, axes, num_layers: int) -> list[list]:
+    """``[[x[i] for x in leaves] for i in range(num_layers)]``, differentiable as a stack;
+    ``axes`` are each leaf's logical axes (None: unknown)."""
+    floats = [j for j, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    float_axes = tuple(axes[j] for j in floats)
+    sliced = _unstack_floats([leaves[j] for j in floats], float_axes) if floats else []
+    layers = [[None] * len(leaves) for _ in range(num_layers)]
+    for i in range(num_layers):
+        for j, x in enumerate(leaves):  # integer leaves (dropout keys) carry no gradient
+            layers[i][j] = sliced[i][floats.index(j)] if j in floats else x[i]
+    return layers
 
 
 def _or_projections(policy):
@@ -117,7 +194,8 @@ class Decoder(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
         )
-        self.layers = nnx.List(
+        # Built one by one (the same random draws as unstacked layers), stored stacked.
+        self.layers = stack_modules(
             [
                 DecoderLayer(
                     c,
@@ -129,7 +207,24 @@ class Decoder(nnx.Module):
                 for _ in range(c.num_layers)
             ]
         )
+        self.num_layers = c.num_layers
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+    def unstacked(self) -> list[DecoderLayer]:
+        """Each layer as a ``DecoderLayer`` of its own, sliced from the stacked weights (for
+        forwards that run the layers one by one: through a KV cache, decoding). Their
+        gradient flows back as one stack."""
+        if isinstance(self.layers, nnx.List):  # already sliced (``with_layers_unstacked``)
+            return list(self.layers)
+        graphdef, state = nnx.split(self.layers)
+        leaves, treedef = jax.tree.flatten(state)
+        variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        axes = [v.get_metadata().get("logical_axes") for v in variables]
+        axes = tuple(tuple(a) if a else None for a in axes)
+        return [
+            nnx.merge(graphdef, jax.tree.unflatten(treedef, layer))
+            for layer in _unstack(leaves, axes, self.num_layers)
+        ]
 
 
 class CausalLM(nnx.Module):
@@ -154,8 +249,9 @@ class CausalLM(nnx.Module):
     ):
         """``lm_head=False`` builds the decoder alone (heads such as a reward model's score
         are added by subclasses). ``scan_layers`` runs the layers of a cache-free forward
-        (training, scoring) as one ``lax.scan`` so compile time does not grow with depth;
-        None scans from ``SCAN_MIN_LAYERS`` layers on."""
+        (training, scoring) as one ``lax.scan`` over the stacked weights, so compile time
+        does not grow with depth; None scans from ``SCAN_MIN_LAYERS`` layers on, False
+        unrolls the same scan."""
         if remat not in REMAT_POLICIES:
             raise ValueError(
                 f"unknown remat policy {remat!r} (config key 'model.remat'); choose from "
@@ -180,17 +276,14 @@ class CausalLM(nnx.Module):
                 param_dtype=param_dtype,
             )
 
-    def _scans(self, windows) -> bool:
-        # One scan body serves every layer only when they share one attention mask.
-        wanted = (
-            len(windows) >= SCAN_MIN_LAYERS if self.scan_layers is None else self.scan_layers
-        )
-        return bool(wanted) and len(set(windows)) == 1
+    def _scans(self) -> bool:
+        num_layers = self.config.num_layers
+        return bool(num_layers >= SCAN_MIN_LAYERS if self.scan_layers is None else self.scan_layers)
 
     def layer_windows(self) -> list[int | None]:
         """Each layer's sliding attention window (None: full attention)."""
         windows = self.config.sliding_windows
-        return [windows[i] if windows else None for i in range(len(self.model.layers))]
+        return [windows[i] if windows else None for i in range(self.config.num_layers)]
 
     def logits(self, h_btd):
         """LM-head logits (float32) from final hidden states."""
@@ -234,45 +327,61 @@ class CausalLM(nnx.Module):
 
         cos, sin = rotary_cos_sin(positions_bt, jnp.asarray(self.config.inv_freq()))
         h_btd = constrain(self.model.embed_tokens(ids_bt), ("batch", "seq", "embed"))
-        new_k, new_v = [], []
         policy = REMAT_POLICIES[self.remat]
-
-        def run_layer(layer, h, cos, sin, mask, kv, index):
-            return layer(h, cos, sin, mask, kv, index)
-
-        # Multi-token forwards through a cache (GRPO's shared-prompt training forward, a
-        # sampler's prefill) remat too; single-token decode steps run inside the sampler's
-        # loop, where nothing is differentiated.
-        if self.remat != "none" and (cache is None or t > 1):
-            run_layer = nnx.remat(run_layer, policy=policy, prevent_cse=True)
-
         windows = self.layer_windows()
         masks = window_masks(
             windows, segment_bt, q_slot_t, positions_bt, k_segment_bs, k_slot_s, k_pos_bs
         )
-        scanned = cache is None and self._scans(windows)
-        if scanned:
-            h_btd = _scan_layers(list(self.model.layers), h_btd, cos, sin, masks[windows[0]],
-                                 policy if self.remat != "none" else None)
-        for i, layer in enumerate([] if scanned else self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            index = None if cache is None else cache.index
-            h_btd, kv = run_layer(layer, h_btd, cos, sin, masks[windows[i]], kv, index)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+        if cache is None and self._scans():
+            h_btd = _scan_layers(self.model.layers, h_btd, cos, sin, masks, windows, policy)
+        else:
+            # Multi-token forwards through a cache (GRPO's shared-prompt training forward,
+            # a sampler's prefill) remat too; single-token decode steps run inside the
+            # sampler's loop, where nothing is differentiated.
+            h_btd, new_k, new_v = self._layers_one_by_one(
+                h_btd, cos, sin, masks, windows, cache, policy if t > 1 or cache is None else None
+            )
         h_btd = self.model.norm(h_btd)
         out = h_btd if return_hidden else self.logits(h_btd)
         if cache is None:
             return out
         new_cache = KVCache(
-            k=tuple(new_k),
-            v=tuple(new_v),
+            k=new_k,
+            v=new_v,
             segment_ids=k_segment_bs,
             positions=k_pos_bs,
             index=cache.index + t,
         )
         return out, new_cache
+
+    def _layers_one_by_one(self, h_btd, cos, sin, masks, windows, cache, remat_policy):
+        """The layers unrolled, each sliced from the stacked weights, through ``cache``
+        when there is one: the hidden states and each layer's new keys and values."""
+
+        def run_layer(layer, h, mask, kv, index):
+            return layer(h, cos, sin, mask, kv, index)
+
+        if remat_policy is not None:
+            run_layer = nnx.remat(run_layer, policy=remat_policy, prevent_cse=True)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.model.unstacked()):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            index = None if cache is None else cache.index
+            h_btd, kv = run_layer(layer, h_btd, masks[windows[i]], kv, index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        return h_btd, tuple(new_k), tuple(new_v)
+
+
+def with_layers_unstacked(model: CausalLM) -> CausalLM:
+    """A view of ``model`` (inside a trace) whose decoder holds its layers sliced, once, as
+    a list: for loops that run the layers one by one at every step (a sampler's decode
+    loop), where XLA:CPU would otherwise copy every layer's weights out of the stack again
+    at each step. The slices cost one copy of the layer weights while the view lives."""
+    view = nnx.merge(*nnx.split(model))
+    view.model.layers = nnx.List(view.model.unstacked())
+    return view
 
 
 def cached_keys(cache: KVCache, segment_bt, positions_bt):
@@ -287,23 +396,29 @@ def cached_keys(cache: KVCache, segment_bt, positions_bt):
     return q_slot_t, k_slot_s, k_segment_bs, k_pos_bs
 
 
-def _scan_layers(layers, h_btd, cos, sin, mask, remat_policy):
-    """Run identical decoder layers as one ``lax.scan`` over their stacked weights.
+def _scan_layers(layers, h_btd, cos, sin, masks, windows, remat_policy):
+    """Run the stacked decoder ``layers`` as one ``lax.scan`` over their weights as stored:
+    the compiled program is the same size for 2 layers or 80, and no weight is copied.
 
-    The per-layer parameters stay separate (checkpoint names and shardings do not change);
-    they are stacked inside the traced forward, which costs one copy of the layer weights
-    per call and makes the compiled program the same size for 2 layers or 80.
+    ``masks`` holds one ``AttentionMask`` per distinct window of ``windows`` (one per
+    layer); where the layers differ (Qwen2's ``max_window_layers``) each layer's window
+    index is scanned along and a ``lax.switch`` picks its mask, each branch with a static
+    window as fused kernels need.
     """
-    graphdef, *_ = nnx.split(layers[0])
-    states = [nnx.state(layer) for layer in layers]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    graphdef, state = nnx.split(layers)
+    distinct = list(dict.fromkeys(windows))
+    which_l = jnp.asarray([distinct.index(w) for w in windows], jnp.int32)
 
-    def body(h, state):
+    def body(h, xs):
+        state, which = xs
         layer = nnx.merge(graphdef, state)
-        h, _ = layer(h, cos, sin, mask)
+        branches = [
+            lambda h, window=window: layer(h, cos, sin, masks[window])[0] for window in distinct
+        ]
+        h = branches[0](h) if len(branches) == 1 else jax.lax.switch(which, branches, h)
         return h, None
 
     if remat_policy is not None:
         body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
-    h_btd, _ = jax.lax.scan(body, h_btd, stacked)
+    h_btd, _ = jax.lax.scan(body, h_btd, (state, which_l))
     return h_btd

@@ -3,6 +3,9 @@
 Loading builds the model abstractly, then materializes each parameter directly on its
 mesh sharding from a memory-mapped safetensors file: every device reads only its own
 slice, so no host ever holds a full copy per device. Saving gathers one tensor at a time.
+The decoder's stacked layer weights ([L, ...], see ``decoder.stacked_layers``) convert at
+this boundary: transformers' ``model.layers.{i}.*`` tensors load into index ``i`` and
+are written back one layer at a time, so the files are transformers' own.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from jaxpt.models.checkpoint_path import find_gguf, resolve_checkpoint_path
 from jaxpt.models.config import ModelConfig, config_from_hf, hf_config_from_dict
-from jaxpt.models.decoder import CausalLM
+from jaxpt.models.decoder import CausalLM, layer_path, stacked_layers
 from jaxpt.models.safetensors_io import SafetensorsFile, write_safetensors
 from jaxpt.sharding import make_mesh, named_sharding
 
@@ -43,6 +46,14 @@ def _is_variable(x) -> bool:
 def param_name(path) -> str:
     """HF tensor name of an NNX state path, e.g. ``model.layers.0.mlp.up_proj.weight``."""
     return ".".join(str(p) for p in path)
+
+
+def hf_names(path, var) -> list[str]:
+    """The HF tensor names a state Variable holds: one per layer for a stacked one."""
+    layers = stacked_layers(var)
+    if layers is None:
+        return [param_name(path)]
+    return [param_name(layer_path(path, i)) for i in range(layers)]
 
 
 def state_shardings(state: nnx.State, mesh, rules=None):
@@ -151,19 +162,26 @@ def load_state(abstract_state: nnx.State, tensors: dict, mesh, rules, model_dir:
     flat_shardings = dict(nnx.to_flat_state(shardings))
     loaded = []
     for path, var in nnx.to_flat_state(abstract_state):
-        name = param_name(path)
-        if name not in tensors:
-            raise KeyError(f"{model_dir}: checkpoint is missing tensor {name!r}")
-        source = tensors[name].array(name)
-        if tuple(source.shape) != tuple(var.shape):
-            raise ValueError(
-                f"{model_dir}: tensor {name!r} has shape {tuple(source.shape)}, "
-                f"expected {tuple(var.shape)}"
-            )
+        stacked = stacked_layers(var) is not None
+        shape = tuple(var.shape[1:] if stacked else var.shape)
+        sources = []
+        for name in hf_names(path, var):
+            if name not in tensors:
+                raise KeyError(f"{model_dir}: checkpoint is missing tensor {name!r}")
+            source = tensors[name].array(name)
+            if tuple(source.shape) != shape:
+                raise ValueError(
+                    f"{model_dir}: tensor {name!r} has shape {tuple(source.shape)}, "
+                    f"expected {shape}"
+                )
+            sources.append(source)
         dtype = var.dtype
 
-        def read_slice(index, source=source, dtype=dtype):
-            return np.asarray(source[index]).astype(dtype)
+        def read_slice(index, sources=sources, dtype=dtype, stacked=stacked):
+            if not stacked:
+                return np.asarray(sources[0][index]).astype(dtype)
+            layers, rest = index[0], tuple(index[1:])
+            return np.stack([np.asarray(s[rest]).astype(dtype) for s in sources[layers]])
 
         array = jax.make_array_from_callback(var.shape, flat_shardings[path], read_slice)
         loaded.append((path, var.replace(array)))
@@ -205,7 +223,7 @@ def from_pretrained(
     abstract = nnx.eval_shape(lambda: _build(config, 0, **kwargs))
     graphdef, abstract_state = nnx.split(abstract)
     tensors = checkpoint.tensors() if gguf_path is not None else _tensor_files(source)
-    expected = {param_name(p) for p, _ in nnx.to_flat_state(abstract_state)}
+    expected = {n for p, v in nnx.to_flat_state(abstract_state) for n in hf_names(p, v)}
     unused = sorted(set(tensors) - expected - {"lm_head.weight"})
     if unused:
         log.warning("%s: ignoring %d unused tensors, e.g. %s", source, len(unused), unused[:3])
@@ -215,14 +233,32 @@ def from_pretrained(
     return model
 
 
+def host_array(value: jax.Array) -> np.ndarray:
+    """A (possibly sharded, multi-host) array gathered whole to the host."""
+    if not value.is_fully_addressable:
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(jax.device_get(value))
+
+
 def host_arrays(state: nnx.State, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, numpy array) per parameter, gathered to the host one tensor at a time."""
-    for path, var in nnx.to_flat_state(state):
-        value = var[...]
-        if not value.is_fully_addressable:
-            value = multihost_utils.process_allgather(value, tiled=True)
-        array = np.asarray(jax.device_get(value))
-        yield param_name(path), array.astype(dtype) if dtype is not None else array
+    """(HF name, numpy array) per tensor, gathered to the host one tensor at a time: a
+    stacked layer weight as one tensor per layer, layer by layer (transformers' order)."""
+
+    def out(array):
+        return array.astype(dtype) if dtype is not None else array
+
+    flat = list(nnx.to_flat_state(state))
+    done = set()
+    for path, var in flat:
+        if stacked_layers(var) is None:
+            yield param_name(path), out(host_array(var[...]))
+        elif path not in done:  # every stacked weight, one layer at a time
+            stacked = [(p, v, stacked_layers(v)) for p, v in flat if stacked_layers(v)]
+            done.update(p for p, _, _ in stacked)
+            for i in range(max(n for _, _, n in stacked)):
+                for p, v, n in stacked:
+                    if i < n:
+                        yield param_name(layer_path(p, i)), out(host_array(v[...][i]))
 
 
 def write_checkpoint(

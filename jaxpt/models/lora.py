@@ -6,6 +6,12 @@ leaves the model unchanged) and ``scale = alpha / r``. The adapter weights are
 ``LoRAParam``s, a Param type of their own: ``nnx.split(model, LoRAParam, ...)`` separates
 the trainable adapters from the frozen base, and dropping the adapters
 (``without_adapters``) gives back the base model with no second copy of its weights.
+
+The decoder's layers are stored stacked (``jaxpt.models.decoder``), and so are their
+adapters: the LoRA of a stacked projection holds every layer's ``A`` [L, in, r] and
+``B`` [L, r, out]. Paths still name one layer's projection
+(``model.layers.3.self_attn.q_proj``), as transformers and PEFT do; a layer that ``spec``
+does not select keeps ``A = B = 0`` (no update, and no gradient, so it stays 0).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxpt.models.decoder import LAYER_AXIS, layer_path, stacked_layers
 from jaxpt.models.layers import Linear
 from jaxpt.sharding import named_sharding
 
@@ -55,14 +62,17 @@ class LoRASpec:
 
 
 class LoRA(nnx.Module):
-    """The low-rank update ``scale * dropout(x) @ A @ B`` of one projection."""
+    """The low-rank update ``scale * dropout(x) @ A @ B`` of one projection (of each layer
+    of a stacked one: ``A`` [L, in, r], ``B`` [L, r, out], adapting ``layers``)."""
 
-    def __init__(self, a_ir, b_ro, *, scale: float, dropout: float, axes):
+    def __init__(self, a_ir, b_ro, *, scale: float, dropout: float, axes, layers=None):
         out_axis, in_axis = axes
-        self.a = LoRAParam(a_ir, logical_axes=(in_axis, None))
-        self.b = LoRAParam(b_ro, logical_axes=(None, out_axis))
+        lead = (LAYER_AXIS,) if layers is not None else ()
+        self.a = LoRAParam(a_ir, logical_axes=(*lead, in_axis, None))
+        self.b = LoRAParam(b_ro, logical_axes=(*lead, None, out_axis))
         self.scale = scale
         self.dropout = dropout
+        self.layers = layers  # the adapted layers of a stacked projection (None: unstacked)
         self.dropout_key = nnx.data(None)  # a DropoutKey in train steps (``enable_dropout``)
 
     def __call__(self, x, dtype):
@@ -77,18 +87,54 @@ class LoRA(nnx.Module):
         )
 
 
+def _sites(model) -> dict[str, tuple[Linear, int | None]]:
+    """Every projection of ``model`` by its dotted path with its layer in the stack: a
+    stacked ``Linear`` appears once per layer (``model.layers.{i}.mlp.up_proj``, layer by
+    layer, in transformers' order), any other with layer None."""
+    linears = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, Linear)]
+    stacked = [(p, lin, stacked_layers(lin.weight)) for p, lin in linears]
+    stacked = [(p, lin, n) for p, lin, n in stacked if n is not None]
+    sites, stack_listed = {}, False
+    for path, linear in linears:
+        if stacked_layers(linear.weight) is None:
+            sites[_dotted(path)] = (linear, None)
+        elif not stack_listed:
+            stack_listed = True
+            for i in range(max(n for _, _, n in stacked)):
+                for p, lin, n in stacked:
+                    if i < n:
+                        sites[_dotted(layer_path(p, i))] = (lin, i)
+    return sites
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
 def projections(model) -> dict[str, Linear]:
-    """Every ``Linear`` of ``model`` by its dotted path (``model.layers.0.mlp.up_proj``)."""
-    return {
-        ".".join(str(p) for p in path): node
-        for path, node in nnx.iter_graph(model)
-        if isinstance(node, Linear)
-    }
+    """Every projection of ``model`` by its dotted path (``model.layers.0.mlp.up_proj``);
+    the layers of a stacked ``Linear`` share it."""
+    return {path: linear for path, (linear, _) in _sites(model).items()}
+
+
+def adapter_sites(model) -> dict[str, tuple[LoRA, int | None]]:
+    """Each adapted projection's path: its adapter and its layer in a stacked one."""
+    out = {}
+    for path, (linear, layer) in _sites(model).items():
+        lora = linear.lora
+        if lora is not None and (layer is None or layer in lora.layers):
+            out[path] = (lora, layer)
+    return out
 
 
 def adapted(model) -> dict[str, LoRA]:
-    """The adapters of ``model`` by the path of the projection they adapt."""
-    return {path: lin.lora for path, lin in projections(model).items() if lin.lora is not None}
+    """The adapters of ``model`` by the path of the projection they adapt (the layers of a
+    stacked projection share its stacked adapter)."""
+    return {path: lora for path, (lora, _) in adapter_sites(model).items()}
+
+
+def _unique(modules):
+    return list({id(m): m for m in modules}.values())
 
 
 def has_adapters(model) -> bool:
@@ -114,48 +160,59 @@ def select(model, spec: LoRASpec) -> list[str]:
 def add_adapters(model, spec: LoRASpec, *, seed: int, mesh=None, rules=None, paths=None):
     """Attach fresh adapters (A Kaiming-uniform, B zero) to the projections ``spec``
     selects (or to ``paths``), sharded on ``mesh`` by their logical axes. Returns the
-    adapted paths. Deep models scan their layers only while every layer is alike."""
-    linears = projections(model)
+    adapted paths."""
+    sites = _sites(model)
     paths = select(model, spec) if paths is None else list(paths)
     key = jax.random.key(seed)
+    chosen: dict[int, tuple[Linear, dict]] = {}
     for i, path in enumerate(paths):
-        linear = linears[path]
-        out_f, in_f = linear.weight.shape
-        dtype = linear.weight[...].dtype
+        linear, layer = sites[path]
+        out_f, in_f = linear.weight.shape[-2:]
         # PEFT's kaiming_uniform_(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / np.sqrt(in_f)
         a_ir = jax.random.uniform(
             jax.random.fold_in(key, i), (in_f, spec.rank), jnp.float32, -bound, bound
-        ).astype(dtype)
-        b_ro = jnp.zeros((spec.rank, out_f), dtype)
-        axes = linear.weight.get_metadata().get("logical_axes") or (None, None)
+        ).astype(linear.weight[...].dtype)
+        chosen.setdefault(id(linear), (linear, {}))[1][layer] = a_ir
+    for linear, a_by_layer in chosen.values():
+        out_f, in_f = linear.weight.shape[-2:]
+        dtype = linear.weight[...].dtype
+        axes = linear.weight.get_metadata().get("logical_axes") or (None,) * linear.weight.ndim
+        num_layers = stacked_layers(linear.weight)
+        if num_layers is None:
+            a_ir, b_ro = a_by_layer[None], jnp.zeros((spec.rank, out_f), dtype)
+            lead, layers = (), None
+        else:
+            axes = axes[1:]
+            zero_a = jnp.zeros((in_f, spec.rank), dtype)
+            a_ir = jnp.stack([a_by_layer.get(i, zero_a) for i in range(num_layers)])
+            b_ro = jnp.zeros((num_layers, spec.rank, out_f), dtype)
+            lead, layers = (LAYER_AXIS,), tuple(sorted(a_by_layer))
         if mesh is not None:
-            a_ir = jax.device_put(a_ir, named_sharding(mesh, (axes[1], None), a_ir.shape, rules))
-            b_ro = jax.device_put(b_ro, named_sharding(mesh, (None, axes[0]), b_ro.shape, rules))
-        adapter = LoRA(a_ir, b_ro, scale=spec.scale, dropout=spec.dropout, axes=axes)
+            a_spec, b_spec = (*lead, axes[1], None), (*lead, None, axes[0])
+            a_ir = jax.device_put(a_ir, named_sharding(mesh, a_spec, a_ir.shape, rules))
+            b_ro = jax.device_put(b_ro, named_sharding(mesh, b_spec, b_ro.shape, rules))
+        adapter = LoRA(
+            a_ir, b_ro, scale=spec.scale, dropout=spec.dropout, axes=axes, layers=layers
+        )
         linear.lora = nnx.data(adapter)
-    _stop_scanning_unlike_layers(model)
     return paths
-
-
-def _stop_scanning_unlike_layers(model) -> None:
-    """A layer scan runs one body for every layer: adapters on only some layers rule it out."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not hasattr(model, "scan_layers"):
-        return
-    shapes = {
-        str(jax.tree.map(lambda x: x.shape, nnx.state(layer, LoRAParam))) for layer in layers
-    }
-    if len(shapes) > 1:
-        model.scan_layers = False
 
 
 def enable_dropout(model, key) -> None:
     """Give every adapter with dropout its own key for this (traced) train step; without a
     key (evaluation, sampling, export) adapters run without dropout."""
-    for i, lora in enumerate(adapted(model).values()):
+    for i, lora in enumerate(_unique(adapted(model).values())):
         if lora.dropout:
-            lora.dropout_key = DropoutKey(jax.random.key_data(jax.random.fold_in(key, i)))
+            key_i = jax.random.fold_in(key, i)
+            if lora.layers is None:
+                data = jax.random.key_data(key_i)
+            else:  # one key per layer of a stacked adapter
+                layers = jnp.arange(lora.a.shape[0])
+                data = jax.vmap(lambda j, k=key_i: jax.random.key_data(jax.random.fold_in(k, j)))(
+                    layers
+                )
+            lora.dropout_key = DropoutKey(data)
 
 
 def without_adapters(model):
@@ -163,7 +220,7 @@ def without_adapters(model):
     removed (exactly the base model's forward; nothing is copied)."""
     graphdef, state = nnx.split(model)
     base = nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
-    for linear in projections(base).values():
+    for linear in _unique(projections(base).values()):
         linear.lora = None
     return base
 
@@ -173,12 +230,13 @@ def merge_adapters(model):
     (``W + scale * (A @ B).T``, in float32) and removed: what a merged export writes."""
     graphdef, state = nnx.split(model)
     merged = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-    for linear in projections(merged).values():
+    for linear in _unique(projections(merged).values()):
         lora = linear.lora
         if lora is None:
             continue
         w = linear.weight[...]
-        delta_oi = (lora.a[...].astype(jnp.float32) @ lora.b[...].astype(jnp.float32)).T
+        a, b = lora.a[...].astype(jnp.float32), lora.b[...].astype(jnp.float32)
+        delta_oi = jnp.einsum("...ir,...ro->...oi", a, b)
         linear.weight[...] = (w.astype(jnp.float32) + lora.scale * delta_oi).astype(w.dtype)
         linear.lora = None
     return merged

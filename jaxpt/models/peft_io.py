@@ -4,7 +4,8 @@ loads and ``PeftModel.save_pretrained`` writes.
 
 PEFT names each tensor after the transformers module it adapts, under its own wrapper:
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` is ``A.T`` [r, in] and
-``...lora_B.weight`` is ``B.T`` [out, r].
+``...lora_B.weight`` is ``B.T`` [out, r]. A stacked adapter (the decoder's layers, see
+``jaxpt.models.lora``) is one such pair per adapted layer.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import re
 
 import jax
 import numpy as np
-from flax import nnx
 
-from jaxpt.models.hf_io import host_arrays
-from jaxpt.models.lora import adapted, projections
+from jaxpt.models.hf_io import host_array
+from jaxpt.models.lora import adapted, adapter_sites, projections
 from jaxpt.models.safetensors_io import write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -56,19 +56,23 @@ def target_modules(model, paths) -> list[str] | str:
 def write_adapter(model, out_dir: str, *, base_model: str | None, dropout: float) -> str:
     """Write ``model``'s adapters as a PEFT adapter dir. Only process 0 writes; every
     process must call this (the arrays are gathered)."""
-    adapters = adapted(model)
-    if not adapters:
+    sites = adapter_sites(model)
+    if not sites:
         raise ValueError("the model has no LoRA adapters to write")
+    gathered = {}  # each (stacked) adapter gathered once
     named = []
-    for path, lora in adapters.items():
-        state = nnx.State({"a": lora.a, "b": lora.b})
-        arrays = dict(host_arrays(state))
-        named.append((f"{_PREFIX}{path}.lora_A.weight", np.ascontiguousarray(arrays["a"].T)))
-        named.append((f"{_PREFIX}{path}.lora_B.weight", np.ascontiguousarray(arrays["b"].T)))
+    for path, (lora, layer) in sites.items():
+        if id(lora) not in gathered:
+            gathered[id(lora)] = (host_array(lora.a[...]), host_array(lora.b[...]))
+        a_ir, b_ro = gathered[id(lora)]
+        if layer is not None:
+            a_ir, b_ro = a_ir[layer], b_ro[layer]
+        named.append((f"{_PREFIX}{path}.lora_A.weight", np.ascontiguousarray(a_ir.T)))
+        named.append((f"{_PREFIX}{path}.lora_B.weight", np.ascontiguousarray(b_ro.T)))
     if jax.process_index() != 0:
         return out_dir
-    first = next(iter(adapters.values()))
-    rank = int(first.a.shape[1])
+    first, _ = next(iter(sites.values()))
+    rank = int(first.a.shape[-1])
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -76,7 +80,7 @@ def write_adapter(model, out_dir: str, *, base_model: str | None, dropout: float
         "r": rank,
         "lora_alpha": float(first.scale * rank),
         "lora_dropout": float(dropout),
-        "target_modules": target_modules(model, list(adapters)),
+        "target_modules": target_modules(model, list(sites)),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -154,13 +158,22 @@ def load_adapter_weights(model, adapter: PeftAdapter) -> None:
         what = "has no tensor for" if missing else "has a tensor for"
         why = "adapted projection" if missing else "projection the model does not adapt"
         raise AdapterError(f"{where} {what} {_PREFIX}{name}.lora_A.weight ({why})")
-    for path, lora in adapters.items():
+    updates = {}  # per adapter weight: (variable, host copy with the layers filled in)
+    for path, (lora, layer) in adapter_sites(model).items():
         a_ir, b_ro = adapter.weights[path]
         for var, value, side in ((lora.a, a_ir, "A"), (lora.b, b_ro, "B")):
-            if tuple(value.shape) != tuple(var.shape):
+            shape = tuple(var.shape if layer is None else var.shape[1:])
+            if tuple(value.shape) != shape:
                 raise AdapterError(
                     f"{where}: {_PREFIX}{path}.lora_{side}.weight has shape "
-                    f"{tuple(value.T.shape)}, the model needs {tuple(var.shape[::-1])}"
+                    f"{tuple(value.T.shape)}, the model needs {shape[::-1]}"
                 )
-            current = var[...]
-            var[...] = jax.device_put(value.astype(current.dtype), current.sharding)
+            if id(var) not in updates:
+                updates[id(var)] = (var, np.array(host_array(var[...])))
+            host = updates[id(var)][1]
+            if layer is None:
+                host[...] = value.astype(host.dtype)
+            else:
+                host[layer] = value.astype(host.dtype)
+    for var, host in updates.values():
+        var[...] = jax.device_put(host, var[...].sharding)

@@ -88,12 +88,6 @@ def abstract_model(ctx: RunContext):
     )
 
 
-def _keeps_reference(config) -> bool:
-    # As the task's build decides: GRPO keeps a frozen copy only for its KL term, and under
-    # LoRA not at all (the reference is the base with its adapters off).
-    return config.task == "grpo" and config.grpo.beta > 0 and not common.lora_enabled(config)
-
-
 def abstract_batch(config, mesh) -> dict:
     """One global train batch as the task's batch source makes it (shapes and dtypes)."""
     b = config.train.batch_size
@@ -144,7 +138,7 @@ def abstract_run(config, mesh, rules) -> AbstractRun:
         graphdef, params, rest, opt_state,
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
         rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=scalar),
-        ref_params=params if _keeps_reference(config) else None,
+        ref_params=params if common.keeps_reference(config) else None,
     )
     shardings = jax.tree.map(lambda x: x.sharding, state)
     ctx.state_shardings = shardings

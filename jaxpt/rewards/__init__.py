@@ -24,7 +24,8 @@ Built-ins, by config name (`BUILTIN_REWARDS`):
 that scores (prompt, response) pairs; it is imported lazily (it needs the model stack).
 Any other callable is named by import path, "package.module:function". `build_reward_fns`
 turns config specs (names, weights, kwargs) into `RewardFn`s, and `RewardRunner` scores a batch
-with them: per-function float32 arrays (NaN = abstain or failure), the weighted total, counters.
+with them: per-function float32 arrays (NaN = abstain or failure), the weighted total, counters;
+a function failing on more than ``max_error_frac`` of a batch raises ``RewardError``.
 """
 
 from jaxpt.rewards.arithmetic import worked_steps_reward
@@ -41,7 +42,7 @@ from jaxpt.rewards.math import (
     reference_answer,
 )
 from jaxpt.rewards.registry import BUILTIN_REWARDS, build_reward_fns, resolve_reward_fn
-from jaxpt.rewards.runner import RewardBatch, RewardFn, RewardRunner
+from jaxpt.rewards.runner import RewardBatch, RewardError, RewardFn, RewardRunner
 from jaxpt.rewards.sandbox import SandboxResult, run_untrusted
 from jaxpt.rewards.text import completion_text
 
@@ -49,6 +50,7 @@ __all__ = [
     "BUILTIN_REWARDS",
     "DEFAULT_FORMAT",
     "RewardBatch",
+    "RewardError",
     "RewardFn",
     "RewardRunner",
     "SandboxResult",

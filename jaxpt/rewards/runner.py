@@ -1,14 +1,18 @@
 """Score a batch of completions with several reward functions, surviving the ones that fail.
 
-A failing reward function must not stop training: an exception, a wrong number of scores or a
-non-numeric score is logged with the function's name and a truncated repr of the input, counted,
-and turns the affected scores into NaN (abstain), which count as 0 in the weighted total.
+A reward function that fails on a few completions must not stop training: an exception, a
+wrong number of scores or a non-numeric score is logged with the function's name and a
+truncated repr of the input, counted, and turns the affected scores into NaN (abstain), which
+count as 0 in the weighted total. A function that fails on more than ``max_error_frac`` of a
+batch's completions is broken, not unlucky: that raises ``RewardError`` with its first
+traceback, rather than training on zeros.
 """
 
 import dataclasses
 import logging
 import math
 import reprlib
+import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -22,6 +26,10 @@ _short.maxstring = 160
 _short.maxother = 160
 _short.maxlist = 3
 _short.maxdict = 4
+
+
+class RewardError(RuntimeError):
+    """A reward function failed on too large a share of a batch's completions."""
 
 
 class RewardFn(NamedTuple):
@@ -81,16 +89,28 @@ class RewardRunner:
     """Calls each reward function on a batch; see the module docstring for failure handling.
 
     With `retry_per_item` (the default), a function that raises on the batch is called again
-    on each completion alone, so one bad completion costs only its own score.
-    `totals` accumulates the counters over all batches.
+    on each completion alone, so one bad completion costs only its own score. A function
+    that fails (raises, returns the wrong number of scores or a non-numeric one) on more than
+    `max_error_frac` of a batch's completions raises `RewardError` naming it, with its first
+    traceback; None (the default) never raises: the RL tasks pass their
+    ``max_reward_error_frac``. `totals` accumulates the counters over all batches.
     """
 
-    def __init__(self, reward_fns: Sequence[RewardFn | tuple], *, retry_per_item: bool = True):
+    def __init__(
+        self,
+        reward_fns: Sequence[RewardFn | tuple],
+        *,
+        retry_per_item: bool = True,
+        max_error_frac: float | None = None,
+    ):
         self.reward_fns = [RewardFn(*spec) for spec in reward_fns]
         names = [r.name for r in self.reward_fns]
         if len(set(names)) != len(names):
             raise ValueError(f"reward function names must be unique, got {names}")
+        if max_error_frac is not None and not 0 <= max_error_frac <= 1:
+            raise ValueError(f"max_error_frac must be in [0, 1] or None, got {max_error_frac}")
         self.retry_per_item = retry_per_item
+        self.max_error_frac = max_error_frac
         self.totals: dict[str, Counter] = {name: Counter() for name in names}
 
     def __call__(
@@ -101,7 +121,11 @@ class RewardRunner:
         scores, counters = {}, {}
         for reward in self.reward_fns:
             count = Counter(calls=1)
-            scores[reward.name] = self._score(reward, prompts, completions, columns, n, count)
+            failures: list[str] = []  # what went wrong, first first
+            scores[reward.name] = self._score(
+                reward, prompts, completions, columns, n, count, failures
+            )
+            self._check_failures(reward, count, n, failures)
             count["abstained"] = int(np.isnan(scores[reward.name]).sum())
             counters[reward.name] = {k: count[k] for k in _COUNTER_KEYS}
             self.totals[reward.name].update(count)
@@ -110,7 +134,18 @@ class RewardRunner:
             total += reward.weight * np.nan_to_num(scores[reward.name], nan=0.0)
         return RewardBatch(scores=scores, total=total, counters=counters)
 
-    def _score(self, reward, prompts, completions, columns, n, count) -> np.ndarray:
+    def _check_failures(self, reward, count, n, failures) -> None:
+        """Raise ``RewardError`` when ``reward`` failed on more than ``max_error_frac`` of
+        the batch (a whole-batch failure with no per-item retry fails every item)."""
+        failed = count["failed_items"]
+        if self.max_error_frac is None or not n or failed <= self.max_error_frac * n:
+            return
+        raise RewardError(
+            f"reward function {reward.name!r} failed on {failed} of {n} completions, more "
+            f"than max_error_frac={self.max_error_frac}; its first failure:\n{failures[0]}"
+        )
+
+    def _score(self, reward, prompts, completions, columns, n, count, failures) -> np.ndarray:
         try:
             values = reward.fn(prompts=prompts, completions=completions, **columns)
         except Exception as exc:
@@ -125,11 +160,13 @@ class RewardRunner:
                 exc_info=exc,
             )
             if not self.retry_per_item:
+                count["failed_items"] += n
+                failures.append(_traceback(exc))
                 return np.full(n, np.nan, np.float32)
-            return self._score_each(reward, prompts, completions, columns, n, count)
-        return self._to_array(reward, values, n, count, completions)
+            return self._score_each(reward, prompts, completions, columns, n, count, failures)
+        return self._to_array(reward, values, n, count, completions, failures)
 
-    def _score_each(self, reward, prompts, completions, columns, n, count) -> np.ndarray:
+    def _score_each(self, reward, prompts, completions, columns, n, count, failures):
         scores_n = np.full(n, np.nan, np.float32)
         for i in range(n):
             try:
@@ -140,6 +177,8 @@ class RewardRunner:
                 )
             except Exception as exc:  # noqa: BLE001 -- any failure only costs this score
                 count["item_errors"] += 1
+                count["failed_items"] += 1
+                failures.append(_traceback(exc))
                 logger.warning(
                     "reward %r raised %s on completion %d: %s",
                     reward.name,
@@ -148,10 +187,12 @@ class RewardRunner:
                     _short.repr(completions[i]),
                 )
                 continue
-            scores_n[i] = self._to_array(reward, values, 1, count, completions[i : i + 1])[0]
+            scores_n[i] = self._to_array(
+                reward, values, 1, count, completions[i : i + 1], failures
+            )[0]
         return scores_n
 
-    def _to_array(self, reward, values, n, count, completions) -> np.ndarray:
+    def _to_array(self, reward, values, n, count, completions, failures) -> np.ndarray:
         try:
             values = list(values)
         except TypeError:
@@ -160,6 +201,8 @@ class RewardRunner:
             count["wrong_length"] += 1
             got = "a non-sequence" if values is None else f"{len(values)} scores"
             logger.warning("reward %r returned %s for %d completions", reward.name, got, n)
+            count["failed_items"] += n
+            failures.append(f"returned {got} for {n} completions")
             return np.full(n, np.nan, np.float32)
         scores_n = np.full(n, np.nan, np.float32)
         for i, value in enumerate(values):
@@ -170,6 +213,10 @@ class RewardRunner:
                 scores_n[i] = score  # NaN stays NaN: an abstain too
                 continue
             count["invalid_values"] += 1
+            count["failed_items"] += 1
+            failures.append(
+                f"returned {_short.repr(value)} for completion {_short.repr(completions[i])}"
+            )
             logger.warning(
                 "reward %r returned %s for completion %s",
                 reward.name,
@@ -180,6 +227,10 @@ class RewardRunner:
 
 
 _COUNTER_KEYS = ("calls", "errors", "item_errors", "wrong_length", "invalid_values", "abstained")
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 def _item(column: Any, i: int, n: int) -> Any:

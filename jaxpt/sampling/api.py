@@ -212,8 +212,10 @@ def generate(
     was sampled from (temperature-scaled, truncated and renormalized); at temperature 1
     with no filters it equals ``log_softmax`` of the model's logits. With greedy decoding
     it is the temperature-1 log-softmax (after any repetition penalty).
-    ``out.model_logprobs`` are always the raw model's temperature-1 log-probs: consistent
-    with a teacher-forced training forward pass (GRPO's importance ratio).
+    ``out.model_logprobs`` are always the raw model's temperature-1 log-probs: what a
+    teacher-forced forward pass computes. ``out.arrays.policy_logprobs_bn`` are those at
+    the sampling temperature (``log_softmax(logits / temperature)``, no penalty or
+    filters): the old log-probs of a GRPO/PPO importance ratio.
 
     Prompt length, batch size and ``max_new_tokens`` are bucketed (powers of two) so that
     new batches reuse compiled programs. With weights sharded over a multi-device mesh
@@ -272,6 +274,7 @@ def _to_output(arrays: SampleArrays, rows: int, max_new_tokens: int) -> Generate
         tokens_bn=host.tokens_bn[:, :max_new_tokens],
         logprobs_bn=host.logprobs_bn[:, :max_new_tokens],
         model_logprobs_bn=host.model_logprobs_bn[:, :max_new_tokens],
+        policy_logprobs_bn=host.policy_logprobs_bn[:, :max_new_tokens],
     )
     lengths = host.lengths_b.tolist()
     return GenerateOutput(

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxpt.models.decode import decode_step
-from jaxpt.models.decoder import KVCache
+from jaxpt.models.decoder import KVCache, with_layers_unstacked
 from jaxpt.models.layers import DECODE_BLOCK, target_platform
 from jaxpt.sampling.config import SamplingConfig
 from jaxpt.sampling.processors import choose_tokens, penalize_repetition, token_logprob
@@ -41,8 +41,12 @@ class SampleArrays:
       (after repetition penalty, temperature, top-k/top-p/min-p and renormalization);
       0 past the end.
     - ``model_logprobs_bn``: log-prob under the raw model at temperature 1 with no
-      filtering, ``log_softmax(logits)[token]``: what a teacher-forced training forward
-      pass computes, i.e. the policy log-probs for a GRPO/PPO importance ratio.
+      filtering, ``log_softmax(logits)[token]``: the model's own likelihood of the text.
+    - ``policy_logprobs_bn``: log-prob under the policy an RL loss trains,
+      ``log_softmax(logits / temperature)[token]`` of the raw logits (no repetition
+      penalty, no top-k/top-p/min-p), in float32: what GRPO's and PPO's teacher-forced
+      forward computes, so these are the old log-probs of their importance ratio (the
+      first iteration's ratio is 1 whatever the filters). Greedy: temperature 1.
     - ``lengths_b``: number of valid tokens per row (eos / stop sequence included).
     - ``finished_b``: the row ended with an eos token or a stop sequence.
     - ``truncated_b``: the row ran out of new tokens before finishing.
@@ -51,6 +55,7 @@ class SampleArrays:
     tokens_bn: jax.Array
     logprobs_bn: jax.Array
     model_logprobs_bn: jax.Array
+    policy_logprobs_bn: jax.Array
     lengths_b: jax.Array
     finished_b: jax.Array
     truncated_b: jax.Array
@@ -161,6 +166,8 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
     global _TRACES
     _TRACES += 1
     model = _merge(graphdef.graphdef, state)
+    if target_platform() == "cpu":  # slice the stacked layers once, not at every step
+        model = with_layers_unstacked(model)
     n_new, n_samples = config.max_new_tokens, config.num_samples
     b, t = prompt_ids_bt.shape
     rows = b * n_samples
@@ -197,7 +204,7 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
 
     def pick(step, logits_vb, seen_vb, done_b, out):
         """Choose the token at column ``step`` and record it (rows already done get pads)."""
-        tokens_bn, logprobs_bn, model_lp_bn, lengths_b = out
+        tokens_bn, logprobs_bn, model_lp_bn, policy_lp_bn, lengths_b = out
         model_logits_vb = logits_vb
         if seen_vb is not None:
             logits_vb = penalize_repetition(logits_vb, seen_vb, penalty)
@@ -207,16 +214,23 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
             model_lp_b = logprob_b
         else:
             model_lp_b = token_logprob(model_logits_vb, token_b, axis=0)
+        # The loss's arithmetic: float32 logits / temperature, then log-softmax.
+        if config.greedy or config.temperature == 1:
+            policy_lp_b = model_lp_b
+        else:
+            policy_lp_b = token_logprob(model_logits_vb / config.temperature, token_b, axis=0)
         keep_b = ~done_b
         column = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], step, 1)
         tokens_bn = column(tokens_bn, jnp.where(keep_b, token_b, config.pad_token_id))
         logprobs_bn = column(logprobs_bn, jnp.where(keep_b, logprob_b, 0.0))
         model_lp_bn = column(model_lp_bn, jnp.where(keep_b, model_lp_b, 0.0))
+        policy_lp_bn = column(policy_lp_bn, jnp.where(keep_b, policy_lp_b, 0.0))
         lengths_b = jnp.where(keep_b, step + 1, lengths_b)
         ended_b = jnp.any(token_b[:, None] == eos_e[None, :], axis=1)
         if stop_seqs:
             ended_b = ended_b | _stop_hit(tokens_bn, step, stop_seqs)
-        return token_b, done_b | ended_b, (tokens_bn, logprobs_bn, model_lp_bn, lengths_b)
+        out = (tokens_bn, logprobs_bn, model_lp_bn, policy_lp_bn, lengths_b)
+        return token_b, done_b | ended_b, out
 
     def mark_seen(seen_vb, token_b):
         if seen_vb is None:
@@ -225,6 +239,7 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
 
     out = (
         constrain(jnp.full((rows, n_new), config.pad_token_id, jnp.int32), ("batch", None)),
+        constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", None)),
         constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", None)),
         constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", None)),
         jnp.zeros((rows,), jnp.int32),
@@ -247,11 +262,12 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
 
         carry = (step, _grow_cache(cache, slots), token_b, done_b, seen_vb, out)
         step, cache, token_b, done_b, seen_vb, out = jax.lax.while_loop(cond, body, carry)
-    tokens_bn, logprobs_bn, model_lp_bn, lengths_b = out
+    tokens_bn, logprobs_bn, model_lp_bn, policy_lp_bn, lengths_b = out
     return SampleArrays(
         tokens_bn=tokens_bn,
         logprobs_bn=logprobs_bn,
         model_logprobs_bn=model_lp_bn,
+        policy_logprobs_bn=policy_lp_bn,
         lengths_b=lengths_b,
         finished_b=done_b,
         truncated_b=~done_b,

@@ -35,7 +35,8 @@ from jaxpt.step import LossFn
 @dataclasses.dataclass
 class BuiltModel:
     """What ``Task.build`` returns: the trained module, the frozen reference params (DPO,
-    GRPO, PPO; None when no reference is kept) and any other task state."""
+    GRPO, PPO; present exactly when ``common.keeps_reference`` says) and any other task
+    state."""
 
     model: Any
     ref_params: Any = None
@@ -95,3 +96,6 @@ class Task:
     # Per-parameter multipliers of the optimizer's updates, a tree like the params (e.g.
     # PPO's critic learning rate): (ctx, params) -> tree of floats; None: all 1.
     update_scales: Callable[[RunContext, Any], Any] | None = None
+    # Whether the loss compares against a frozen reference model for this root config
+    # (config -> bool); None: never. ``common.keeps_reference`` adds the LoRA rule.
+    uses_reference: Callable[[Any], bool] | None = None

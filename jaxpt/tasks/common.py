@@ -145,13 +145,35 @@ def attach_lora(ctx: RunContext, model) -> None:
             raise ConfigError(f"config key 'lora.init_adapter': {error}") from None
 
 
+def keeps_reference(config) -> bool:
+    """Whether a run of ``config`` keeps a frozen copy of the weights as its reference
+    (``TrainState.ref_params``): its task's loss uses a reference (``Task.uses_reference``)
+    and LoRA is off (under LoRA the reference is the base with its adapters off). The one
+    rule that task builds, memory plans and benchmarks follow."""
+    from jaxpt.tasks import get_task
+
+    uses = get_task(config.task).uses_reference
+    return uses is not None and bool(uses(config)) and not lora_enabled(config)
+
+
+def reference_source(config) -> str:
+    """Where a run (re-)reads its frozen weights from, for messages: the task's
+    ``ref_model`` when set, else ``model.path`` (the policy's initial weights, the base)."""
+    ref_model = getattr(getattr(config, config.task, None), "ref_model", None)
+    if ref_model is not None:
+        return f"config key '{config.task}.ref_model' ({ref_model})"
+    return f"config key 'model.path' ({config.model.path})"
+
+
 def reference_params(
     ctx: RunContext, policy, ref_model: str | None = None, key: str = "ref_model"
 ) -> nnx.State:
     """Frozen reference params for ``policy``: loaded from ``ref_model`` (config key ``key``,
-    named in errors) when set, else a copy of the policy's initial params. Sharded like the policy, in their
-    own buffers (the train state's are donated every step). None under LoRA: the reference
-    is the policy with its adapters off, so no second copy of the weights is kept."""
+    named in errors) when set, else a copy of the policy's initial params. Sharded like the
+    policy, in their own buffers (the train state's are donated every step). None under
+    LoRA: the reference is the policy with its adapters off, so no second copy of the
+    weights is kept (see ``keeps_reference``). Checkpoints leave them out: a resumed run
+    calls this again, and the checkpoint's fingerprint of them catches a changed source."""
     from jaxpt.models import load_model
     from jaxpt.state import copy_params
 

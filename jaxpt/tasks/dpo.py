@@ -1,11 +1,12 @@
 """Direct preference optimization (sigmoid / cDPO, IPO, hinge) against a frozen reference.
 
 The reference starts as a copy of the policy's initial weights (or ``dpo.ref_model``) and
-lives in ``TrainState.ref_params``: sharded like the policy, checkpointed with it, never
-differentiated and without optimizer state. With ``dpo.precompute_ref`` the reference's
-sequence log-probabilities are computed once per dataset before training, keyed by each
-pair's token content, and attached to every batch by the source, so they follow the pairs
-through shuffling and resumption; then no reference model is kept.
+lives in ``TrainState.ref_params``: sharded like the policy, never differentiated, without
+optimizer state, and not checkpointed (a resumed run re-reads it from its source). With
+``dpo.precompute_ref`` the reference's sequence log-probabilities are computed once per
+dataset before training, keyed by each pair's token content, and attached to every batch
+by the source, so they follow the pairs through shuffling and resumption; then no
+reference model is kept.
 """
 
 from __future__ import annotations
@@ -183,12 +184,17 @@ class ReferenceSource(common.PipelineSource):
 # ------------------------------------------------------------------- the Task
 
 
+def uses_reference(config) -> bool:
+    """Whether the train step runs the reference (else its log-probs are precomputed)."""
+    return not config.dpo.precompute_ref
+
+
 def build(ctx: RunContext) -> BuiltModel:
     """The policy (as SFT builds it) and the reference params, or, with ``precompute_ref``,
     the reference log-prob table (in ``ctx.cache``) and no reference params."""
     cfg = ctx.task_config
     model = common.build_causal_lm(ctx)
-    if not cfg.precompute_ref:
+    if uses_reference(ctx.config):
         ref_params = common.reference_params(ctx, model, cfg.ref_model, "dpo.ref_model")
         return BuiltModel(model, ref_params=ref_params)
     reference = model  # the initial policy, unless a reference model is named
@@ -249,4 +255,5 @@ TASK = Task(
     make_train_source=make_train_source,
     make_evaluator=make_evaluator,
     export=common.export_causal_lm,
+    uses_reference=uses_reference,
 )

@@ -3,7 +3,7 @@
 Rollouts come from ``jaxpt.tasks.rollout.RolloutSource``: ``num_generations`` completions
 per prompt sampled on the training mesh with the current weights and scored by the reward
 functions. GRPO turns rewards into group-relative advantages and updates the policy with
-the clipped-ratio objective against the sampler's log-probs for ``num_iterations``
+the clipped-ratio objective against the rollout policy's log-probs for ``num_iterations``
 optimizer steps per rollout.
 """
 
@@ -80,6 +80,9 @@ class GrpoConfig:
     rewards: list[RewardSpec] = dataclasses.field(
         default_factory=lambda: [RewardSpec(name="math")]
     )
+    # A reward function failing (raising, a wrong count, a non-number) on more than this
+    # share of a rollout's completions stops the run; fewer failures score 0 and are counted.
+    max_reward_error_frac: float = 0.5
     log_completions: int = 2  # completions per step appended to completions.jsonl
     eval_prompts: int = 128  # held-out prompts for greedy accuracy (0: no eval)
     eval_reward: str = "math"  # scores eval completions (1.0 = correct): a built-in or import path
@@ -120,6 +123,8 @@ class GrpoConfig:
             fail("eval_max_new_tokens", f"must be >= 1 or null, got {self.eval_max_new_tokens}")
         if self.log_completions < 0 or self.eval_prompts < 0:
             fail("log_completions", "and 'grpo.eval_prompts' must be >= 0")
+        if not 0 <= self.max_reward_error_frac <= 1:
+            fail("max_reward_error_frac", f"must be in [0, 1], got {self.max_reward_error_frac}")
         if self.max_sampling_rounds > 1 and not self.dynamic_sampling:
             fail("max_sampling_rounds", "fills the batch with groups that have reward spread: "
                  "it needs 'grpo.dynamic_sampling: true'")
@@ -164,8 +169,13 @@ def grpo_loss(
 ) -> LossOutput:
     """Clipped policy-gradient loss (+ beta * k3 KL) aggregated per ``cfg.loss_type``.
 
-    The policy is ``softmax(logits / temperature)``, the distribution the sampler drew from
-    (``old_logprobs`` are its log-probs), so the first iteration's ratio is exactly 1.
+    The policy is ``softmax(logits / temperature)`` over the whole vocabulary, and
+    ``old_logprobs`` are that policy's log-probs when the rollout was sampled
+    (``SampleArrays.policy_logprobs_bn``), so the first iteration's ratio is 1 up to float
+    rounding. They are not the log-probs of the distribution the tokens were drawn from:
+    top-k, top-p, min-p and a repetition penalty only choose which tokens are drawn; they
+    are no part of the trained policy (as in TRL and verl) and that gap is not
+    importance-corrected.
     ``logits_chunk_size`` > 0 runs the LM head that many positions at a time (same values).
     The reference log-probs come with the batch when a rollout is reused
     (``ReferenceFinisher``), else the reference forward runs here.
@@ -225,11 +235,16 @@ def check_config(config) -> None:
     check_reward_settings("grpo", cfg)
 
 
+def uses_reference(config) -> bool:
+    """Only the KL term (``beta > 0``) needs the reference."""
+    return config.grpo.beta > 0
+
+
 def build(ctx: RunContext) -> BuiltModel:
     """The policy; with ``beta > 0`` also a frozen copy of its params as the reference
     (none under LoRA: the reference is the policy with its adapters off)."""
     model = common.build_causal_lm(ctx)
-    if not ctx.task_config.beta:
+    if not uses_reference(ctx.config):
         return BuiltModel(model)
     return BuiltModel(model, ref_params=common.reference_params(ctx, model))
 
@@ -319,6 +334,7 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
                       if cfg.dynamic_sampling and cfg.max_sampling_rounds > 1 else None),
         max_rounds=cfg.max_sampling_rounds,
         finish=ReferenceFinisher(ctx, cfg) if carries_reference_logprobs(cfg) else None,
+        max_reward_error_frac=cfg.max_reward_error_frac,
     )
 
 
@@ -337,4 +353,5 @@ TASK = Task(
     make_evaluator=make_evaluator,
     export=common.export_causal_lm,
     check_config=check_config,
+    uses_reference=uses_reference,
 )

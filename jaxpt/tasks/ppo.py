@@ -94,6 +94,7 @@ class PpoConfig:
     reward_model: str | None = None  # a reward model dir (what `task: rm` exports)
     reward_model_weight: float = 1.0
     rewards: list[RewardSpec] = dataclasses.field(default_factory=list)
+    max_reward_error_frac: float = 0.5  # as grpo.max_reward_error_frac
     missing_eos_penalty: float = 0.0  # subtracted from the score of completions cut at the limit
     log_completions: int = 2
     eval_prompts: int = 128  # held-out prompts for greedy accuracy (0: no eval)
@@ -136,6 +137,8 @@ class PpoConfig:
                  "value head on the policy")
         if self.log_completions < 0 or self.eval_prompts < 0:
             fail("log_completions", "and 'ppo.eval_prompts' must be >= 0")
+        if not 0 <= self.max_reward_error_frac <= 1:
+            fail("max_reward_error_frac", f"must be in [0, 1], got {self.max_reward_error_frac}")
 
 
 def check_config(config) -> None:
@@ -162,6 +165,11 @@ def check_config(config) -> None:
 
 
 # --------------------------------------------------------------------------- building
+
+
+def uses_reference(config) -> bool:
+    """PPO always penalises the KL to its reference."""
+    return True
 
 
 def build(ctx: RunContext) -> BuiltModel:
@@ -216,8 +224,9 @@ class PolicyView:
 
 def _policy_stats(policy, batch: dict, cfg: PpoConfig, chunk: int, with_entropy: bool):
     """(hidden states [B, Lc, D], token stats) of ``policy`` at the completion positions:
-    log-probs of the sampled tokens under ``softmax(logits / temperature)`` (the sampler's
-    distribution), the LM head run ``chunk`` positions at a time (0: at once)."""
+    log-probs of the sampled tokens under ``softmax(logits / temperature)`` over the whole
+    vocabulary (the trained policy, whose rollout-time log-probs are ``old_logprobs``), the
+    LM head run ``chunk`` positions at a time (0: at once)."""
     window = completion_window(batch["input_ids"].shape[1], cfg.max_completion_length)
     hidden_btd = completion_hidden(
         policy, batch, cfg.max_completion_length, cfg.samples_per_prompt
@@ -407,7 +416,7 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
         top_p=cfg.top_p, top_k=cfg.top_k, rewards=rewards,
         reuse=cfg.num_ppo_epochs * cfg.num_mini_batches, log_completions=cfg.log_completions,
         minibatches=cfg.num_mini_batches, finish=PpoFinisher(ctx, cfg),
-        policy_view=PolicyView(),
+        policy_view=PolicyView(), max_reward_error_frac=cfg.max_reward_error_frac,
     )
 
 
@@ -436,4 +445,5 @@ TASK = Task(
     export=export,
     check_config=check_config,
     update_scales=update_scales,
+    uses_reference=uses_reference,
 )

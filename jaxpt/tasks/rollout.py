@@ -70,7 +70,9 @@ class Rollout:
     prompt_mask: np.ndarray  # [B, Lp] 1 on real prompt tokens
     tokens: np.ndarray  # [B, Lc] sampled ids (padding after each completion's length)
     lengths: np.ndarray  # [B] completion lengths (eos included)
-    logprobs: np.ndarray  # [B, Lc] sampler log-probs of the tokens
+    # [B, Lc] the tokens' log-probs under the trained policy, log_softmax(logits / T) with
+    # no sampling filters or penalty (SampleArrays.policy_logprobs_bn): a ratio's old side
+    logprobs: np.ndarray
     truncated: np.ndarray  # [B] no eos within the budget
     texts: list[str]  # decoded completions
     rows: list[dict]  # the dataset row of each completion
@@ -105,8 +107,8 @@ def train_batch(rollout: Rollout, advantages_b: np.ndarray, keep_b: np.ndarray) 
     """Prompt + completion rows with next-token targets aligned to the loss.
 
     Position ``t`` predicts ``input_ids[t + 1]``; ``completion_mask[t]`` is 1 when that
-    target is a generated token of a kept row, and ``old_logprobs[t]`` is its sampler
-    log-prob.
+    target is a generated token of a kept row, and ``old_logprobs[t]`` is its log-prob
+    under the policy that sampled it (``Rollout.logprobs``).
     """
     prompt_ids, prompt_mask = rollout.prompt_ids, rollout.prompt_mask
     lp, lc = prompt_ids.shape[1], rollout.tokens.shape[1]
@@ -273,6 +275,9 @@ class RolloutSource:
     its prompt groups (a group's rows stay together). ``finish`` completes each rollout's
     batch on device with the state it was sampled with (see ``BatchFinisher``), and
     ``policy_view`` picks the policy out of a train state that holds more (PPO's critic).
+
+    A reward function that fails on more than ``max_reward_error_frac`` of a rollout's
+    completions stops the run (``jaxpt.rewards.RewardError``) instead of scoring them 0.
     """
 
     def __init__(
@@ -295,7 +300,9 @@ class RolloutSource:
         minibatches: int = 1,
         finish: BatchFinisher | None = None,
         policy_view: PolicyView = whole_model,
+        max_reward_error_frac: float | None = 0.5,
     ):
+        from jaxpt.data import eos_token_ids
         from jaxpt.rewards import RewardRunner, build_reward_fns
         from jaxpt.sampling import SamplingConfig
 
@@ -307,12 +314,14 @@ class RolloutSource:
         self.minibatches, self.finish, self.policy_view = minibatches, finish, policy_view
         self.max_prompt_length, self.log_completions = max_prompt_length, log_completions
         self.tokenizer = common.resolve_tokenizer(ctx)
-        self.runner = RewardRunner(build_reward_fns(list(rewards)))
+        self.runner = RewardRunner(
+            build_reward_fns(list(rewards)), max_error_frac=max_reward_error_frac
+        )
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.sampling = SamplingConfig.make(
             max_new_tokens=max_completion_length, temperature=temperature, top_p=top_p,
-            top_k=top_k, eos_token_id=self.tokenizer.eos_token_id,
+            top_k=top_k, eos_token_id=eos_token_ids(self.tokenizer, ctx.config.model.path),
             num_samples=samples_per_prompt, pad_token_id=self.pad_id,
         )
         rollout_rows = ctx.config.train.batch_size * minibatches
@@ -479,7 +488,7 @@ class RolloutSource:
         rollout = Rollout(
             prompt_ids=np.repeat(prompt_ids, g, axis=0),
             prompt_mask=np.repeat(prompt_mask, g, axis=0),
-            tokens=out.tokens_bn, lengths=out.lengths_b, logprobs=out.logprobs_bn,
+            tokens=out.tokens_bn, lengths=out.lengths_b, logprobs=out.policy_logprobs_bn,
             truncated=out.truncated_b.astype(bool), texts=texts, rows=rows, rewards=rewards,
             num_prompts=len(indices),
         )
@@ -524,6 +533,7 @@ def accuracy_evaluator(ctx: RunContext, cfg, policy_of: Callable = lambda state:
     have an ``answer`` column, scored by ``cfg.eval_reward`` (1.0 = correct); None when
     ``cfg.eval_prompts`` is 0 or no eval prompt has an answer. ``policy_of(state)`` is the
     policy module of a train state."""
+    from jaxpt.data import eos_token_ids
     from jaxpt.evals import verifiable_accuracy
     from jaxpt.rewards import resolve_reward_fn
 
@@ -533,12 +543,14 @@ def accuracy_evaluator(ctx: RunContext, cfg, policy_of: Callable = lambda state:
     if not rows:
         return None
     tokenizer = common.resolve_tokenizer(ctx)
+    eos = eos_token_ids(tokenizer, ctx.config.model.path)  # where rollouts stop
     scorer = resolve_reward_fn(cfg.eval_reward)
 
     def evaluate(state) -> dict[str, float]:
         result = verifiable_accuracy(
             policy_of(state), tokenizer, rows,
             max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length, scorer=scorer,
+            eos_token_id=eos,
         )
         return {"eval_accuracy": result["accuracy"], "eval_n": float(result["n"]),
                 "eval_completion_tokens": result["mean_completion_tokens"]}

@@ -62,7 +62,9 @@ def sft_loss(
     return LossOutput(
         numerator=numerator,
         denominator=tokens,
-        metrics={"accuracy": jnp.sum(correct_bt * mask_bt)},
+        # Next-token accuracy (``eval_token_accuracy`` in evals), named apart from the RL
+        # tasks' ``accuracy`` / ``eval_accuracy`` (answers checked by a reward).
+        metrics={"token_accuracy": jnp.sum(correct_bt * mask_bt)},
         totals={"tokens": tokens},
     )
 
