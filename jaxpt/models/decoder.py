@@ -48,21 +48,22 @@ def layer_path(path, layer: int) -> tuple:
     return (*path[:at], layer, *path[at:])
 
 
-def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
-    """One module of ``modules``' graph whose every Variable stacks theirs on a new leading
-    ``layers`` axis (their logical axes gain it in front)."""
-    graphdef, _ = nnx.split(modules[0])
-    states = [nnx.state(m) for m in modules]
+def stacked_init(create, rngs: nnx.Rngs, num_layers: int) -> nnx.Module:
+    """``create(rngs)``'s module with every Variable stacked ``num_layers`` deep on a new
+    leading ``layers`` axis (their logical axes gain it in front): one module's init
+    vmapped over per-layer keys, so one layer is traced and the random draws land
+    directly in the stacked weights."""
+    stacked = nnx.split_rngs(splits=num_layers)(nnx.vmap(create, in_axes=0, out_axes=0))(rngs)
+    graphdef, state = nnx.split(stacked)
 
-    def stack(*variables):
-        axes = variables[0].get_metadata().get("logical_axes")
-        value = jnp.stack([v[...] for v in variables])
+    def add_layer_axis(variable):
+        axes = variable.get_metadata().get("logical_axes")
         if axes is None:
-            return variables[0].replace(value)
-        return variables[0].replace(value, logical_axes=(LAYER_AXIS, *axes))
+            return variable
+        return variable.replace(variable[...], logical_axes=(LAYER_AXIS, *axes))
 
-    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.merge(graphdef, stacked)
+    state = jax.tree.map(add_layer_axis, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -194,18 +195,12 @@ class Decoder(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
         )
-        # Built one by one (the same random draws as unstacked layers), stored stacked.
-        self.layers = stack_modules(
-            [
-                DecoderLayer(
-                    c,
-                    rngs=rngs,
-                    dtype=dtype,
-                    param_dtype=param_dtype,
-                    attention_impl=attention_impl,
-                )
-                for _ in range(c.num_layers)
-            ]
+        self.layers = stacked_init(
+            lambda rngs: DecoderLayer(
+                c, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+            ),
+            rngs,
+            c.num_layers,
         )
         self.num_layers = c.num_layers
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)

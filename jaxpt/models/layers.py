@@ -246,18 +246,65 @@ def grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts):
 
     Numerically the same as ``jax.nn.dot_product_attention``'s XLA path, but several
     times faster on CPU, where that path materializes the repeated kv heads and a
-    broadcast mask; the query heads are grouped onto their kv head instead.
+    broadcast mask; the query heads are grouped onto their kv head instead. Its backward
+    recomputes the probabilities (``_attention_core``) rather than keeping [B, H, T, S]
+    tensors per layer.
     """
     b, t, n, h = q_btnh.shape
     kv = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
-    scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32)
-    scores_bkgts = scores_bkgts * (h**-0.5)
     mask_b11ts = _dense(mask_b1ts)[:, :, None, :, :]
-    scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
-    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+    out_btkgh = _attention_core(q_btkgh, k_bskh, v_bskh, mask_b11ts)
     return out_btkgh.reshape(b, t, n, h)
+
+
+def _masked_scores(q_btkgh, k_bskh, mask_b11ts):
+    scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32)
+    scores_bkgts = scores_bkgts * (q_btkgh.shape[-1] ** -0.5)
+    return jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
+
+
+def _probabilities(q_btkgh, k_bskh, mask_b11ts, max_bkgt1, total_bkgt1):
+    # jax.nn.softmax's own arithmetic, so forward and backward see the same probabilities.
+    return jnp.exp(_masked_scores(q_btkgh, k_bskh, mask_b11ts) - max_bkgt1) / total_bkgt1
+
+
+@jax.custom_vjp
+def _attention_core(q_btkgh, k_bskh, v_bskh, mask_b11ts):
+    """Masked softmax attention of query groups [B, T, K, G, H] on their kv head."""
+    return _attention_fwd(q_btkgh, k_bskh, v_bskh, mask_b11ts)[0]
+
+
+def _attention_fwd(q_btkgh, k_bskh, v_bskh, mask_b11ts):
+    # Like flash attention's backward, keep the inputs and each row's softmax statistics
+    # ([B, K, G, T, 1], the max and the sum of exponentials: a fully masked row's
+    # uniform weights come back exactly), not the probabilities.
+    scores_bkgts = _masked_scores(q_btkgh, k_bskh, mask_b11ts)
+    max_bkgt1 = jax.lax.stop_gradient(jnp.max(scores_bkgts, axis=-1, keepdims=True))
+    exp_bkgts = jnp.exp(scores_bkgts - max_bkgt1)
+    total_bkgt1 = jnp.sum(exp_bkgts, axis=-1, keepdims=True)
+    probs_bkgts = (exp_bkgts / total_bkgt1).astype(v_bskh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+    return out_btkgh, (q_btkgh, k_bskh, v_bskh, mask_b11ts, max_bkgt1, total_bkgt1)
+
+
+def _attention_bwd(residuals, dout_btkgh):
+    q_btkgh, k_bskh, v_bskh, mask_b11ts, max_bkgt1, total_bkgt1 = residuals
+    probs_bkgts = _probabilities(q_btkgh, k_bskh, mask_b11ts, max_bkgt1, total_bkgt1)
+    dv_bskh = jnp.einsum("bkgts,btkgh->bskh", probs_bkgts.astype(v_bskh.dtype), dout_btkgh)
+    dprobs_bkgts = jnp.einsum("btkgh,bskh->bkgts", dout_btkgh, v_bskh).astype(jnp.float32)
+    # softmax's backward; masked scores (a constant where the mask is off) get none.
+    dscores_bkgts = probs_bkgts * (
+        dprobs_bkgts - jnp.sum(probs_bkgts * dprobs_bkgts, axis=-1, keepdims=True)
+    )
+    dscores_bkgts = jnp.where(mask_b11ts, dscores_bkgts, 0.0) * (q_btkgh.shape[-1] ** -0.5)
+    dscores_bkgts = dscores_bkgts.astype(q_btkgh.dtype)
+    dq_btkgh = jnp.einsum("bkgts,bskh->btkgh", dscores_bkgts, k_bskh)
+    dk_bskh = jnp.einsum("bkgts,btkgh->bskh", dscores_bkgts, q_btkgh)
+    return dq_btkgh, dk_bskh, dv_bskh, None
+
+
+_attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash")
@@ -475,5 +522,28 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, axes=("embed", "mlp"), bias=c.mlp_bias, **common)
 
     def __call__(self, x_btd):
-        h_btf = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        h_btf = swiglu(self.gate_proj(x_btd), self.up_proj(x_btd))
         return self.down_proj(constrain(h_btf, ("batch", "seq", "mlp")))
+
+
+@jax.custom_vjp
+def swiglu(gate, up):
+    """``silu(gate) * up`` whose backward keeps only ``gate`` and ``up`` (autodiff keeps
+    four more tensors of their size: the sigmoid, silu, and their products)."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dh):
+    gate, up = residuals
+    g32, u32, dh32 = (x.astype(jnp.float32) for x in (gate, up, dh))
+    s32 = jax.nn.sigmoid(g32)
+    dgate = dh32 * u32 * s32 * (1.0 + g32 * (1.0 - s32))
+    dup = dh32 * g32 * s32
+    return dgate.astype(gate.dtype), dup.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
