@@ -91,9 +91,10 @@ def test_a_long_generation_decodes_in_stages_and_matches_transformers(tmp_path_f
     token-identical to transformers, through an eos and a limit that fall mid-stage."""
     from jaxpt.sampling.engine import decode_stages
 
-    # Seed 1: every greedy step of these 70 keeps a top-2 logit margin above 0.01, far
-    # from float noise (seed 0's path has a 4e-4 near-tie after 65 tokens).
-    model, hf, _ = _models("llama", tmp_path_factory, seed=1)
+    # Seed 19: every greedy step of these 70 keeps a top-2 logit margin above 0.02, far
+    # from float noise, and never picks the eos id that transformers' min_new_tokens bans
+    # (seed 1's path picks it after 14 tokens).
+    model, hf, _ = _models("llama", tmp_path_factory, seed=19)
     stages = decode_stages(16, 128)  # the buckets of the call below
     assert [end for _, end in stages] == [32, 64, 96, 128]
     assert [slots for slots, _ in stages] == [48, 80, 112, 144]
