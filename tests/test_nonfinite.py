@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tiny import SFT_TINY, TINY, sft_overrides, train_rows
+from tiny import SFT_TINY, TINY, sft_batch, sft_overrides, train_rows
 
 from jaxpt import loop
 from jaxpt.cli.train import main
@@ -32,17 +32,6 @@ def poisoned(loss_fn, first_bad: int, last_bad: int = 10**9):
         return out.replace(numerator=out.numerator * jnp.where(bad, jnp.nan, 1.0))
 
     return loss
-
-
-def sft_batch(rows=2, seq_len=16):
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, 128, (rows, seq_len + 1)).astype(np.int32)
-    return {
-        "input_ids": ids[:, :-1], "target_ids": ids[:, 1:],
-        "loss_mask": np.ones((rows, seq_len), np.float32),
-        "positions": np.tile(np.arange(seq_len, dtype=np.int32), (rows, 1)),
-        "segment_ids": np.ones((rows, seq_len), np.int32),
-    }
 
 
 def test_a_nonfinite_step_changes_nothing_but_the_step(mesh1):

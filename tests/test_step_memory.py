@@ -5,7 +5,7 @@ benchmark reports its peak RSS per phase."""
 import jax
 import numpy as np
 import optax
-from tiny import TINY
+from tiny import TINY, sft_batch
 
 from jaxpt.bench import RssPhases, compiled_memory
 from jaxpt.models import init_model
@@ -14,22 +14,11 @@ from jaxpt.step import count_nonfinite, jit_train_step, make_train_step, put_bat
 from jaxpt.tasks.sft import sft_loss
 
 
-def _sft_batch(rows=2, seq_len=16):
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, 128, (rows, seq_len + 1)).astype(np.int32)
-    return {
-        "input_ids": ids[:, :-1], "target_ids": ids[:, 1:],
-        "loss_mask": np.ones((rows, seq_len), np.float32),
-        "positions": np.tile(np.arange(seq_len, dtype=np.int32), (rows, 1)),
-        "segment_ids": np.ones((rows, seq_len), np.int32),
-    }
-
-
 def test_the_train_step_donates_its_whole_state(mesh1):
     tx = count_nonfinite(optax.adamw(1e-3))
     with jax.set_mesh(mesh1):
         state = create_train_state(init_model(TINY, seed=0, mesh=mesh1), tx, mesh1)
-        batch = _sft_batch()
+        batch = sft_batch()
         step = jit_train_step(make_train_step(sft_loss, tx), mesh1, shardings_of(state), batch)
         device_batch = put_batch(batch, mesh1)
         compiled = step.lower(state, device_batch).compile()

@@ -4,6 +4,8 @@ overrides of a seconds-long SFT run, and the metrics rows a run writes."""
 import json
 import os
 
+import numpy as np
+
 from jaxpt.data import load_tokenizer
 from jaxpt.models import init_model, save_pretrained
 
@@ -52,3 +54,16 @@ def assert_no_reference_saved(checkpoint_dir: str, step: int) -> None:
     assert "params" in metadata and "ref_params" not in metadata
     with open(os.path.join(checkpoint_dir, str(step), "frozen", "metadata")) as f:
         assert len(json.load(f)["fingerprint"]) == 32
+
+
+def sft_batch(rows=2, seq_len=16):
+    """A fixed SFT batch of random tokens for TINY: one document per row, every target
+    trained."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 128, (rows, seq_len + 1)).astype(np.int32)
+    return {
+        "input_ids": ids[:, :-1], "target_ids": ids[:, 1:],
+        "loss_mask": np.ones((rows, seq_len), np.float32),
+        "positions": np.tile(np.arange(seq_len, dtype=np.int32), (rows, 1)),
+        "segment_ids": np.ones((rows, seq_len), np.int32),
+    }
