@@ -19,13 +19,16 @@ import numpy as np
 BENCHMARKS = ("sft", "generate", "grpo", "ppo", "rm", "memory")
 
 
+def _max_rss_mb(who: int) -> float:
+    """``ru_maxrss`` of ``resource.RUSAGE_SELF`` or ``RUSAGE_CHILDREN`` in MiB."""
+    scale = 1024 if sys.platform != "darwin" else 1024**2  # KiB on Linux, bytes on macOS
+    return resource.getrusage(who).ru_maxrss / scale
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory in MiB of this process plus its largest finished child (data
     workers, reward sandboxes); ``ru_maxrss`` of the children is their largest peak."""
-    scale = 1024 if sys.platform != "darwin" else 1024**2  # KiB on Linux, bytes on macOS
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / scale
+    return _max_rss_mb(resource.RUSAGE_SELF) + _max_rss_mb(resource.RUSAGE_CHILDREN)
 
 
 def _own_peak_rss_mb() -> float | None:
@@ -65,8 +68,7 @@ class RssPhases:
         return peak
 
     def peak_mb(self) -> float:
-        scale = 1024 if sys.platform != "darwin" else 1024**2
-        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale
+        children = _max_rss_mb(resource.RUSAGE_CHILDREN)
         return max([peak_rss_mb(), *(p + children for p in self.peaks.values())])
 
     def report(self) -> dict:
