@@ -227,6 +227,7 @@ class Checkpointer:
         the LoRA base) from, for the error when they changed since a checkpoint."""
         self.directory = absolute_path(directory)
         self.frozen_source = frozen_source
+        self._frozen_fingerprint: tuple[str | None] | None = None  # see _fingerprint
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -257,7 +258,7 @@ class Checkpointer:
             "data": _PositionSave(_SourceItem(source)),
             "config": ocp.args.JsonSave(config),
         }
-        frozen = fingerprint(_frozen_tree(state))
+        frozen = self._fingerprint(state)
         if frozen is not None:
             record = {"fingerprint": frozen, "source": self.frozen_source}
             items["frozen"] = ocp.args.JsonSave(record)
@@ -297,10 +298,17 @@ class Checkpointer:
         except Exception:  # noqa: BLE001  unreadable metadata: the restore reports it
             return {}
 
+    def _fingerprint(self, state: TrainState) -> str | None:
+        """``fingerprint`` of ``state``'s frozen weights, computed once per run: they never
+        change while it trains, so every save and the resume check share one pass."""
+        if self._frozen_fingerprint is None:
+            self._frozen_fingerprint = (fingerprint(_frozen_tree(state)),)
+        return self._frozen_fingerprint[0]
+
     def _check_frozen(self, step: int, state: TrainState) -> None:
         """``_FrozenMismatch`` if ``state``'s frozen weights are not those ``step`` was
         trained against. Checkpoints without a record (older versions) are not checked."""
-        current = fingerprint(_frozen_tree(state))
+        current = self._fingerprint(state)
         path = epath.Path(self._step_dir(step)) / "frozen"
         if current is None or not path.exists():
             if current is not None:
