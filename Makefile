@@ -47,8 +47,11 @@ judge-smollm2: $(EXAMPLES_STAMP)
 		--in arithmetic -n 200 --template configs/judge_pick_correct.txt --max-new-tokens 8 \
 		--out runs/judge_smollm2/prefs.jsonl
 
+# loadgroup: one test at a time to whichever worker is free, a module that shares a
+# module-scoped fixture as one unit (tests/conftest.py); compiled programs are cached in
+# .pytest_cache/jax-compilation-cache.
 test: $(TEST_STAMP)
-	$(PY) -m pytest tests -n $(WORKERS) --dist loadfile
+	$(PY) -m pytest tests -n $(WORKERS) --dist loadgroup --durations=25
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check jaxpt tests

@@ -1,9 +1,15 @@
 """Typed run configuration: dataclass schema + YAML file + ``a.b=c`` overrides (OmegaConf).
 
-One frozen dataclass per section. The root schema is assembled from the shared sections
-plus one section per registered task (``sft``, later ``rm``, ``dpo``, ...), so a new task
-adds its options by declaring its own dataclass in its module. Unknown keys, wrong types
-and missing required values are ``ConfigError``s naming the key and the closest valid one.
+One frozen dataclass per section. The root schema is assembled when a config loads, from
+the shared sections plus one section per task registered at that moment (``sft``, ``rm``,
+``dpo``, ... and any a user's module added with ``jaxpt.tasks.register_task``), so a task
+adds its options by declaring its own dataclass. Unknown keys, wrong types and missing
+required values are ``ConfigError``s naming the key and the closest valid one.
+
+The root key ``imports`` (a list of module names) is read first and its modules imported
+before the rest is validated: that is how a run brings in its own tasks and model families
+(``imports: [mypkg.tasks]`` makes ``task: my_task`` and a ``my_task:`` section valid). The
+key is saved with the resolved config, so a resumed run imports the same modules.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib
 import os
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -219,8 +227,12 @@ CHOICES = {
 }
 
 
+ROOT_KEYS = ("task", "output_dir", "seed", "imports")
+
+
 @functools.cache
 def _make_schema(task_sections: tuple[tuple[str, type], ...]) -> type:
+    # Keyed on the registry's content: a task registered later gets a new schema.
     return make_schema(dict(task_sections))
 
 
@@ -230,10 +242,26 @@ def make_schema(task_sections: dict[str, type]) -> type:
         ("task", str, field(default="sft")),
         ("output_dir", str, field(default=MISSING)),
         ("seed", int, field(default=0)),
+        # Modules imported before the config is validated (their tasks, model families).
+        ("imports", list[str], field(default_factory=list)),
     ]
-    for name, cls in {**BASE_SECTIONS, **task_sections}.items():
+    for name, cls in BASE_SECTIONS.items():
+        fields.append((name, cls, field(default_factory=cls)))
+    for name, cls in task_sections.items():
+        if name in BASE_SECTIONS or name in ROOT_KEYS:
+            raise ConfigError(
+                f"task {name!r} cannot be registered: its config section would replace the "
+                f"root config key {name!r}"
+            )
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"task {name!r}: its config_cls {cls!r} is not a dataclass")
         fields.append((name, cls, field(default_factory=cls)))
     return dataclasses.make_dataclass("Config", fields, frozen=True)
+
+
+def current_schema() -> type:
+    """The root config dataclass for the tasks registered now."""
+    return _make_schema(tuple(_task_sections().items()))
 
 
 def _task_sections() -> dict[str, type]:
@@ -373,44 +401,101 @@ def _check_lora(config) -> None:
         )
 
 
+def _raw_layers(path, overrides, values) -> list:
+    """The YAML file, ``values`` and the dotted overrides as untyped OmegaConf layers."""
+    layers = []
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            layers.append(OmegaConf.load(path))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if values:
+        layers.append(OmegaConf.create(values))
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+    layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+    return layers
+
+
+def _imports_of(layers) -> list[str]:
+    """The ``imports`` key of the untyped layers (the last one that sets it wins)."""
+    imports = None
+    for layer in layers:
+        if OmegaConf.is_dict(layer) and "imports" in layer:
+            imports = layer["imports"]
+    if imports is None:
+        return []
+    if OmegaConf.is_list(imports):
+        imports = OmegaConf.to_container(imports, resolve=True)
+    if not isinstance(imports, list) or not all(isinstance(m, str) and m for m in imports):
+        raise ConfigError(
+            f"config key 'imports' must be a list of module names, e.g. [mypkg.tasks], "
+            f"got {imports!r}"
+        )
+    return imports
+
+
+def import_modules(module_names) -> None:
+    """Import each module (a user's tasks, model families); a failure is a ``ConfigError``
+    that names the ``imports`` key and the module."""
+    for name in module_names:
+        try:
+            importlib.import_module(name)
+        except Exception as error:
+            raise ConfigError(
+                f"config key 'imports': cannot import module {name!r}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+
+
+def import_config_modules(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    values: dict | None = None,
+) -> list[str]:
+    """Import the modules a config lists under ``imports`` (as ``load_config`` does before
+    it validates the rest, e.g. for ``--help`` to list their tasks); their names."""
+    try:
+        names = _imports_of(_raw_layers(path, overrides, values))
+    except OmegaConfBaseException as error:
+        raise explain_config_error(error, None) from None
+    import_modules(names)
+    return names
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
     values: dict | None = None,
 ):
     """Parse a YAML file, then ``values`` (a dict), then ``a.b=c`` overrides, into the typed,
-    validated root config."""
-    from jaxpt.tasks import available_tasks
+    validated root config. The modules named by the ``imports`` key are imported first, so
+    the schema includes the tasks they register."""
+    from jaxpt.tasks import available_tasks, get_task
 
-    schema_cls = _make_schema(tuple(_task_sections().items()))
-    schema = OmegaConf.structured(schema_cls)
-    layers = [schema]
+    schema = None
     try:
-        if path is not None:
-            if not os.path.exists(path):
-                raise ConfigError(f"config file {path} does not exist")
-            layers.append(OmegaConf.load(path))
-        if values:
-            layers.append(OmegaConf.create(values))
-        bad = [o for o in overrides or [] if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
-        merged = OmegaConf.merge(*layers)
+        layers = _raw_layers(path, overrides, values)
+        import_modules(_imports_of(layers))
+        schema = OmegaConf.structured(current_schema())
+        merged = OmegaConf.merge(schema, *layers)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise explain_config_error(error, schema) from None
     if config.task not in available_tasks():
         close = difflib.get_close_matches(config.task, available_tasks(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
+        if not close:
+            hint = "; a task of your own needs its module listed in the config key 'imports'"
         raise ConfigError(
             f"config key 'task': unknown task {config.task!r} "
             f"(available: {', '.join(available_tasks())}){hint}"
         )
     _check_choices_and_ranges(config)
     _check_lora(config)
-    from jaxpt.tasks import get_task
-
     check = get_task(config.task).check_config
     if check is not None:
         check(config)

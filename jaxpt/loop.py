@@ -36,17 +36,10 @@ from jaxpt.distributed import StopVote
 from jaxpt.host_memory import release_freed_memory
 from jaxpt.metrics import MetricsWriter, Progress
 from jaxpt.models.lora import trainable_filter
-from jaxpt.optim import make_optimizer, scale_updates
-from jaxpt.sharding import batch_shards, make_mesh, merged_rules, use_rules
+from jaxpt.run_spec import check_batch_fits_mesh, jit_run_step, run_mesh, run_optimizer
+from jaxpt.sharding import merged_rules, use_rules
 from jaxpt.state import TrainState, create_train_state, num_params, shardings_of
-from jaxpt.step import (
-    LossFn,
-    all_finite,
-    count_nonfinite,
-    jit_train_step,
-    make_train_step,
-    put_batch,
-)
+from jaxpt.step import LossFn, all_finite, put_batch
 from jaxpt.tasks import BatchSource, RunContext, Task, common, get_task
 
 log = logging.getLogger("jaxpt")
@@ -204,11 +197,8 @@ class Run:
         """The jitted train step ``(state, device batch) -> (state, metrics)`` for batches
         shaped like ``example_batch`` (host arrays), with the state's shardings and its
         buffers donated. Call it (it compiles on the first call) under ``activate()``."""
-        step = make_train_step(
-            self.loss_fn, self.tx, self.config.train.grad_accum_steps, schedule=self.schedule
-        )
         with self.activate():
-            return jit_train_step(step, self.mesh, self.ctx.state_shardings, example_batch)
+            return jit_run_step(self.ctx, self.loss_fn, self.tx, self.schedule, example_batch)
 
     def put_batch(self, batch: dict) -> dict:
         """A host batch as global device arrays on the run's batch sharding."""
@@ -233,37 +223,24 @@ class Run:
 
 def setup(config, *, mesh: jax.sharding.Mesh | None = None) -> Run:
     """config -> mesh -> model (``task.build``) -> TrainState -> loss, batch source and
-    evaluator. ``mesh`` replaces the one ``config.mesh`` describes (e.g. one device in
-    tests); the config's sharding rules still apply. Writes nothing but what the task's
-    data preparation writes. Close the returned ``Run`` (or use it in a ``with``)."""
+    evaluator, as ``jaxpt.run_spec`` describes the run (plans and benchmarks size the same
+    one). ``mesh`` replaces the one ``config.mesh`` describes (e.g. one device in tests);
+    the config's sharding rules still apply. Writes nothing but what the task's data
+    preparation writes. Close the returned ``Run`` (or use it in a ``with``)."""
     task = get_task(config.task)
-    cfg_train = config.train
     if mesh is None:
-        mesh = make_mesh(
-            {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
-            dcn_data=config.mesh.dcn_data,
-        )
+        mesh = run_mesh(config)
     ctx = RunContext(config, mesh, merged_rules(config.mesh.rules),
                      absolute_path(config.output_dir))
     with jax.set_mesh(mesh), use_rules(ctx.rules):
-        shards = batch_shards(mesh)
-        if cfg_train.batch_size % (shards * cfg_train.grad_accum_steps):
-            raise config_lib.ConfigError(
-                f"config key 'train.batch_size' ({cfg_train.batch_size}) must be divisible "
-                f"by the mesh's batch shards ({shards}) times 'train.grad_accum_steps' "
-                f"({cfg_train.grad_accum_steps})"
-            )
+        check_batch_fits_mesh(config, mesh)
         built = task.build(ctx)
         if (built.ref_params is not None) != common.keeps_reference(config):
             raise RuntimeError(  # memory plans and benchmarks size the state by the rule
                 f"task {task.name!r} built {'a' if built.ref_params is not None else 'no'} "
                 "reference, against jaxpt.tasks.common.keeps_reference"
             )
-        tx, schedule = make_optimizer(config.optim, cfg_train.max_steps)
-        if task.update_scales is not None:
-            params = nnx.state(built.model, trainable_filter(built.model))
-            tx = optax.chain(tx, scale_updates(task.update_scales(ctx, params)))
-        tx = count_nonfinite(tx)  # skipped steps are counted in the (checkpointed) state
+        tx, schedule = run_optimizer(ctx, nnx.state(built.model, trainable_filter(built.model)))
         state = create_train_state(
             built.model, tx, mesh, seed=config.seed, ref_params=built.ref_params,
             extras=built.extras,
@@ -277,7 +254,7 @@ def setup(config, *, mesh: jax.sharding.Mesh | None = None) -> Run:
         try:
             evaluate = task.make_evaluator(ctx)
             evaluate_tasks = None
-            if cfg_train.eval_tasks:
+            if config.train.eval_tasks:
                 from jaxpt.evals.runner import make_training_evaluator
 
                 evaluate_tasks = make_training_evaluator(config, ctx)

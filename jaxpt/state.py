@@ -57,6 +57,38 @@ def opt_state_shardings(tx: optax.GradientTransformation, params, mesh):
     )
 
 
+def train_state_shapes(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    *,
+    ref_params: nnx.State | None = None,
+    extras: Any = None,
+) -> TrainState:
+    """The TrainState of a model split into ``(graphdef, params, rest)`` as sharded
+    ``ShapeDtypeStruct``s: what ``create_train_state`` allocates, and what memory plans and
+    benchmarks compile the train step on (``jaxpt.run_spec``).
+
+    ``params``, ``rest``, ``ref_params`` and ``extras`` keep their leaves' shardings (arrays,
+    or ShapeDtypeStructs that carry one); ``tx``'s moments shard like their params, its
+    counters, ``step`` and ``rng`` are replicated.
+    """
+    params = abstract_like(params)
+    opt_state = abstract_like(
+        jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh)
+    )
+    scalar = replicated(mesh)
+    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    return TrainState(
+        graphdef, params, abstract_like(rest), opt_state,
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
+        rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=scalar),
+        ref_params=abstract_like(ref_params), extras=abstract_like(extras),
+    )
+
+
 def create_train_state(
     model: nnx.Module,
     tx: optax.GradientTransformation,
@@ -66,17 +98,18 @@ def create_train_state(
     ref_params: nnx.State | None = None,
     extras: Any = None,
 ) -> TrainState:
-    """A TrainState around an already-sharded model.
+    """A TrainState around an already-sharded model, laid out as ``train_state_shapes``.
 
-    The optimizer state is created by ``jax.jit(tx.init, out_shardings=...)`` with the
-    shardings derived from ``jax.eval_shape``, so Adam moments shard exactly like their
-    params (on an Auto mesh they would otherwise come out replicated).
+    The optimizer state is created by ``jax.jit(tx.init, out_shardings=...)`` with those
+    shapes' shardings, so Adam moments shard exactly like their params (on an Auto mesh
+    they would otherwise come out replicated).
     """
     # Under LoRA only the adapters train; the frozen base rides in ``rest``.
     graphdef, params, rest = nnx.split(model, trainable_filter(model), ...)
-    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
-    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated(mesh))
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+    shapes = train_state_shapes(graphdef, params, rest, tx, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=shardings_of(shapes.opt_state))(params)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shapes.rng.sharding)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shapes.step.sharding)
     return TrainState(graphdef, params, rest, opt_state, step, rng, ref_params, extras)
 
 
@@ -102,11 +135,13 @@ def reference_model(model: nnx.Module, ref_params: nnx.State | None) -> nnx.Modu
 def copy_params(model: nnx.Module) -> nnx.State:
     """A copy of ``model``'s params in their own buffers, shardings kept: a frozen reference
     that the donated train state can never alias."""
-    return jax.jit(lambda p: jax.tree.map(jnp.copy, p))(nnx.state(model, nnx.Param))
+    params = nnx.state(model, nnx.Param)
+    return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings_of(params))(params)
 
 
 def shardings_of(tree):
-    """The tree of shardings of a tree of (committed) jax arrays."""
+    """The tree of shardings of a tree of (committed) jax arrays or sharded
+    ShapeDtypeStructs."""
     return jax.tree.map(lambda x: x.sharding, tree)
 
 

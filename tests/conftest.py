@@ -1,6 +1,19 @@
-"""Test setup: emulate 8 CPU devices before jax is imported, and share small fixtures."""
+"""Test setup: emulate 8 CPU devices before jax is imported, share compiled programs between
+tests and processes, and share small fixtures."""
 
+import ast
+import functools
+import gc
 import os
+import shutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Compiled programs persist here, shared by the xdist workers and by the `python -m jaxpt...`
+# subprocesses tests start (they inherit these variables): the suite compiles the same tiny
+# programs again and again (a run, its stopped twin, the resumed one). The key holds the
+# program, the devices it runs on and the jax version, so 1- and 8-device programs never mix.
+COMPILATION_CACHE = os.path.join(ROOT, ".pytest_cache", "jax-compilation-cache")
+COMPILATION_CACHE_MAX_BYTES = 2 << 30  # wiped at the next session start beyond this
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -10,11 +23,112 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILATION_CACHE)
+# Every program: most of the suite's are tiny, and they repeat across tests and processes.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_configure(config):
+    """Once per session (not in xdist workers): start afresh when the compilation cache
+    has outgrown its bound (entries of old code and jax versions are never read again)."""
+    if hasattr(config, "workerinput"):
+        return
+    cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if os.path.isdir(cache) and _tree_bytes(cache) > COMPILATION_CACHE_MAX_BYTES:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long tests first, so that no long one starts last while the other xdist worker
+    idles: modules holding slow (end-to-end) tests, then modules that share a module-scoped
+    fixture (a run several tests read), then the rest; a module's tests stay together."""
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item):
+        if item.path in slow_modules:
+            return 0
+        return 1 if _defines_module_fixture(str(item.path)) else 2
+
+    items.sort(key=rank)  # stable: collection order within a rank
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` (``make test``) as ``SharedFixtureScheduling`` does it."""
+    if config.getvalue("dist") == "loadgroup":
+        from xdist.scheduler import LoadGroupScheduling
+
+        class SharedFixtureScheduling(LoadGroupScheduling):
+            """One test at a time to whichever worker is free, in collection order, but a
+            module that defines a module-scoped fixture (a run several tests read) as one
+            unit, so one worker makes it once. (``xdist_group`` marks alone no longer group
+            under pytest 9.2: xdist renames the test ids to do it, which pytest ignores.)"""
+
+            def _split_scope(self, nodeid):
+                scope = super()._split_scope(nodeid)
+                if scope != nodeid:
+                    return scope  # an xdist_group mark, where xdist could still read it
+                path = nodeid.split("::", 1)[0]
+                shared = _defines_module_fixture(os.path.join(str(config.rootpath), path))
+                return path if shared else nodeid
+
+        return SharedFixtureScheduling(config, log)
+    return None
+
+
+@functools.cache
+def _defines_module_fixture(path: str) -> bool:
+    """Whether the test module at ``path`` defines a ``@pytest.fixture(scope="module")``."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    return any(
+        isinstance(call, ast.Call) and any(
+            k.arg == "scope" and isinstance(k.value, ast.Constant) and k.value.value == "module"
+            for k in call.keywords)
+        for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+        for call in node.decorator_list
+    )
+
+
+def pytest_collection_finish(session):
+    """Hide what importing the tests built (jax, torch, transformers: ~500k objects) from
+    the garbage collector: every run's full collection before it compiles
+    (``jaxpt.host_memory.release_freed_memory``) then walks only what the tests allocate,
+    not 0.5 s of imported modules each time."""
+    gc.collect()
+    gc.freeze()
+
+
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, name))
+               for folder, _, names in os.walk(path) for name in names)
+
+
+@pytest.fixture(scope="module")
+def one_device_runs():
+    """In-process training runs (``jaxpt.loop.run``, ``setup`` without a mesh, the train
+    CLI's ``main``) on the first device, as ``python -m jaxpt.train`` runs in the CLI tests'
+    subprocesses (``XLA_FLAGS=""``): the tiny model gains nothing from 8 emulated devices on
+    a few cores, and tests about sharding pass their own mesh (``mesh8``). A config that
+    names a mesh of several devices keeps it. Module-scoped, so that a module's shared runs
+    (module fixtures that ask for it) get it too: ``pytestmark =
+    pytest.mark.usefixtures("one_device_runs")``."""
+    from jaxpt import loop
+    from jaxpt.run_spec import run_mesh
+
+    def first_device_mesh(config, devices=None):
+        sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        if devices is None and all(size in (1, -1) for size in sizes):
+            devices = jax.devices()[:1]
+        return run_mesh(config, devices)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "run_mesh", first_device_mesh)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 from tiny import ROOT, SFT_TINY, TINY, sft_overrides, train_rows
 
@@ -27,6 +28,8 @@ from jaxpt.loop import run
 from jaxpt.models import init_model
 from jaxpt.sharding import make_mesh
 from jaxpt.state import copy_params, create_train_state
+
+pytestmark = pytest.mark.usefixtures("one_device_runs")  # mesh tests pass their meshes
 
 
 def overrides(output_dir, model_path, **extra):

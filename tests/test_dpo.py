@@ -28,6 +28,8 @@ from jaxpt.models import init_model, save_pretrained
 from jaxpt.step import StepContext
 from jaxpt.tasks.dpo import dpo_task_loss
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")  # 8-device tests pass mesh8
+
 
 @pytest.fixture(scope="module")
 def batch():

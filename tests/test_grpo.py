@@ -17,7 +17,7 @@ from jaxpt.losses import token_logprobs
 from jaxpt.models import init_model
 from jaxpt.step import StepContext
 from jaxpt.tasks.grpo import GrpoConfig, grpo_loss
-from jaxpt.tasks.rollout import Rollout, train_batch
+from jaxpt.tasks.rl.batch import Rollout, train_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRPO_ARITH = os.path.join(ROOT, "configs", "grpo_arith.yaml")
@@ -177,7 +177,7 @@ def test_shared_prompt_forward_equals_the_full_forward():
     """Each group's prompt runs once into a KV cache; loss and gradients are unchanged."""
     from flax import nnx
 
-    from jaxpt.tasks.rollout import shares_prompts
+    from jaxpt.tasks.rl.batch import shares_prompts
 
     model = init_model(TINY, seed=3)
     rng = np.random.default_rng(1)

@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-import jaxpt.sampling
 from jaxpt.judges import (
     PAIRWISE_TEMPLATE,
     RUBRIC_TEMPLATE,
@@ -23,6 +22,7 @@ from jaxpt.judges import (
     rubric_reward,
     summarize,
 )
+from jaxpt.sampling import PromptSampler
 
 PAIR_TEMPLATE = "Q: {question}\n[A] {answer_a}\n[B] {answer_b}\nVerdict?"
 SHORT_RUBRIC_TEMPLATE = "{rubric}|{question}|{answer}|{min_score}-{max_score}"
@@ -243,21 +243,21 @@ def test_judges_end_to_end_on_the_tiny_model(tiny_dir, monkeypatch):
     from jaxpt.models import init_model
     from jaxpt.rewards import build_reward_fns
 
-    calls = []
-    real_generate = jaxpt.sampling.generate
+    calls = []  # (prompts, sampling settings) of each sampler launch
+    real_launch = PromptSampler.launch
 
-    def spy(model, prompts, **kwargs):
-        calls.append((len(prompts), kwargs))
-        return real_generate(model, prompts, **kwargs)
+    def spy(self, policy, prompts, key):
+        calls.append((len(prompts), self.sampling))
+        return real_launch(self, policy, prompts, key)
 
-    monkeypatch.setattr(jaxpt.sampling, "generate", spy)
+    monkeypatch.setattr(PromptSampler, "launch", spy)
     tokenizer = tokenizer_for_model(tiny_dir)
     model = init_model(TINY, seed=0)
     judge = PairwiseJudge(model, tokenizer, template=PAIR_TEMPLATE, max_new_tokens=8)
     verdicts = judge.judge(["2+2?", "Capital of France?"], ["4", "Paris"], ["5", "Rome"])
     assert len(calls) == 1 and calls[0][0] == 4  # both orders of both pairs in one call
-    assert calls[0][1]["temperature"] == 0.0
-    assert calls[0][1]["eos_token_id"] == [tokenizer.eos_token_id]
+    assert calls[0][1].greedy
+    assert calls[0][1].eos_token_ids == (tokenizer.eos_token_id,)
     for v in verdicts:
         assert isinstance(v.raw_ab, str) and isinstance(v.raw_ba, str)
         assert v.winner in ("a", "b", "tie")

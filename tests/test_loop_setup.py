@@ -47,3 +47,76 @@ def test_a_run_stepped_by_hand_is_the_loops_step(tmp_path, tiny_dir, mesh1):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert evaluation == {k: v for k, v in result.evals[-1].items() if k != "step"}
+
+
+# Tiny runs of every task that plans and benchmarks cover, each with its optimizer wrappers
+# and reference: GRPO's KL term and PPO keep a reference, LoRA keeps none and trains only
+# the adapters, PPO scales the critic's updates.
+RUN_SHAPES = {
+    "sft": {},
+    "grpo": {"task": "grpo", "grpo.beta": 0.1},
+    "grpo_lora": {"task": "grpo", "grpo.beta": 0.1, "lora.rank": 4},
+    "dpo": {"task": "dpo", "dpo.precompute_ref": "false"},
+    "rm": {"task": "rm"},
+    "ppo": {"task": "ppo", "ppo.rewards": "[{name: math}]", "ppo.critic_lr_scale": 2.0},
+}
+RL = {"eval_prompts": 0, "num_generations": 2, "samples_per_prompt": 2,
+      "max_prompt_length": 16, "max_completion_length": 8}
+
+
+def run_config(output_dir, tiny_dir, name):
+    extra = dict(RUN_SHAPES[name])
+    task = extra.get("task", "sft")
+    if task in ("grpo", "ppo"):
+        keys = {k: v for k, v in RL.items() if k != ("num_generations" if task == "ppo"
+                                                     else "samples_per_prompt")}
+        extra.update({f"{task}.{k}": v for k, v in keys.items()})
+        extra["data.eval"] = "null"
+    return sft_config(output_dir, tiny_dir, **extra)
+
+
+def layout(tree) -> dict:
+    """Each leaf's (shape, dtype, sharding) by its path."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(p): (x.shape, x.dtype, x.sharding) for p, x in flat}
+
+
+@pytest.mark.parametrize("name", sorted(RUN_SHAPES))
+def test_the_described_run_is_the_one_setup_creates(tmp_path, tiny_dir, mesh1, name):
+    """``jaxpt.run_spec.abstract_run`` (what plans and the memory benchmark compile) has
+    the state ``setup`` allocates, leaf for leaf, and the batch its source makes."""
+    from jaxpt.run_spec import abstract_run
+    from jaxpt.sharding import use_rules
+    from jaxpt.step import NonFiniteCounts
+    from jaxpt.tasks.common import keeps_reference
+
+    config = run_config(str(tmp_path), tiny_dir, name)
+    with setup(config, mesh=mesh1) as run:
+        with use_rules(run.ctx.rules):
+            described = abstract_run(config, mesh1, run.ctx.rules, hf_config=None)
+        state = run.state
+        assert isinstance(state.opt_state, NonFiniteCounts)
+        assert (state.ref_params is not None) == keeps_reference(config)
+        assert keeps_reference(config) == (name in ("grpo", "dpo", "ppo"))
+        for field in ("params", "rest", "opt_state", "step", "rng", "ref_params"):
+            concrete, abstract = getattr(state, field), getattr(described.state, field)
+            assert jax.tree.structure(concrete) == jax.tree.structure(abstract), field
+            assert layout(concrete) == layout(abstract), field
+        if config.task in ("sft", "dpo", "rm"):
+            batch, _ = run.source.next(state)
+            assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+                k: (v.shape, v.dtype) for k, v in described.batch.items()}
+        else:  # no rollout here: the loop's step traces on the described batch instead
+            described.jit_step().lower(described.state, described.batch)
+
+
+def test_the_described_run_shards_like_setup_on_eight_devices(tmp_path, tiny_dir, mesh8):
+    from jaxpt.run_spec import abstract_run
+    from jaxpt.sharding import use_rules
+
+    config = run_config(str(tmp_path), tiny_dir, "grpo")
+    with setup(config, mesh=mesh8) as run:
+        with use_rules(run.ctx.rules):
+            described = abstract_run(config, mesh8, run.ctx.rules)
+        assert layout(run.state) == layout(described.state)
+        assert any(not s.is_fully_replicated for _, _, s in layout(run.state).values())

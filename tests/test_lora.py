@@ -29,6 +29,8 @@ from jaxpt.models.lora import (
 )
 from jaxpt.state import num_params, reference_model
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")
+
 RANK, ALPHA = 4, 8
 IDS = np.array([[5, 17, 42, 99, 3, 64, 7, 120], [1, 2, 3, 4, 5, 6, 7, 8]], np.int32)
 # Every projection of the tiny Llama (hidden 32, 2 heads, 1 kv head of 16, mlp 64), 2 layers:
@@ -71,7 +73,7 @@ def base_params(model_dir):
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, tiny_dir):
+def sft_run(tmp_path_factory, tiny_dir, one_device_runs):
     """Four SFT steps with LoRA (dropout on), both exports; (run, result)."""
     out = str(tmp_path_factory.mktemp("lora_sft"))
     config = load_config(SFT_TINY, lora_overrides(out, tiny_dir, **{

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -497,3 +498,90 @@ def test_scanned_layers_give_the_same_loss_and_gradient(llama, no_remat_grads, r
     np.testing.assert_allclose(scan_loss, loss, rtol=1e-6)
     for g, s in zip(jax.tree.leaves(grads), jax.tree.leaves(scan_grads)):
         np.testing.assert_allclose(s, g, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("hidden_act", ["silu", "swish", "gelu", "gelu_pytorch_tanh"])
+def test_mlp_activation_follows_the_config_as_transformers(hidden_act):
+    """The MLP's activation is the config's ``hidden_act``, computed as transformers'
+    ACT2FN computes it (LlamaMLP: ``down(act(gate(x)) * up(x))``)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from jaxpt.models.layers import MLP
+
+    hf_config = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_attention_heads=2, hidden_act=hidden_act,
+        mlp_bias=False,
+    )
+    torch.manual_seed(0)
+    hf = LlamaMLP(hf_config).eval()
+    config = {"hidden_size": 16, "intermediate_size": 32, "initializer_range": 0.02,
+              "mlp_bias": False, "hidden_act": hidden_act}
+    mlp = MLP(types.SimpleNamespace(**config), rngs=nnx.Rngs(0), dtype=jnp.float32,
+              param_dtype=jnp.float32)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(mlp, name).weight[...] = jnp.asarray(getattr(hf, name).weight.detach().numpy())
+    x = np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float32) * 3
+    with torch.no_grad():
+        expected = hf(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(np.asarray(mlp(jnp.asarray(x))), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_activation_is_named_and_registering_one_adds_it():
+    from jaxpt.models import layers
+
+    config = types.SimpleNamespace(hidden_size=8, intermediate_size=16, initializer_range=0.02,
+                                   mlp_bias=False, hidden_act="relu_squared_test")
+    build = lambda: layers.MLP(config, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                               param_dtype=jnp.float32)
+    with pytest.raises(ValueError, match="relu_squared_test"):
+        build()
+    layers.register_activation("relu_squared_test", lambda x: jnp.square(jax.nn.relu(x)))
+    try:
+        mlp = build()
+        x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 8)), jnp.float32)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        expected = mlp.down_proj(jnp.square(jax.nn.relu(gate)) * up)
+        np.testing.assert_allclose(np.asarray(mlp(x)), np.asarray(expected), rtol=1e-6)
+    finally:
+        del layers.ACTIVATIONS["relu_squared_test"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _GeluConfig(jm.ModelConfig):
+    hidden_act: str = "gelu_pytorch_tanh"
+
+
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu_pytorch_tanh"])
+def test_feature_major_decode_step_equals_batch_major_with_lora(hidden_act):
+    """One token per row through the cache, run feature-major ([D, B], logits [V, B]) by
+    the same modules, gives the batch-major step's logits and cache (biases, LoRA)."""
+    from jaxpt.models.layers import FEATURE_MAJOR
+    from jaxpt.models.lora import LoRASpec, adapted, add_adapters
+
+    base = jm.config_from_hf({**_BASE, "model_type": "qwen2"})
+    config = _GeluConfig(**{**dataclasses.asdict(base), "hidden_act": hidden_act})
+    model = jm.init_model(config, seed=4)
+    add_adapters(model, LoRASpec(rank=4, alpha=8.0), seed=0)
+    rng = np.random.default_rng(5)
+    for lora in adapted(model).values():  # fresh adapters are zero: give them weight
+        lora.b[...] = jnp.asarray(rng.normal(size=lora.b[...].shape) * 0.2, jnp.float32)
+    ids = jnp.asarray(random_ids(seed=6))
+    cache = KVCache.init(model.config, B, T)
+    _, cache = nnx.jit(lambda m, ids, c: m(ids[:, :-1], cache=c))(model, ids, cache)
+
+    @nnx.jit(static_argnames="layout")
+    def step(model, token_b1, cache, layout=None):
+        kwargs = {} if layout is None else {"layout": layout}
+        return model(token_b1, cache=cache, **kwargs)
+
+    logits_vb, fm_cache = step(model, ids[:, -1:], cache, FEATURE_MAJOR)
+    logits_b1v, bm_cache = step(model, ids[:, -1:], cache)
+    assert logits_vb.shape == (VOCAB, B) and logits_vb.dtype == jnp.float32
+    np.testing.assert_allclose(logits_vb, logits_b1v[:, 0, :].T, rtol=1e-5, atol=1e-5)
+    for fm, bm in zip(fm_cache.k + fm_cache.v, bm_cache.k + bm_cache.v):
+        np.testing.assert_allclose(fm, bm, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="feature-major"):
+        model(ids, layout=FEATURE_MAJOR)

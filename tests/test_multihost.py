@@ -47,12 +47,15 @@ def _start(processes: int, jobs: list, tmp_path, name: str) -> list[subprocess.P
     if processes > 1:
         env.update(JAXPT_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
                    JAXPT_NUM_PROCESSES=str(processes))
+    # The suite's compilation cache, a directory per process count: a program compiled for
+    # one layout of processes is never loaded in another.
+    cache = os.path.join(os.environ.get("JAX_COMPILATION_CACHE_DIR", str(tmp_path)),
+                         f"processes-{processes}")
     started = []
     for i in range(processes):
         log = open(tmp_path / f"{name}_{i}.log", "w")  # noqa: SIM115 - closed in _wait
         started.append(subprocess.Popen(
-            [sys.executable, WORKER, str(8 // processes), json.dumps(jobs),
-             str(tmp_path / f"compile_cache_{processes}")],
+            [sys.executable, WORKER, str(8 // processes), json.dumps(jobs), cache],
             env={**env, "JAXPT_PROCESS_ID": str(i)} if processes > 1 else env,
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         ))

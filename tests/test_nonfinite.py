@@ -21,6 +21,8 @@ from jaxpt.step import NonFiniteCounts, count_nonfinite, jit_train_step, make_tr
 from jaxpt.tasks import get_task
 from jaxpt.tasks.sft import sft_loss
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")
+
 
 def poisoned(loss_fn, first_bad: int, last_bad: int = 10**9):
     """``loss_fn`` whose loss (and so every gradient) is NaN on 0-based optimizer steps

@@ -1,5 +1,7 @@
 """`python -m jaxpt.plan`: per-device memory of the real train step, checked by hand."""
 
+import argparse
+import dataclasses
 import json
 import os
 
@@ -116,7 +118,7 @@ def test_a_reused_rollout_is_planned_with_its_reference_logprobs_in_the_batch(ti
     assert plan.ref_params == plan.params  # the frozen copy still lives in the state
 
 
-def test_bad_topologies_and_tasks_are_clear_errors(tiny_config_dir):
+def test_bad_topologies_and_tasks_are_clear_errors(tiny_config_dir, monkeypatch):
     assert parse_spec("v5p:2x2x2") == ("v5p", (2, 2, 2))
     with pytest.raises(TopologyError, match="KIND:SHAPE"):
         parse_spec("v5e-8")
@@ -124,8 +126,15 @@ def test_bad_topologies_and_tasks_are_clear_errors(tiny_config_dir):
         parse_spec("v9:2x2")
     with pytest.raises(TopologyError, match="needs 64 CPU devices"):
         get_topology("cpu:64")
+    # A task whose batches nothing describes (a user's, say) cannot be planned.
+    from jaxpt import run_spec
+    from jaxpt.tasks import get_task
+
+    unplanned = dataclasses.replace(get_task("rm"), batch_spec=None)
+    monkeypatch.setattr(run_spec, "get_task",
+                        lambda name: unplanned if name == "rm" else get_task(name))
     config = load_config(str(tiny_config_dir / "sft.yaml"), ["task=rm"])
-    with pytest.raises(ConfigError, match="memory plans cover sft, grpo"):
+    with pytest.raises(ConfigError, match="memory plans cover dpo, grpo, ppo, sft, not 'rm'"):
         plan_memory(config, get_topology("cpu:8"))
     missing = load_config(str(tiny_config_dir / "sft.yaml"), ["model.path=/nonexistent"])
     with pytest.raises(ConfigError, match="model.path"):
@@ -200,3 +209,30 @@ def test_a_lora_plan_keeps_optimizer_state_for_the_adapters_alone(tiny_config_di
     # ... and no reference copy: the reference is the base with its adapters off.
     assert plan.ref_params == 0
     assert plan.sampler is not None and plan.train_step.peak > 0
+
+
+@pytest.mark.parametrize("task", ["sft", "grpo"])
+def test_the_memory_bench_compiles_the_plans_train_step(tiny_config_dir, tmp_path, task):
+    """``python -m jaxpt.bench memory`` reports the program a plan measures, which is the
+    loop's: the same state (non-finite counters, reference), shardings, gradient
+    accumulation and batch."""
+    from jaxpt.bench import memory
+
+    model = str(tiny_config_dir / "model")
+    parser = argparse.ArgumentParser()
+    memory.add_arguments(parser)
+    args = parser.parse_args([
+        "--task", task, "--model", model, "--batch-size", "4", "--seq-len", "32",
+        "--prompt-len", "8", "--new-tokens", "8", "--generations", "2", "--beta", "0.1",
+        "--dtype", "float32", f"model.path={model}", "train.grad_accum_steps=2",
+    ])
+    figures = memory.run(args)
+    plan = plan_memory(memory.run_config(args, str(tmp_path)), get_topology("cpu:1"))
+    step = plan.train_step
+    assert plan.ref_params == (plan.params if task == "grpo" else 0)
+    assert (figures["compiled_argument_bytes"], figures["compiled_output_bytes"],
+            figures["compiled_alias_bytes"], figures["compiled_temp_bytes"]) == (
+        step.argument, step.output, step.alias, step.temp)
+    assert figures["compiled_peak_bytes"] == step.peak - step.generated_code
+    # The state's bytes include the two int32 counts of skipped steps.
+    assert step.alias == plan.params + plan.ref_params + plan.opt_state + 4 + 8

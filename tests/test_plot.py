@@ -90,16 +90,15 @@ def test_a_run_keeps_its_color_in_panels_other_runs_did_not_log(tmp_path, capsys
         assert _pixels_near(image, blue, kl_panel) == 0
 
 
-def test_plot_a_real_run_metrics_file(tmp_path, capsys):
+def test_plot_a_real_run_metrics_file(tmp_path, tiny_dir, one_device_runs, capsys):
     """The metrics file a real (seconds-long) SFT run of the tiny model writes."""
-    from tiny import SFT_TINY, make_tiny_dir, sft_overrides
+    from tiny import SFT_TINY, sft_overrides
 
     from jaxpt.config import load_config
     from jaxpt.loop import run
 
-    model = make_tiny_dir(str(tmp_path / "model"))
     run_dir = str(tmp_path / "sft")
-    run(load_config(SFT_TINY, sft_overrides(run_dir, model, **{
+    run(load_config(SFT_TINY, sft_overrides(run_dir, tiny_dir, **{
         "train.max_steps": 3, "train.log_every": 1, "train.eval_batches": 1})))
     out = tmp_path / "real.png"
     assert plot_cli.main([run_dir, "--out", str(out)]) == 0

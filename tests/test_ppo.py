@@ -23,7 +23,7 @@ from jaxpt.models.classifier import init_classifier, save_classifier
 from jaxpt.optim import scale_updates
 from jaxpt.step import StepContext
 from jaxpt.tasks.ppo import PpoConfig, finish_arrays, ppo_loss, update_scales
-from jaxpt.tasks.rollout import Rollout, completion_window, minibatch_rows, train_batch
+from jaxpt.tasks.rl.batch import Rollout, completion_window, minibatch_rows, train_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PPO_ARITH = os.path.join(ROOT, "configs", "ppo_arith.yaml")

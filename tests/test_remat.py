@@ -128,8 +128,8 @@ def test_full_remat_also_wraps_the_shared_prompt_kv_cache_forward():
 
 @pytest.mark.parametrize("policy", ["dots", "dots_saveable", "dots_no_batch"])
 def test_dot_policies_save_projection_outputs(policy, capsys):
-    """On CPU projections carry a custom gradient (``layers.project``); dot policies must
-    still keep their outputs rather than recompute them."""
+    """Projections are plain dots to remat (on CPU too, where ``layers.project`` lays out
+    the weight gradient itself): dot policies keep their outputs rather than recompute them."""
     from jax.ad_checkpoint import print_saved_residuals
 
     from jaxpt.models.layers import project

@@ -15,7 +15,7 @@ from jaxpt.config import load_config
 from jaxpt.loop import setup
 from jaxpt.step import StepContext, put_batch
 from jaxpt.tasks import grpo, ppo
-from jaxpt.tasks.rollout import completion_window
+from jaxpt.tasks.rl.batch import completion_window
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPERATURE = 0.7  # not 1: the old log-probs must be divided by it, as the loss divides
@@ -102,9 +102,9 @@ def _first_iteration(run, filters):
     """Per-token ratios of the first optimizer step on a fresh rollout sampled with
     ``filters``, its completion mask, and the loss's clipped-token count."""
     source, cfg = run.source, run.ctx.task_config
-    base = dataclasses.replace(source.sampling, top_k=None, top_p=None, min_p=None,
+    base = dataclasses.replace(source.sampler.sampling, top_k=None, top_p=None, min_p=None,
                                repetition_penalty=None)
-    source.sampling = dataclasses.replace(base, **filters)
+    source.sampler.sampling = dataclasses.replace(base, **filters)
     source.pending = None  # sample a new rollout rather than reuse one
     with run.activate():
         batch, _ = source.next(run.state)

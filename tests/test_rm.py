@@ -5,6 +5,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 from flax import nnx
@@ -19,6 +20,8 @@ from jaxpt.models.safetensors_io import SafetensorsFile
 from jaxpt.rewards import load_reward_model
 from jaxpt.step import StepContext
 from jaxpt.tasks.rm import rm_loss
+
+pytestmark = pytest.mark.usefixtures("one_device_runs")  # the 8-device test passes mesh8
 
 
 def test_read_position_is_transformers_rightmost_non_pad():

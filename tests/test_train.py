@@ -22,6 +22,8 @@ from jaxpt.step import StepContext, _sums_and_grads, jit_train_step, make_train_
 from jaxpt.tasks.sft import sft_loss
 from jaxpt.train import main
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")  # the FSDP test passes its meshes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
 

@@ -7,8 +7,7 @@ measure), host work between the phases included; beside it the median of each ph
 (``generate_s``, ``reward_s``, ``update_s``) and of their sum (``phase_sum_s``) from the
 run's own per-step timings. Compile steps are excluded (``--warmup``). The train step's
 compiled memory (``compiled_peak_bytes``) comes from compiling it once more on abstract
-inputs of the same shapes (``jaxpt.bench.memory``), after ``peak_rss_mb`` is read; not
-with ``--lora``.
+inputs of the same shapes (``jaxpt.bench.memory``), after ``peak_rss_mb`` is read.
 """
 
 from __future__ import annotations
@@ -74,8 +73,7 @@ def run(args) -> dict:
             all_rows = list(map(json.loads, f))
         rows = [r for r in all_rows if "time/generate_s" in r]
         peak_rss = peak_rss_mb()
-        # The abstract compile builds the model without adapters: no figure under LoRA.
-        memory = {} if args.lora else train_step_memory(args, config)
+        memory = train_step_memory(args, config)
     # A step's update is timed when the next step starts, so pair step i with row i + 1.
     steps = []
     for row, following in itertools.pairwise(rows):
@@ -108,12 +106,11 @@ def run(args) -> dict:
 
 
 def train_step_memory(args, config) -> dict:
-    """``compiled_memory`` of the run's GRPO train step, compiled on abstract inputs."""
+    """``compiled_memory`` of the run's GRPO train step, compiled on abstract inputs of the
+    run's own description (its mesh, state and batch spec: prompts are left-padded to the
+    full budget, so every step has those shapes)."""
     from jaxpt.bench import compiled_memory
-    from jaxpt.bench.memory import abstract_batch, compile_train_step, hf_config
+    from jaxpt.bench.memory import compile_train_step
 
-    # Prompts are left-padded to the full budget, so every step has these shapes.
-    length = args.prompt_len + args.new_tokens
-    batch = abstract_batch("grpo", args.prompts * args.generations, length)
-    compiled, _ = compile_train_step(config, hf_config(args.model), batch)
+    compiled, _ = compile_train_step(config)
     return compiled_memory(compiled)

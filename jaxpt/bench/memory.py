@@ -1,58 +1,89 @@
-"""Compiled memory of one train step (SFT or GRPO), compile only: no weight is allocated.
+"""Compiled memory of one train step, compile only: no weight is allocated.
 
-The model, optimizer state and batch are abstract (``nnx.eval_shape`` /
-``jax.ShapeDtypeStruct``), so the step of a model far larger than this machine's memory
-compiles here and XLA reports what it would need (``compiled_peak_bytes`` and its parts,
-see ``jaxpt.bench.compiled_memory``). ``--model`` is a preset or an HF ``config.json`` (or a
-directory holding one); ``--layers`` overrides the depth (to show per-layer growth when the
-full depth is slow to compile).
+The run is the one ``jaxpt.run_spec`` describes for the training loop, on one device: the
+task's model from its architecture alone (``Task.build_abstract``), the optimizer with the
+loop's wrappers (its non-finite step counters included), the state's shardings, one batch
+(``Task.batch_spec``), and the loop's jitted train step (gradient accumulation, the lr
+schedule, the state donated). Everything is abstract (``jax.ShapeDtypeStruct``), so the step
+of a model far larger than this machine's memory compiles here and XLA reports what it
+would need (``compiled_peak_bytes`` and its parts, see ``jaxpt.bench.compiled_memory``).
+
+``--task`` is any task with a batch spec (``jaxpt.run_spec.planned_tasks``). ``--model`` is a
+preset or an HF ``config.json`` (or a directory holding one); ``--layers`` overrides the depth
+(to show per-layer growth when the full depth is slow to compile). Trailing ``key=value``
+overrides set any other config key (e.g. ``train.grad_accum_steps=2``).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
 from jaxpt.bench import compiled_memory
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--task", choices=("sft", "grpo"), default="sft")
+    parser.add_argument("--task", default="sft",
+                        help="a task with a batch spec: sft, rm, dpo, grpo, ppo, ...")
     parser.add_argument("--model", default="bench-tiny", help="preset or HF config.json / dir")
     parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences (completions)")
-    parser.add_argument("--seq-len", type=int, default=256, help="sft row length")
-    parser.add_argument("--prompt-len", type=int, default=256, help="grpo prompt length")
-    parser.add_argument("--new-tokens", type=int, default=512, help="grpo completion length")
-    parser.add_argument("--generations", type=int, default=4, help="grpo completions/prompt")
-    parser.add_argument("--beta", type=float, default=0.0, help="grpo KL weight (> 0: a ref)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="rows: sequences, pairs (rm, dpo) or completions (grpo, ppo)")
+    parser.add_argument("--seq-len", type=int, default=256, help="sft/rm/dpo row length")
+    parser.add_argument("--prompt-len", type=int, default=256, help="grpo/ppo prompt length")
+    parser.add_argument("--new-tokens", type=int, default=512, help="grpo/ppo completion length")
+    parser.add_argument("--generations", type=int, default=4,
+                        help="grpo/ppo completions per prompt")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="grpo KL weight (> 0: a ref; default: the config's, 0)")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
     parser.add_argument("--param-dtype", default="float32")
     parser.add_argument("--remat", default="none")
     parser.add_argument("--logits-chunk-size", type=int, default=0)
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted config overrides, e.g. grpo.num_iterations=2")
 
 
 def hf_config(model: str, layers: int | None = None) -> dict:
     """The HF config dict of a preset, a config.json file or a directory holding one."""
-    from jaxpt.models import preset_config
+    from jaxpt.config import ConfigError
+    from jaxpt.tasks.common import hf_config_dict
 
-    config = preset_config(model)
-    if config is None:
-        path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-        if not os.path.exists(path):
-            raise SystemExit(f"memory bench: --model {model!r} is neither a preset nor a config")
-        with open(path) as f:
-            config = json.load(f)
+    try:
+        config = hf_config_dict(model, "--model")
+    except ConfigError:
+        raise SystemExit(
+            f"memory bench: --model {model!r} is neither a preset nor a config"
+        ) from None
     if layers is not None:
         config = {**config, "num_hidden_layers": layers}
         config.pop("layer_types", None)
     return config
+
+
+# The rollout flags as keys of a task's config section, where the section has them.
+_ROLLOUT_KEYS = {
+    "max_prompt_length": "prompt_len", "max_completion_length": "new_tokens",
+    "num_generations": "generations", "samples_per_prompt": "generations", "beta": "beta",
+}
+
+
+def _section_values(args) -> dict:
+    from jaxpt.tasks import get_task
+
+    try:
+        config_cls = get_task(args.task).config_cls
+    except KeyError as error:
+        raise SystemExit(f"memory bench: {error.args[0]}") from None
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    values = {key: getattr(args, flag) for key, flag in _ROLLOUT_KEYS.items()
+              if key in fields and getattr(args, flag) is not None}
+    if "rewards" in fields and not config_cls().rewards:
+        values["rewards"] = [{"name": "math"}]  # the train step scores nothing: any will do
+    return values
 
 
 def run_config(args, output_dir: str):
@@ -66,71 +97,40 @@ def run_config(args, output_dir: str):
         "data": {"train": "arithmetic", "seq_len": args.seq_len},
         "train": {"max_steps": 1000, "batch_size": args.batch_size,
                   "logits_chunk_size": args.logits_chunk_size},
+        args.task: _section_values(args),
     }
-    if args.task == "grpo":
-        values["grpo"] = {
-            "num_generations": args.generations, "max_prompt_length": args.prompt_len,
-            "max_completion_length": args.new_tokens, "beta": args.beta,
-        }
-    return load_config(None, values=values)
+    return load_config(None, getattr(args, "overrides", None) or [], values=values)
 
 
-def abstract_batch(task: str, rows: int, length: int) -> dict:
-    """ShapeDtypeStructs of a ``task`` (sft or grpo) train batch of ``rows`` x ``length``."""
-    ints = ("input_ids", "target_ids", "positions", "segment_ids")
-    batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32) for k in ints}
-    if task == "sft":
-        batch["loss_mask"] = jax.ShapeDtypeStruct((rows, length), jnp.float32)
-        return batch
-    for k in ("completion_mask", "old_logprobs"):
-        batch[k] = jax.ShapeDtypeStruct((rows, length), jnp.float32)
-    batch["advantages"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
-    return batch
+def compile_train_step(config, model_config: dict | None = None, devices=None):
+    """(compiled train step, trained parameter count) of the run ``config`` describes
+    (``jaxpt.run_spec.abstract_run``) on ``devices`` (default: every device, as the run's
+    mesh takes them), its model of ``model_config`` (an HF config dict; default:
+    ``model.path``'s)."""
+    from jaxpt.run_spec import abstract_run, run_mesh
+    from jaxpt.sharding import merged_rules, use_rules
+    from jaxpt.state import num_params
 
-
-def compile_train_step(config, model_config: dict, batch: dict):
-    """(compiled train step, parameter count) of ``config``'s task on an abstract model of
-    ``model_config`` (an HF config dict) on one device."""
-    from jaxpt.models.config import config_from_hf
-    from jaxpt.models.decoder import CausalLM
-    from jaxpt.optim import make_optimizer
-    from jaxpt.sharding import make_mesh, merged_rules, use_rules
-    from jaxpt.state import TrainState, num_params
-    from jaxpt.step import make_train_step
-    from jaxpt.tasks import RunContext, get_task
-    from jaxpt.tasks.common import keeps_reference
-
-    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = run_mesh(config, devices)
     rules = merged_rules(config.mesh.rules)
-    m = config.model
-    arch = config_from_hf(model_config)
+    with use_rules(rules):
+        run = abstract_run(config, mesh, rules, hf_config=model_config)
     with jax.set_mesh(mesh), use_rules(rules):
-        abstract = nnx.eval_shape(lambda: CausalLM(
-            arch, rngs=nnx.Rngs(0), dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-            remat=m.remat, attention_impl=m.attention_impl, scan_layers=m.scan_layers,
-        ))
-        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-        tx, _ = make_optimizer(config.optim, config.train.max_steps)
-        state = TrainState(
-            graphdef, params, rest, jax.eval_shape(tx.init, params),
-            jax.ShapeDtypeStruct((), jnp.int32),
-            jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-            ref_params=params if keeps_reference(config) else None,
-        )
-        ctx = RunContext(config, mesh, rules, config.output_dir)
-        step = make_train_step(get_task(config.task).make_loss(ctx), tx)
-        compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
-    return compiled, num_params(params)
+        compiled = run.jit_step().lower(run.state, run.batch).compile()
+    return compiled, num_params(run.state.params)
 
 
 def run(args) -> dict:
+    from jaxpt.config import ConfigError
+
     model_config = hf_config(args.model, args.layers)
     with tempfile.TemporaryDirectory() as out:
-        config = run_config(args, out)
-        start = time.perf_counter()
-        length = args.seq_len if args.task == "sft" else args.prompt_len + args.new_tokens
-        batch = abstract_batch(args.task, args.batch_size, length)
-        compiled, params = compile_train_step(config, model_config, batch)
+        try:
+            config = run_config(args, out)
+            start = time.perf_counter()
+            compiled, params = compile_train_step(config, model_config, jax.devices()[:1])
+        except ConfigError as error:
+            raise SystemExit(f"memory bench: {error}") from None
         compile_s = time.perf_counter() - start
     result = {
         "task": args.task, "model": args.model, "params": params,
@@ -138,9 +138,12 @@ def run(args) -> dict:
         "dtype": args.dtype, "param_dtype": args.param_dtype, "remat": args.remat,
         "logits_chunk_size": args.logits_chunk_size, "compile_s": round(compile_s, 2),
     }
-    if args.task == "sft":
-        result["seq_len"] = args.seq_len
-    else:
+    section = getattr(config, args.task)
+    if hasattr(section, "max_completion_length"):
         result.update(prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                      generations=args.generations, beta=args.beta)
+                      generations=args.generations)
+        if hasattr(section, "beta"):
+            result["beta"] = section.beta
+    else:
+        result["seq_len"] = args.seq_len
     return {**result, **compiled_memory(compiled)}

@@ -3,7 +3,9 @@
 They parse arguments, call the library and format its output; nothing else lives here.
 ``python -m jaxpt.train`` (and ``jaxpt.generate``, ``jaxpt.eval``, ``jaxpt.bench``,
 ``jaxpt.quickstart``, ``jaxpt.convert``) and the ``jaxpt-*`` console scripts both land in
-these functions.
+these functions. Each module also offers ``build_parser()`` and ``parse_args(argv)``, which
+build and apply its argument parser without running anything (the docs' commands are
+checked with them).
 
 Every ``main`` is wrapped in ``command``: a user error (a bad path, a missing optional
 package, a bad config, a broken reward function; ``USER_ERRORS``) prints one

@@ -14,8 +14,9 @@ import sys
 from jaxpt.cli import command
 
 
-@command
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser, a subcommand per benchmark; building it runs nothing
+    (it imports the benchmark modules)."""
     from jaxpt.bench import BENCHMARKS
 
     parser = argparse.ArgumentParser(
@@ -24,7 +25,6 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="benchmark", required=True)
-    modules = {}
     for name in BENCHMARKS:
         try:
             module = importlib.import_module(f"jaxpt.bench.{name}")
@@ -32,10 +32,19 @@ def main(argv=None) -> int:
             if e.name != f"jaxpt.bench.{name}":
                 raise
             continue
-        modules[name] = module
         module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    result = modules[args.benchmark].run(args)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    return build_parser().parse_args(argv)
+
+
+@command
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = importlib.import_module(f"jaxpt.bench.{args.benchmark}").run(args)
     print(json.dumps({"benchmark": args.benchmark, **result}), flush=True)
     return 0
 

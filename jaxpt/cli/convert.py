@@ -18,7 +18,8 @@ from jaxpt.cli import command
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxpt.convert",
         description=__doc__,
@@ -32,7 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="float32",
         help="dtype of the written weights (default: float32)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    return build_parser().parse_args(argv)
 
 
 def _write(src: str, out_dir: str, dtype: str):

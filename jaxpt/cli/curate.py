@@ -17,7 +17,8 @@ import sys
 from jaxpt.cli import command
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     from jaxpt.curation import STEP_TYPES
 
     types = "\n".join(f"  {name:15s} {path}" for name, path in STEP_TYPES.items())
@@ -32,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_samples=10")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    return build_parser().parse_args(argv)
 
 
 def format_table(report: dict, width: int = 100) -> str:
@@ -63,7 +69,7 @@ def _clip(text: str, width: int) -> str:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -31,7 +31,8 @@ from typing import Any
 from jaxpt.cli import command
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxpt.eval",
         description=__doc__,
@@ -76,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="rows per generate call (default 64; overrides --config's)")
     parser.add_argument("--dtype", help="float32 (default) or bfloat16; overrides --config's")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    return build_parser().parse_args(argv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +156,7 @@ def _check_scorer(name: str) -> None:
 
 @command
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("jaxpt").setLevel(logging.INFO)  # generation progress on stderr
     from jaxpt.config import ConfigError

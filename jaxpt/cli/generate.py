@@ -14,7 +14,8 @@ import sys
 from jaxpt.cli import command
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     parser = argparse.ArgumentParser(prog="python -m jaxpt.generate", description=__doc__)
     parser.add_argument("--model", required=True, help="HF model dir or preset (jaxpt-tiny)")
     parser.add_argument("--tokenizer", help="default: the model's own (the shipped one for presets)")
@@ -28,6 +29,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--min-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.prompt is None and not args.chat:
         parser.error("give --prompt, or --chat to read turns from stdin")

@@ -22,7 +22,8 @@ import sys
 from jaxpt.cli import command
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxpt.human",
         description=__doc__,
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     ratings.add_argument("--seed", type=int, default=0)
     ratings.add_argument("--k", type=float, default=32.0, help="Elo K-factor")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    return build_parser().parse_args(argv)
 
 
 def _finite(value):
@@ -80,7 +86,7 @@ def _print_table(summary: dict) -> None:
 
 @command
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     from jaxpt.human import export_page, summarize
 
     if args.command == "export":

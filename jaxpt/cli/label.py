@@ -22,7 +22,8 @@ import sys
 from jaxpt.cli import command
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxpt.label", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -52,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    return build_parser().parse_args(argv)
+
+
 def _read_pairs(args) -> list[dict]:
     from jaxpt.data import DataError
     from jaxpt.data.sources import read_rows
@@ -75,7 +81,7 @@ def _read_pairs(args) -> list[dict]:
 
 @command
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     if args.source == "arithmetic" and args.truth_field is None:
         args.truth_field = "better"
     from jaxpt.data import DataError, write_jsonl

@@ -17,7 +17,8 @@ import sys
 from jaxpt.cli import command
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxpt.plan", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -35,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    return build_parser().parse_args(argv)
+
+
 def _use_cpu_devices(topology: str) -> None:
     """Give this process the CPU devices a ``cpu:N`` topology needs (before jax starts)."""
     from jaxpt.planning.topology import cpu_device_flag
@@ -49,7 +55,7 @@ def _use_cpu_devices(topology: str) -> None:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     from jaxpt.planning.topology import TopologyError
 
     try:

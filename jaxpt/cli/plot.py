@@ -17,7 +17,8 @@ import json
 import sys
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxpt.plot",
         description=__doc__,
@@ -33,13 +34,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = _parser()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.runs) == bool(args.eval):
         parser.error("give run dirs or --eval FILE..., not both and not neither")
     if args.smoothing is not None and not 0 <= args.smoothing < 1:
         parser.error(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     from jaxpt.evals.plots import plot_results, plot_runs
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None

@@ -141,8 +141,8 @@ def reward_windows(metrics_path: str, window: int = 20) -> tuple[float, float]:
 STAGES = [("sft", stage_sft), ("grpo", stage_grpo)]
 
 
-@command
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     parser = argparse.ArgumentParser(prog="python -m jaxpt.quickstart", description=__doc__)
     parser.add_argument("--output-dir", default="runs/quickstart")
     parser.add_argument(
@@ -150,10 +150,22 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--stages", default=",".join(name for name, _ in STAGES))
     parser.add_argument("overrides", nargs="*", help="config overrides for every stage")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     unknown = set(args.stages.split(",")) - {name for name, _ in STAGES}
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}; stages: sft,grpo")
+    return args
+
+
+@command
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     wanted = args.stages.split(",")

@@ -1,6 +1,8 @@
 """``python -m jaxpt.train --config configs/X.yaml [key.sub=value ...]``: run a training job.
 
-The config's ``task`` picks the job; every key can be overridden on the command line.
+The config's ``task`` picks the job; every key can be overridden on the command line. The
+modules the config lists under ``imports`` are imported first, so ``--help`` after a
+``--config`` also lists the tasks they register.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import sys
 from jaxpt.cli import command
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     from jaxpt.tasks import available_tasks, get_task
 
     tasks = "\n".join(f"  {name:6s} {get_task(name).description}" for name in available_tasks())
-    return argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m jaxpt.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -24,14 +27,34 @@ def _parser() -> argparse.ArgumentParser:
         "  python -m jaxpt.train --config configs/sft_tiny.yaml train.max_steps=100 "
         "output_dir=runs/x",
     )
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    return build_parser().parse_args(argv)
+
+
+def import_user_modules(argv: list[str] | None = None) -> None:
+    """Import the modules the config lists under ``imports`` (its own tasks), so that
+    ``--help`` lists them; a failing import is reported when the config loads."""
+    from jaxpt.config import ConfigError, import_config_modules
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    try:
+        import_config_modules(known.config, [a for a in rest if "=" in a])
+    except ConfigError:
+        pass
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
-    args = parser.parse_args(argv)
+    import_user_modules(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

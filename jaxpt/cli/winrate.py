@@ -27,7 +27,8 @@ import time
 from jaxpt.cli import command
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """This command's argument parser; building it runs nothing."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxpt.winrate",
         description=__doc__,
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as this command reads it; a usage error exits with status 2."""
+    return build_parser().parse_args(argv)
+
+
 def _prompts(args) -> list[dict]:
     from jaxpt.data import arithmetic_eval_rows, load_examples
 
@@ -73,7 +79,7 @@ def _prompts(args) -> list[dict]:
 
 
 def _answers(path: str, prompts: list, args):
-    from jaxpt.data import eos_token_ids, tokenizer_for_model
+    from jaxpt.data import tokenizer_for_model
     from jaxpt.evals.winrate import generate_responses
     from jaxpt.models import load_model
 
@@ -81,7 +87,7 @@ def _answers(path: str, prompts: list, args):
     model = load_model(path, dtype=args.dtype)
     responses = generate_responses(
         model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, eos_token_id=eos_token_ids(tokenizer, path),
+        batch_size=args.batch_size, model_path=path,
         temperature=args.temperature, seed=args.seed,
     )
     del model
@@ -127,7 +133,7 @@ def _write(output_dir: str, result: dict, rows: list[dict]) -> None:
 
 @command
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     from jaxpt.data import DataError
     from jaxpt.evals.stats import compare_outcomes
 

@@ -34,7 +34,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxpt.config import ConfigError, DataSection, MeshSection, ModelSection
-from jaxpt.tasks.grpo import RewardSpec, reward_specs
+from jaxpt.tasks.rl.rewards import RewardSpec, reward_specs, score_completions
 
 log = logging.getLogger(__name__)
 
@@ -210,19 +210,6 @@ class _Outputs:
         os.replace(path + ".tmp", path)
 
 
-def _put(host: np.ndarray, sharding) -> jax.Array:
-    """A global array from the same host array on every process."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def _to_host(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def _broadcast(value: int) -> int:
     """Process 0's ``value`` on every process."""
     if jax.process_count() == 1:
@@ -232,67 +219,31 @@ def _broadcast(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
-class ChunkSampler:
-    """Samples ``num_samples`` completions of a chunk of prompt rows in one call of the
-    jitted sampler on the mesh: prompts left-padded to a bucketed length, the batch padded
-    to ``prompts_per_chunk`` (rounded up to the mesh's batch shards), so every full chunk
-    runs one compiled program. ``launch`` only dispatches; ``texts`` waits and decodes."""
+def rejection_sampler(config: RejectionConfig, tokenizer, mesh):
+    """The ``PromptSampler`` of a run: ``num_samples`` completions per prompt, every chunk
+    padded to ``prompts_per_chunk`` prompts (one compiled program), on ``mesh``."""
+    from jaxpt.sampling import PromptSampler
 
-    def __init__(self, config: RejectionConfig, tokenizer, model, mesh):
-        from flax import nnx
-
-        from jaxpt.data import eos_token_ids
-        from jaxpt.sampling import SamplingConfig
-        from jaxpt.sharding import batch_sharding, batch_shards
-
-        cfg = self.cfg = config.rejection
-        self.tokenizer, self.graphdef_state = tokenizer, nnx.split(model)
-        self.pad = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
-        self.sampling = SamplingConfig.make(
-            max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-            top_p=cfg.top_p, top_k=cfg.top_k, num_samples=cfg.num_samples,
-            eos_token_id=eos_token_ids(tokenizer, config.model.path), pad_token_id=self.pad,
-        )
-        shards = batch_shards(mesh)
-        self.batch = -(-cfg.prompts_per_chunk // shards) * shards
-        self.sharding, self.key = batch_sharding(mesh, 2), jax.random.key(config.seed)
-
-    def launch(self, chunk_rows: list[dict], chunk_index: int):
-        from jaxpt.data import encode_prompt
-        from jaxpt.sampling import bucket, left_pad, sample_arrays
-
-        limit = self.cfg.max_prompt_length
-        prompts = [encode_prompt(self.tokenizer, r["prompt"])[-limit:] for r in chunk_rows]
-        prompts += [prompts[0]] * (self.batch - len(prompts))  # padding rows, ignored
-        length = min(bucket(max(map(len, prompts))), limit)
-        ids_bt, mask_bt = (
-            _put(a, self.sharding) for a in left_pad(prompts, self.batch, length, self.pad)
-        )
-        key = jax.random.fold_in(self.key, chunk_index)
-        return sample_arrays(*self.graphdef_state, ids_bt, mask_bt, key, self.sampling)
-
-    def texts(self, launched, num_rows: int) -> list[str]:
-        """The decoded completions of the first ``num_rows`` prompts, prompt-major."""
-        out = jax.tree.map(_to_host, launched)
-        return self.tokenizer.batch_decode(
-            [out.tokens_bn[r, : out.lengths_b[r]].tolist()
-             for r in range(num_rows * self.cfg.num_samples)],
-            skip_special_tokens=True,
-        )
+    cfg = config.rejection
+    return PromptSampler(
+        tokenizer, model_path=config.model.path, max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        num_samples=cfg.num_samples, max_prompt_length=cfg.max_prompt_length,
+        batch_size=cfg.prompts_per_chunk, mesh=mesh,
+    )
 
 
-def score_samples(runner, scorer, cfg: RejectionSection, chunk_rows, texts, chat: bool):
+def chunk_scores(runner, scorer, cfg: RejectionSection, chunk_rows, texts, tokenizer):
     """Scores by name (each [P * n], NaN = abstain) and the total [P, n]: the reward
-    functions' weighted total plus ``reward_model_weight`` times the reward model's score."""
+    functions' weighted total plus ``reward_model_weight`` times the reward model's score
+    of each pair, its prompt as the policy read it."""
+    from jaxpt.sampling import prompt_as_seen
+
     n = cfg.num_samples
-    sample_rows = [r for r in chunk_rows for _ in range(n)]
-    # The columns GRPO passes to reward functions.
-    columns = {k: [r.get(k) for r in sample_rows] for k in sample_rows[0]
-               if k not in ("prompt", "messages", "id")}
-    rewards = runner([r["prompt"] for r in sample_rows], texts, **columns)
+    rewards = score_completions(runner, chunk_rows, texts, n)
     scores, total = dict(rewards.scores), rewards.total.astype(np.float32)
     if scorer is not None:
-        prompts = [_chat_prompt(r["prompt"], chat) for r in sample_rows]
+        prompts = [prompt_as_seen(tokenizer, r["prompt"]) for r in chunk_rows for _ in range(n)]
         scores["reward_model"] = scorer.score(prompts, texts)
         total = total + np.float32(cfg.reward_model_weight) * scores["reward_model"]
     return scores, total.reshape(len(chunk_rows), n)
@@ -331,6 +282,8 @@ def run_rejection_sampling(config: RejectionConfig, *, mesh=None,
     The next chunk is dispatched to the devices before the current one is decoded and
     scored on the host, so sampling and reward scoring overlap.
     """
+    from flax import nnx
+
     from jaxpt.rewards import RewardRunner, build_reward_fns
     from jaxpt.sharding import make_mesh, merged_rules, use_rules
     from jaxpt.tasks import common
@@ -350,7 +303,8 @@ def run_rejection_sampling(config: RejectionConfig, *, mesh=None,
         rows = common.load_rows(ctx, train, "prompt", config.data.train_split)
         rows = rows[: cfg.max_prompts] if cfg.max_prompts is not None else rows
         tokenizer = common.resolve_tokenizer(ctx)
-        sampler = ChunkSampler(config, tokenizer, common.build_causal_lm(ctx), mesh)
+        sampler = rejection_sampler(config, tokenizer, mesh)
+        policy = nnx.split(common.build_causal_lm(ctx))
         runner = RewardRunner(build_reward_fns(reward_specs(cfg)))
         scorer = None
         if cfg.reward_model is not None:
@@ -362,17 +316,20 @@ def run_rejection_sampling(config: RejectionConfig, *, mesh=None,
         chat = bool(getattr(tokenizer, "chat_template", None))
         size = cfg.prompts_per_chunk
         begins = list(range(start, len(rows), size))[:max_chunks]
+        key = jax.random.key(config.seed)
 
         def launch(i: int):
-            return sampler.launch(rows[begins[i] : begins[i] + size], begins[i] // size)
+            chunk_rows = rows[begins[i] : begins[i] + size]
+            prompts = [sampler.encode(r["prompt"]) for r in chunk_rows]
+            return sampler.launch(policy, prompts, jax.random.fold_in(key, begins[i] // size))
 
         pending = launch(0) if begins else None
         for i, begin in enumerate(begins):
             # Dispatch the next chunk first: the devices sample while the host scores.
             current, pending = pending, launch(i + 1) if i + 1 < len(begins) else None
             chunk_rows = rows[begin : begin + size]
-            texts = sampler.texts(current, len(chunk_rows))
-            scores, total_pn = score_samples(runner, scorer, cfg, chunk_rows, texts, chat)
+            texts = sampler.collect(current).texts
+            scores, total_pn = chunk_scores(runner, scorer, cfg, chunk_rows, texts, tokenizer)
             written, samples = chunk_records(cfg, begin, chunk_rows, texts, scores, total_pn,
                                              chat)
             outputs.append(written, samples, {
@@ -384,13 +341,6 @@ def run_rejection_sampling(config: RejectionConfig, *, mesh=None,
                      begin, begin + len(chunk_rows), len(rows), len(written),
                      float(total_pn.max(axis=1).mean()))
     return _summary(outputs.state, len(rows), ctx.summary)
-
-
-def _chat_prompt(prompt, chat: bool):
-    """The prompt as the policy saw it: a string becomes a user turn under a chat template."""
-    if chat and isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return prompt
 
 
 def _finite(value) -> float | None:

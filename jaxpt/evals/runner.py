@@ -32,26 +32,33 @@ class TaskResult:
     samples: list[dict]  # one per scored completion (see ``evaluate_task``)
 
 
-def _generate_texts(model, tokenizer, prompts, task: EvalTask, *, temperature, num_samples,
-                    eos_token_id, batch_size, seed) -> tuple[list[str], list[int]]:
-    """Completions prompt-major (``num_samples`` per prompt), all of a prompt's samples in
-    one batch; each cut before the task's first stop string."""
-    from jaxpt.sampling import generate
+def task_sampler(tokenizer, task: EvalTask, *, temperature: float, num_samples: int,
+                 eos_token_id=None, model_path: str | None = None):
+    """The ``PromptSampler`` of one pass over ``task``: its prompts through the chat template
+    or not (``task.chat``), ``num_samples`` completions each at ``temperature``."""
+    from jaxpt.sampling import PromptSampler
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return PromptSampler(
+        tokenizer, max_new_tokens=task.max_new_tokens, temperature=temperature,
+        top_p=task.top_p if temperature > 0 else None, num_samples=num_samples,
+        model_path=model_path, eos_token_id=eos_token_id, chat=task.chat,
+    )
+
+
+def _generate_texts(model, tokenizer, prompts, task: EvalTask, *, temperature, num_samples,
+                    eos_token_id, model_path, batch_size, seed) -> tuple[list[str], list[int]]:
+    """Completions of ``prompts`` (texts or messages) prompt-major (``num_samples`` per
+    prompt), all of a prompt's samples in one launch; each cut before the task's first stop
+    string. The chunk from prompt ``begin`` draws with ``seed + begin``."""
+    sampler = task_sampler(tokenizer, task, temperature=temperature, num_samples=num_samples,
+                           eos_token_id=eos_token_id, model_path=model_path)
+    ids = [sampler.encode(p) for p in prompts]
     per_batch = max(1, batch_size // num_samples)
     texts, lengths = [], []
-    for begin in range(0, len(prompts), per_batch):
-        out = generate(
-            model, prompts[begin : begin + per_batch], max_new_tokens=task.max_new_tokens,
-            temperature=temperature, top_p=task.top_p if temperature > 0 else None,
-            eos_token_id=eos_token_id, pad_token_id=pad, num_samples=num_samples,
-            seed=seed + begin,
-        )
-        for tokens in out.tokens:
-            texts.append(_cut(tokenizer.decode(tokens, skip_special_tokens=True), task.stop))
-            lengths.append(len(tokens))
-        log.info("%s: %d/%d prompts x %d %s", task.name, min(begin + per_batch, len(prompts)),
+    for samples in sampler.sample_in_chunks(model, ids, seed=seed, chunk_size=per_batch):
+        texts += [_cut(text, task.stop) for text in samples.texts]
+        lengths += samples.lengths
+        log.info("%s: %d/%d prompts x %d %s", task.name, len(texts) // num_samples,
                  len(prompts), num_samples, "sampled" if temperature > 0 else "greedy")
     return texts, lengths
 
@@ -77,6 +84,7 @@ def evaluate_task(
     examples: Sequence[EvalExample] | None = None,
     *,
     eos_token_id: int | Sequence[int] | None = None,
+    model_path: str | None = None,
     batch_size: int = 64,
 ) -> TaskResult:
     """Generate and score ``task`` (its examples loaded unless given) with ``model``.
@@ -85,17 +93,17 @@ def evaluate_task(
     None for the greedy completion), ``greedy``, the ``prompt``, the ``completion``,
     ``scored`` (the extracted answer, or the program that ran without its tests) and
     ``score``. Generation uses the task's own seed: it touches no other random state.
-    Generation stops at ``eos_token_id`` (default: ``jaxpt.data.eos_token_ids(tokenizer)``).
+    Generation stops at ``eos_token_id`` (default: ``jaxpt.data.eos_token_ids(tokenizer,
+    model_path)``).
     """
-    from jaxpt.data import encode_prompt, eos_token_ids
-
     if examples is None:
         examples = load_task_examples(task)
     if not examples:
         raise ValueError(f"task {task.name!r} has no examples")
     start = time.perf_counter()
-    eos = eos_token_ids(tokenizer) if eos_token_id is None else eos_token_id
-    prompts = [encode_prompt(tokenizer, e.prompt, chat_template=task.chat) for e in examples]
+    prompts = [e.prompt for e in examples]
+    generation = {"eos_token_id": eos_token_id, "model_path": model_path,
+                  "batch_size": batch_size, "seed": task.seed}
     metrics: dict[str, float] = {}
     samples: list[dict] = []
     lengths: list[int] = []
@@ -112,8 +120,7 @@ def evaluate_task(
 
     if task.greedy or not task.sampled:
         texts, lens = _generate_texts(
-            model, tokenizer, prompts, task, temperature=0.0, num_samples=1,
-            eos_token_id=eos, batch_size=batch_size, seed=task.seed,
+            model, tokenizer, prompts, task, temperature=0.0, num_samples=1, **generation
         )
         _, scored = _score(task, examples, texts, 1)
         record(texts, scored, True, 1)
@@ -123,7 +130,7 @@ def evaluate_task(
         n = task.num_samples
         texts, lens = _generate_texts(
             model, tokenizer, prompts, task, temperature=task.temperature, num_samples=n,
-            eos_token_id=eos, batch_size=batch_size, seed=task.seed,
+            **generation,
         )
         scorer, scored = _score(task, examples, texts, n)
         record(texts, scored, False, n)
@@ -206,7 +213,7 @@ def make_training_evaluator(config, ctx):
     ``train.eval_tasks`` (None when it names none), with the run's tokenizer (``ctx``, a
     ``jaxpt.tasks.RunContext``). Examples are loaded once, here; generation uses each task's
     own seed, so evaluating changes no training RNG or data state."""
-    from jaxpt.data import eos_token_ids, tokenizer_for_model
+    from jaxpt.data import tokenizer_for_model
     from jaxpt.evals.tasks import parse_tasks
 
     tasks = parse_tasks(list(config.train.eval_tasks), "train.eval_tasks")
@@ -216,12 +223,11 @@ def make_training_evaluator(config, ctx):
         ctx.tokenizer = tokenizer_for_model(config.model.path, config.model.tokenizer)
     tokenizer = ctx.tokenizer
     loaded = [(task, load_task_examples(task)) for task in tasks]
-    eos = eos_token_ids(tokenizer, config.model.path)
 
     def evaluate(state) -> dict[str, float]:
         model = state.model()
         results = [
-            evaluate_task(model, tokenizer, task, examples, eos_token_id=eos)
+            evaluate_task(model, tokenizer, task, examples, model_path=config.model.path)
             for task, examples in loaded
         ]
         return training_metrics(results)

@@ -17,6 +17,7 @@ def verifiable_accuracy(
     batch_size: int = 64,
     num_examples: int = 3,
     eos_token_id: int | Sequence[int] | None = None,
+    model_path: str | None = None,
     scorer=None,
 ) -> dict:
     """Greedy accuracy of ``model`` on rows with ``prompt`` and ``answer``.
@@ -25,31 +26,25 @@ def verifiable_accuracy(
     ``\\boxed{x}`` or an "answer is" phrase; numbers compared exactly, else math-verify).
     ``scorer`` replaces that check: any reward function (e.g. ``last_number_reward``); a
     score of 1.0 counts as correct. Generation stops at ``eos_token_id`` (one id or several;
-    default: ``jaxpt.data.eos_token_ids(tokenizer)``, the eos and the chat template's end of
-    turn; pass ``eos_token_ids(tokenizer, model_path)`` to add the model's generation config). ``jaxpt.evals.evaluate_task`` adds sampling, pass@k and
-    maj@k over tasks described as data.
-    Returns ``accuracy``, ``n``, the mean completion length and a few examples.
+    default: ``jaxpt.data.eos_token_ids(tokenizer, model_path)``, the eos, the chat
+    template's end of turn and the model dir's generation config). Prompts are sampled
+    ``batch_size`` at a time by a ``jaxpt.sampling.PromptSampler``.
+    ``jaxpt.evals.evaluate_task`` adds sampling, pass@k and maj@k over tasks described as
+    data. Returns ``accuracy``, ``n``, the mean completion length and a few examples.
     """
-    from jaxpt.data import encode_prompt, eos_token_ids
     from jaxpt.rewards import math_reward
-    from jaxpt.sampling import generate
+    from jaxpt.sampling import PromptSampler
 
     if not rows:
         raise ValueError("verifiable_accuracy needs at least one row")
     start = time.perf_counter()
-    eos = eos_token_ids(tokenizer) if eos_token_id is None else eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sampler = PromptSampler(tokenizer, max_new_tokens=max_new_tokens, model_path=model_path,
+                            eos_token_id=eos_token_id)
+    prompts = [sampler.encode(r["prompt"]) for r in rows]
     completions, lengths = [], []
-    for begin in range(0, len(rows), batch_size):
-        chunk = rows[begin : begin + batch_size]
-        prompts = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
-        out = generate(
-            model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-            eos_token_id=eos, pad_token_id=pad,
-        )
-        for tokens in out.tokens:
-            completions.append(tokenizer.decode(tokens, skip_special_tokens=True))
-            lengths.append(len(tokens))
+    for samples in sampler.sample_in_chunks(model, prompts, chunk_size=batch_size):
+        completions += samples.texts
+        lengths += samples.lengths
     scorer = scorer or math_reward
     scores = scorer([r["prompt"] for r in rows], completions, [r["answer"] for r in rows])
     correct = np.array([s == 1.0 for s in scores], np.float64)

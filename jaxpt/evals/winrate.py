@@ -36,25 +36,23 @@ def generate_responses(
     eos_token_id: int | Sequence[int] | None = None,
     temperature: float = 0.0,
     seed: int = 0,
+    model_path: str | None = None,
 ) -> Responses:
-    """Answers of ``model`` to ``prompts`` (texts or chat messages, encoded as ``jaxpt``
-    encodes every generation prompt), greedy unless ``temperature`` > 0; each stops at
-    ``eos_token_id`` (default: ``jaxpt.data.eos_token_ids(tokenizer)``)."""
-    from jaxpt.data import encode_prompt, eos_token_ids
-    from jaxpt.sampling import generate
+    """Answers of ``model`` to ``prompts`` (texts or chat messages), sampled ``batch_size``
+    at a time by a ``jaxpt.sampling.PromptSampler`` (the path every generation job shares),
+    greedy unless ``temperature`` > 0; each stops at ``eos_token_id`` (default:
+    ``jaxpt.data.eos_token_ids(tokenizer, model_path)``)."""
+    from jaxpt.sampling import PromptSampler
 
-    eos = eos_token_ids(tokenizer) if eos_token_id is None else eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sampler = PromptSampler(
+        tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+        model_path=model_path, eos_token_id=eos_token_id,
+    )
     texts, num_tokens = [], []
-    for begin in range(0, len(prompts), batch_size):
-        chunk = prompts[begin : begin + batch_size]
-        out = generate(
-            model, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens,
-            temperature=temperature, eos_token_id=eos, pad_token_id=int(pad),
-            seed=seed + begin,
-        )
-        texts += tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        num_tokens += [len(t) for t in out.tokens]
+    encoded = [sampler.encode(p) for p in prompts]
+    for samples in sampler.sample_in_chunks(model, encoded, seed=seed, chunk_size=batch_size):
+        texts += samples.texts
+        num_tokens += samples.lengths
     return Responses(texts, num_tokens)
 
 

@@ -2,7 +2,7 @@
 two answers (``PairwiseJudge``, asked in both orders to cancel position bias) or scores one
 against a rubric (``RubricJudge``, also a TRL-style reward function).
 
-Both run batched, greedy ``jaxpt.sampling.generate`` calls; a judge's ``generator`` can be
+Both run batched, greedy ``jaxpt.sampling.PromptSampler`` calls; a judge's ``generator`` can be
 any callable mapping prompt texts to reply texts (tests use a fake). ``rubric_reward`` is the
 rubric judge as a config reward function: ``fn: jaxpt.judges:rubric_reward`` with
 ``kwargs: {model: <path>, ...}``.

@@ -1,5 +1,5 @@
 """The text-in, text-out model call both judges share: rendered judge prompts become user
-turns, one batched ``jaxpt.sampling.generate`` call per batch, replies decoded."""
+turns, one ``jaxpt.sampling.PromptSampler`` launch per batch, replies decoded."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def question_text(prompt) -> str:
 class ModelGenerator:
     """Judge prompts in, replies out: each text becomes a user turn (through the
     tokenizer's chat template, when it has one and ``chat_template``), the whole list is
-    one ``jaxpt.sampling.generate`` call, replies are decoded without special tokens.
+    one launch of a ``jaxpt.sampling.PromptSampler``, replies are decoded without special
+    tokens.
 
     ``model`` is a loaded jaxpt model (then ``tokenizer`` is required) or a path / preset /
     hub name, loaded on first use with ``jaxpt.models.load_model(model, **load_kwargs)``
@@ -61,6 +62,7 @@ class ModelGenerator:
         self._model = None if self._path else model
         self._tokenizer = tokenizer
         self._eos = eos_token_id
+        self._sampler = None
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.seed = seed
@@ -69,7 +71,7 @@ class ModelGenerator:
         self.load_kwargs = dict(load_kwargs or {})
 
     def _ready(self):
-        from jaxpt.data import eos_token_ids, tokenizer_for_model
+        from jaxpt.data import tokenizer_for_model
 
         if self._tokenizer is None or isinstance(self._tokenizer, str):
             self._tokenizer = tokenizer_for_model(self._path, self._tokenizer)
@@ -77,38 +79,38 @@ class ModelGenerator:
             from jaxpt.models import load_model
 
             self._model = load_model(self._path, **self.load_kwargs)
-        if self._eos is None:
-            self._eos = eos_token_ids(self._tokenizer, self._path) or None
         return self._model, self._tokenizer
+
+    @property
+    def sampler(self):
+        """The ``PromptSampler`` of the judge's replies (built on first use)."""
+        from jaxpt.sampling import PromptSampler
+
+        _, tokenizer = self._ready()
+        if self._sampler is None:
+            self._sampler = PromptSampler(
+                tokenizer, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                model_path=self._path, eos_token_id=self._eos, chat=self.chat_template,
+            )
+        return self._sampler
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one judge prompt."""
-        from jaxpt.data import encode_prompt
-
         _, tokenizer = self._ready()
         if self.system_prompt is not None and getattr(tokenizer, "chat_template", None):
-            messages = [
+            return self.sampler.encode([
                 {"role": "system", "content": self.system_prompt},
                 {"role": "user", "content": text},
-            ]
-            return encode_prompt(tokenizer, messages)
-        return encode_prompt(tokenizer, text, chat_template=self.chat_template)
+            ])
+        return self.sampler.encode(text)
 
     def __call__(self, texts: list[str]) -> list[str]:
-        from jaxpt import sampling
-
-        model, tokenizer = self._ready()
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        out = sampling.generate(
-            model,
-            [self.encode(t) for t in texts],
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            eos_token_id=self._eos,
-            seed=self.seed,
-            pad_token_id=int(pad),
-        )
-        return tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        if not texts:
+            return []
+        model, _ = self._ready()
+        prompts = [self.encode(t) for t in texts]
+        (samples,) = self.sampler.sample_in_chunks(model, prompts, seed=self.seed)
+        return samples.texts
 
 
 def make_generator(model, tokenizer, generator: Generator | None, **settings) -> Generator:

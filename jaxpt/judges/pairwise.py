@@ -1,7 +1,7 @@
 """Pairwise LLM judge: which of two answers is better, asked in both orders.
 
 Every pair is rendered twice, (A=a, B=b) and (A=b, B=a), and both go into the same batched
-``jaxpt.sampling.generate`` call. The swapped reply is mapped back to the original answers
+``jaxpt.sampling.PromptSampler`` call. The swapped reply is mapped back to the original answers
 and the two votes are combined:
 
   both say X (a, b or tie)    -> X                      score_a 1 / 0 / 0.5

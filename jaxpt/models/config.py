@@ -1,4 +1,8 @@
-"""The decoder's architecture, read from (and written back as) a Hugging Face config."""
+"""The decoder's architecture, read from (and written back as) a Hugging Face config.
+
+Which architectures exist, and what each one's config.json leaves unsaid, is the model
+family registry's business (``jaxpt.models.families``).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,16 @@ import math
 import numpy as np
 import transformers
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "MistralForCausalLM",
+from jaxpt.models.families import (
+    SUPPORTED_ARCHITECTURES,
+    UnsupportedArchitectureError,
+    family_of,
+    family_of_model_type,
+    get_family,
 )
-_ARCH_BY_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
 
-
-class UnsupportedArchitectureError(ValueError):
-    """The checkpoint's architecture is not one jaxpt implements."""
+# What the MLP computes without ``jaxpt.models.layers.ACTIVATIONS``; "swish" is silu.
+_BASE_ACTIVATIONS = ("silu", "swish")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +47,7 @@ class ModelConfig:
     sliding_windows: tuple = ()  # per layer: window size or None
     initializer_range: float = 0.02
     max_position_embeddings: int = 4096
+    hidden_act: str = "silu"  # the MLP's gate activation (a key of layers.ACTIVATIONS)
 
     @property
     def rope(self) -> dict:
@@ -81,27 +80,6 @@ class ModelConfig:
         )
 
 
-def _architecture_of(hf_config) -> str:
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    if not archs:
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in _ARCH_BY_MODEL_TYPE:
-            raise UnsupportedArchitectureError(
-                f"model_type {model_type!r} is not supported; jaxpt supports "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        return _ARCH_BY_MODEL_TYPE[model_type]
-    arch = archs[0]
-    # Sequence-classification checkpoints (reward models) share the decoder.
-    base = arch.replace("ForSequenceClassification", "ForCausalLM")
-    if base not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"architecture {arch!r} is not supported; jaxpt supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return base
-
-
 def _rope_parameters(hf_config) -> tuple[float, tuple]:
     if hasattr(hf_config, "standardize_rope_params"):
         hf_config.standardize_rope_params()
@@ -128,19 +106,40 @@ def _sliding_windows(hf_config, num_layers: int) -> tuple:
     return (window,) * num_layers
 
 
+def known_activations() -> tuple[str, ...]:
+    """The ``hidden_act`` values the MLP implements (``jaxpt.models.layers.ACTIVATIONS``)."""
+    try:
+        from jaxpt.models.layers import ACTIVATIONS
+    except ImportError:  # a jaxpt whose MLP is silu only
+        return _BASE_ACTIVATIONS
+    return tuple(ACTIVATIONS)
+
+
+def _activation(name: str) -> str:
+    known = known_activations()
+    if name == "swish" and name not in known and "silu" in known:
+        return "silu"  # transformers' alias
+    if name not in known:
+        raise UnsupportedArchitectureError(
+            f"hidden_act {name!r} is not supported (supported: {', '.join(known)}; add one "
+            "with jaxpt.models.layers.register_activation)"
+        )
+    return name
+
+
 def config_from_hf(hf_config) -> ModelConfig:
-    """Read a ``transformers`` config (object or dict) into a ``ModelConfig``."""
+    """Read a ``transformers`` config (object or dict) into a ``ModelConfig``, the family's
+    flags applied (see ``jaxpt.models.families``)."""
     if isinstance(hf_config, dict):
         hf_config = hf_config_from_dict(hf_config)
-    arch = _architecture_of(hf_config)
+    family = family_of(hf_config)
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     num_layers = hf_config.num_hidden_layers
     attention_bias = bool(getattr(hf_config, "attention_bias", False))
-    is_qwen2 = arch == "Qwen2ForCausalLM"
     theta, rope_scaling = _rope_parameters(hf_config)
     config = ModelConfig(
-        architecture=arch,
+        architecture=family.architecture,
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
         intermediate_size=hf_config.intermediate_size,
@@ -150,18 +149,20 @@ def config_from_hf(hf_config) -> ModelConfig:
         head_dim=head_dim,
         rms_norm_eps=float(hf_config.rms_norm_eps),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        qkv_bias=True if is_qwen2 else attention_bias,
-        o_bias=False if is_qwen2 else attention_bias,
+        qkv_bias=attention_bias if family.qkv_bias is None else family.qkv_bias,
+        o_bias=attention_bias if family.o_bias is None else family.o_bias,
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=family.qk_norm,
         rope_theta=theta,
         rope_scaling=rope_scaling,
         sliding_windows=_sliding_windows(hf_config, num_layers),
         initializer_range=float(getattr(hf_config, "initializer_range", 0.02)),
         max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 4096)),
+        hidden_act=family.hidden_act or getattr(hf_config, "hidden_act", None) or "silu",
     )
-    if getattr(hf_config, "hidden_act", "silu") not in ("silu", "swish"):
-        raise UnsupportedArchitectureError(f"hidden_act {hf_config.hidden_act!r} is not supported")
+    if family.read_config is not None:
+        config = dataclasses.replace(config, **family.read_config(hf_config))
+    config = dataclasses.replace(config, hidden_act=_activation(config.hidden_act))
     if config.num_heads % config.num_kv_heads:
         raise ValueError(
             f"num_attention_heads ({num_heads}) must be a multiple of "
@@ -172,19 +173,26 @@ def config_from_hf(hf_config) -> ModelConfig:
 
 
 def hf_config_from_dict(config_dict: dict) -> transformers.PretrainedConfig:
-    """A ``transformers`` config object from a config.json-style dict."""
+    """A ``transformers`` config object from a config.json-style dict: the family's config
+    class where it names one, else transformers' class for the ``model_type``."""
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type", None)
     arch = (config_dict.get("architectures") or [None])[0]
-    if model_type is None:
-        inverse = {v: k for k, v in _ARCH_BY_MODEL_TYPE.items()}
-        model_type = inverse.get(arch)
-    if model_type not in _ARCH_BY_MODEL_TYPE:
-        what = f"model_type {model_type!r}" if model_type else f"architecture {arch!r}"
-        raise UnsupportedArchitectureError(
-            f"{what} is not supported; jaxpt supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    hf_config = transformers.AutoConfig.for_model(model_type, **config_dict)
+    family = family_of_model_type(model_type) if model_type or arch is None else get_family(arch)
+    if family.config_cls is not None:
+        hf_config = family.config_cls(**config_dict)
+    else:
+        hf_config = transformers.AutoConfig.for_model(family.model_type, **config_dict)
     if not getattr(hf_config, "architectures", None):
-        hf_config.architectures = [_ARCH_BY_MODEL_TYPE[model_type]]
+        hf_config.architectures = [family.architecture]
     return hf_config
+
+
+__all__ = [  # the registry's names stay importable from here too
+    "SUPPORTED_ARCHITECTURES",
+    "ModelConfig",
+    "UnsupportedArchitectureError",
+    "config_from_hf",
+    "hf_config_from_dict",
+    "known_activations",
+]

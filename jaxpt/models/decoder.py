@@ -18,9 +18,11 @@ from flax import nnx, struct
 
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.layers import (
+    BATCH_MAJOR,
+    FEATURE_MAJOR,
     MLP,
-    PROJECTION,
     Attention,
+    Layout,
     RMSNorm,
     project,
     rotary_cos_sin,
@@ -104,13 +106,6 @@ def _unstack(leaves, axes, num_layers: int) -> list[list]:
     return layers
 
 
-def _or_projections(policy):
-    # Projections on CPU run through a custom gradient (layers.project) that dot policies
-    # cannot see; they save them by name instead.
-    names = jax.checkpoint_policies.save_only_these_names(PROJECTION)
-    return jax.checkpoint_policies.save_from_both_policies(policy, names)
-
-
 # What each decoder layer keeps for the backward pass (the rest is recomputed):
 #   none: everything (no recompute); full: only the layer input (recompute the whole layer);
 #   dots_saveable / dots: every matmul output; dots_no_batch: weight matmuls only (not the
@@ -119,9 +114,9 @@ def _or_projections(policy):
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": _or_projections(jax.checkpoint_policies.dots_saveable),
-    "dots": _or_projections(jax.checkpoint_policies.checkpoint_dots),
-    "dots_no_batch": _or_projections(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
@@ -160,13 +155,16 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, h_btd, cos, sin, mask, kv_cache=None, cache_index=None):
+    def __call__(self, h, cos, sin, mask, kv_cache=None, cache_index=None,
+                 layout: Layout = BATCH_MAJOR):
+        """The layer on hidden states ``h`` in ``layout``: (new hidden states, new kv)."""
+        axis = layout.feature_axis
         attn, kv_cache = self.self_attn(
-            self.input_layernorm(h_btd), cos, sin, mask, kv_cache, cache_index
+            self.input_layernorm(h, axis), cos, sin, mask, kv_cache, cache_index, layout
         )
-        h_btd = h_btd + attn
-        h_btd = h_btd + self.mlp(self.post_attention_layernorm(h_btd))
-        return constrain(h_btd, ("batch", "seq", "embed")), kv_cache
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h, axis), layout)
+        return layout.constrain(h, ("batch", "seq", "embed")), kv_cache
 
 
 class Embedding(nnx.Module):
@@ -177,11 +175,12 @@ class Embedding(nnx.Module):
         )
         self.dtype = dtype
 
-    def __call__(self, ids_bt):
-        return jnp.take(self.weight[...], ids_bt, axis=0).astype(self.dtype)
+    def __call__(self, ids_bt, layout: Layout = BATCH_MAJOR):
+        x_btd = jnp.take(self.weight[...], ids_bt, axis=0).astype(self.dtype)
+        return layout.from_batch_major(x_btd)
 
-    def attend(self, h_btd):
-        return project(h_btd, self.weight[...].astype(self.dtype))
+    def attend(self, h, layout: Layout = BATCH_MAJOR):
+        return project(h, self.weight[...].astype(self.dtype), layout)
 
 
 class Decoder(nnx.Module):
@@ -227,7 +226,9 @@ class CausalLM(nnx.Module):
 
     Call with ``input_ids`` [B, T] and optionally ``positions``, ``segment_ids`` (packed
     documents, 0 = padding) or an ``attention_mask`` (1 = real token). Returns float32
-    logits [B, T, V]; with ``cache`` (a ``KVCache``) returns ``(logits, new_cache)``.
+    logits [B, T, V]; with ``cache`` (a ``KVCache``) returns ``(logits, new_cache)``. A
+    decode step (one token per row, through a cache) may run feature-major
+    (``layout=FEATURE_MAJOR``, see ``layers.Layout``): logits [V, B], hidden states [D, B].
     """
 
     def __init__(
@@ -280,10 +281,11 @@ class CausalLM(nnx.Module):
         windows = self.config.sliding_windows
         return [windows[i] if windows else None for i in range(self.config.num_layers)]
 
-    def logits(self, h_btd):
-        """LM-head logits (float32) from final hidden states."""
+    def logits(self, h, layout: Layout = BATCH_MAJOR):
+        """LM-head logits (float32) from final hidden states in ``layout``."""
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return constrain(head.attend(h_btd).astype(jnp.float32), ("batch", "seq", "vocab"))
+        logits = head.attend(h, layout).astype(jnp.float32)
+        return layout.constrain(logits, ("batch", "seq", "vocab"))
 
     def __call__(
         self,
@@ -294,9 +296,12 @@ class CausalLM(nnx.Module):
         *,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        layout: Layout = BATCH_MAJOR,
     ):
         ids_bt = jnp.asarray(input_ids, jnp.int32)
         b, t = ids_bt.shape
+        if layout is FEATURE_MAJOR and (cache is None or t != 1):
+            raise ValueError("the feature-major layout runs one token per row through a cache")
         if segment_ids is None:
             segment_ids = (
                 jnp.ones((b, t), jnp.int32)
@@ -321,23 +326,24 @@ class CausalLM(nnx.Module):
             q_slot_t, k_slot_s, k_segment_bs, k_pos_bs = cached_keys(cache, segment_bt, positions_bt)
 
         cos, sin = rotary_cos_sin(positions_bt, jnp.asarray(self.config.inv_freq()))
-        h_btd = constrain(self.model.embed_tokens(ids_bt), ("batch", "seq", "embed"))
+        h = layout.constrain(self.model.embed_tokens(ids_bt, layout), ("batch", "seq", "embed"))
         policy = REMAT_POLICIES[self.remat]
         windows = self.layer_windows()
         masks = window_masks(
             windows, segment_bt, q_slot_t, positions_bt, k_segment_bs, k_slot_s, k_pos_bs
         )
         if cache is None and self._scans():
-            h_btd = _scan_layers(self.model.layers, h_btd, cos, sin, masks, windows, policy)
+            h = _scan_layers(self.model.layers, h, cos, sin, masks, windows, policy)
         else:
             # Multi-token forwards through a cache (GRPO's shared-prompt training forward,
             # a sampler's prefill) remat too; single-token decode steps run inside the
             # sampler's loop, where nothing is differentiated.
-            h_btd, new_k, new_v = self._layers_one_by_one(
-                h_btd, cos, sin, masks, windows, cache, policy if t > 1 or cache is None else None
+            h, new_k, new_v = self._layers_one_by_one(
+                h, cos, sin, masks, windows, cache, policy if t > 1 or cache is None else None,
+                layout,
             )
-        h_btd = self.model.norm(h_btd)
-        out = h_btd if return_hidden else self.logits(h_btd)
+        h = self.model.norm(h, layout.feature_axis)
+        out = h if return_hidden else self.logits(h, layout)
         if cache is None:
             return out
         new_cache = KVCache(
@@ -349,12 +355,12 @@ class CausalLM(nnx.Module):
         )
         return out, new_cache
 
-    def _layers_one_by_one(self, h_btd, cos, sin, masks, windows, cache, remat_policy):
+    def _layers_one_by_one(self, h, cos, sin, masks, windows, cache, remat_policy, layout):
         """The layers unrolled, each sliced from the stacked weights, through ``cache``
         when there is one: the hidden states and each layer's new keys and values."""
 
         def run_layer(layer, h, mask, kv, index):
-            return layer(h, cos, sin, mask, kv, index)
+            return layer(h, cos, sin, mask, kv, index, layout)
 
         if remat_policy is not None:
             run_layer = nnx.remat(run_layer, policy=remat_policy, prevent_cse=True)
@@ -362,11 +368,11 @@ class CausalLM(nnx.Module):
         for i, layer in enumerate(self.model.unstacked()):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             index = None if cache is None else cache.index
-            h_btd, kv = run_layer(layer, h_btd, masks[windows[i]], kv, index)
+            h, kv = run_layer(layer, h, masks[windows[i]], kv, index)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        return h_btd, tuple(new_k), tuple(new_v)
+        return h, tuple(new_k), tuple(new_v)
 
 
 def with_layers_unstacked(model: CausalLM) -> CausalLM:

@@ -5,7 +5,9 @@ mesh sharding from a memory-mapped safetensors file: every device reads only its
 slice, so no host ever holds a full copy per device. Saving gathers one tensor at a time.
 The decoder's stacked layer weights ([L, ...], see ``decoder.stacked_layers``) convert at
 this boundary: transformers' ``model.layers.{i}.*`` tensors load into index ``i`` and
-are written back one layer at a time, so the files are transformers' own.
+are written back one layer at a time, so the files are transformers' own. A model family
+whose tensor names differ from Llama's (``ModelFamily.weight_renames``) is renamed at this
+boundary too: inside jaxpt every model's tensors carry Llama's names.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from jax.experimental import multihost_utils
 from jaxpt.models.checkpoint_path import find_gguf, resolve_checkpoint_path
 from jaxpt.models.config import ModelConfig, config_from_hf, hf_config_from_dict
 from jaxpt.models.decoder import CausalLM, layer_path, stacked_layers
+from jaxpt.models.families import ModelFamily, UnsupportedArchitectureError, family_of, get_family
 from jaxpt.models.safetensors_io import SafetensorsFile, write_safetensors
 from jaxpt.sharding import make_mesh, named_sharding
 
@@ -67,7 +70,8 @@ def state_shardings(state: nnx.State, mesh, rules=None):
 
 
 def _build(config, seed, **model_kwargs) -> CausalLM:
-    return CausalLM(config, rngs=nnx.Rngs(seed), **model_kwargs)
+    model_cls = get_family(config.architecture).model_cls or CausalLM
+    return model_cls(config, rngs=nnx.Rngs(seed), **model_kwargs)
 
 
 def _model_kwargs(dtype, param_dtype, remat, attention_impl, scan_layers=None):
@@ -137,8 +141,40 @@ def resolve_model_dir(name_or_path: str) -> str:
     )
 
 
-def _tensor_files(model_dir: str) -> dict[str, SafetensorsFile]:
-    """Map each tensor name to the (lazily opened) file that holds it."""
+class _RenamedTensor:
+    """One checkpoint tensor read under its jaxpt name (``ModelFamily.weight_renames``)."""
+
+    def __init__(self, file: SafetensorsFile, checkpoint_name: str):
+        self.file, self.checkpoint_name = file, checkpoint_name
+
+    def array(self, name: str) -> np.ndarray:
+        return self.file.array(self.checkpoint_name)
+
+
+def _family_of_dir(model_dir: str) -> ModelFamily | None:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        config_dict = json.load(f)
+    try:
+        return family_of(config_dict)
+    except UnsupportedArchitectureError:  # reported where the config is read
+        return None
+
+
+def _tensor_files(model_dir: str, family: ModelFamily | None = None) -> dict:
+    """Map each tensor's jaxpt name to the (lazily opened) file that holds it; ``family``
+    (default: the one config.json names) says how the checkpoint's names differ."""
+    files = _checkpoint_files(model_dir)
+    family = family or _family_of_dir(model_dir)
+    if family is None or not family.weight_renames:
+        return files
+    return {family.jaxpt_name(n): _RenamedTensor(file, n) for n, file in files.items()}
+
+
+def _checkpoint_files(model_dir: str) -> dict[str, SafetensorsFile]:
+    """Map each tensor name of the checkpoint to the (lazily opened) file that holds it."""
     index_path = os.path.join(model_dir, INDEX_FILE)
     single_path = os.path.join(model_dir, SINGLE_FILE)
     if os.path.exists(index_path):
@@ -222,7 +258,10 @@ def from_pretrained(
     kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl, scan_layers)
     abstract = nnx.eval_shape(lambda: _build(config, 0, **kwargs))
     graphdef, abstract_state = nnx.split(abstract)
-    tensors = checkpoint.tensors() if gguf_path is not None else _tensor_files(source)
+    if gguf_path is not None:
+        tensors = checkpoint.tensors()
+    else:
+        tensors = _tensor_files(source, get_family(config.architecture))
     expected = {n for p, v in nnx.to_flat_state(abstract_state) for n in hf_names(p, v)}
     unused = sorted(set(tensors) - expected - {"lm_head.weight"})
     if unused:
@@ -306,9 +345,10 @@ def save_pretrained(
     the parameter dtype. Only process 0 writes; every process must call this.
     """
     hf_config = hf_config or hf_config_of(model)
+    family = family_of(hf_config)
     state = nnx.state(model, nnx.Param)
     out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    arrays = host_arrays(state, out_dtype)
+    arrays = ((family.checkpoint_name(n), a) for n, a in host_arrays(state, out_dtype))
     if jax.process_index() != 0:
         for _ in arrays:  # take part in the gathers
             pass

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpt.models.decoder import LAYER_AXIS, layer_path, stacked_layers
-from jaxpt.models.layers import Linear
+from jaxpt.models.layers import BATCH_MAJOR, Layout, Linear
 from jaxpt.sharding import named_sharding
 
 # Every attention and MLP projection of the decoder.
@@ -75,16 +75,20 @@ class LoRA(nnx.Module):
         self.layers = layers  # the adapted layers of a stacked projection (None: unstacked)
         self.dropout_key = nnx.data(None)  # a DropoutKey in train steps (``enable_dropout``)
 
-    def __call__(self, x, dtype):
+    def __call__(self, x, dtype, layout: Layout = BATCH_MAJOR):
+        """The update for ``x`` in ``layout`` ([..., in] batch-major, [in, ...]
+        feature-major), in that layout."""
         x = x.astype(dtype)
         if self.dropout and self.dropout_key is not None:
             keep = 1.0 - self.dropout
             key = jax.random.wrap_key_data(self.dropout_key[...])
             x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, jnp.zeros_like(x))
-        h = jnp.einsum("...i,ir->...r", x, self.a[...].astype(dtype))
-        return jnp.einsum("...r,ro->...o", h, self.b[...].astype(dtype)) * jnp.asarray(
-            self.scale, dtype
-        )
+        a_ir, b_ro = self.a[...].astype(dtype), self.b[...].astype(dtype)
+        if layout is BATCH_MAJOR:
+            y = jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a_ir), b_ro)
+        else:  # both products with the activations as the right operand, as Linear's
+            y = jnp.einsum("ro,r...->o...", b_ro, jnp.einsum("ir,i...->r...", a_ir, x))
+        return y * jnp.asarray(self.scale, dtype)
 
 
 def _sites(model) -> dict[str, tuple[Linear, int | None]]:

@@ -15,21 +15,22 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpt.models.layers import attention_platform
-from jaxpt.planning.abstract import AbstractRun, abstract_run, bytes_per_device
+from jaxpt.run_spec import AbstractRun, abstract_run, run_mesh
 from jaxpt.sampling import SamplingConfig
 from jaxpt.sampling.engine import _sample_jit, _StaticGraph
-from jaxpt.sharding import (
-    make_mesh,
-    merged_rules,
-    named_sharding,
-    replicated,
-    rules_key,
-    use_rules,
-)
-from jaxpt.step import jit_train_step, make_train_step
-from jaxpt.tasks import get_task
+from jaxpt.sharding import merged_rules, named_sharding, replicated, rules_key, use_rules
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
 
 
 @dataclasses.dataclass
@@ -134,12 +135,9 @@ def _compile(fn, *args, **kwargs):
 
 
 def compile_train_step(run: AbstractRun) -> ProgramMemory:
-    """Compile the loop's jitted train step for ``run``'s abstract state and batch."""
-    config, ctx = run.ctx.config, run.ctx
-    loss_fn = get_task(config.task).make_loss(ctx)
-    step = make_train_step(loss_fn, run.tx, config.train.grad_accum_steps, schedule=run.schedule)
-    jitted = jit_train_step(step, ctx.mesh, run.state_shardings, run.batch)
-    return _compile(jitted, run.state, run.batch)
+    """Compile the loop's jitted train step (``AbstractRun.jit_step``) for ``run``'s
+    abstract state and batch."""
+    return _compile(run.jit_step(), run.state, run.batch)
 
 
 def compile_sampler(run: AbstractRun) -> ProgramMemory:
@@ -171,10 +169,7 @@ def compile_sampler(run: AbstractRun) -> ProgramMemory:
 
 def plan_memory(config, topology) -> MemoryPlan:
     """Compile ``config``'s train step (and GRPO's sampler) for ``topology``'s devices."""
-    mesh = make_mesh(
-        {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
-        devices=list(topology.devices),
-    )
+    mesh = run_mesh(config, devices=list(topology.devices))
     rules = merged_rules(config.mesh.rules)
     with use_rules(rules):
         # Outside set_mesh: optax builds its state tree eagerly, and TPU topology devices

@@ -3,7 +3,9 @@
 ``generate(model, prompts, ...)`` is the list-in, list-out API (prompts as id lists, arrays
 or tokenizer output; see ``prompt_token_lists``); ``sample_arrays(graphdef,
 state, prompt_ids_bt, prompt_mask_bt, rng, config)`` is the jitted array-level entry point
-for RL trainers (current weights, their mesh, no copies).
+for RL trainers (current weights, their mesh, no copies). ``PromptSampler`` is the one
+path from prompt rows to samples and text that rollouts, rejection sampling, evals and
+judges share (``jaxpt.sampling.prompts``).
 """
 
 from jaxpt.sampling.api import (
@@ -16,15 +18,19 @@ from jaxpt.sampling.api import (
 from jaxpt.sampling.config import SamplingConfig
 from jaxpt.sampling.engine import SampleArrays, sample_arrays, trace_count
 from jaxpt.sampling.processors import choose_tokens, sampling_logprobs
+from jaxpt.sampling.prompts import PromptSampler, PromptSamples, prompt_as_seen
 
 __all__ = [
     "GenerateOutput",
+    "PromptSampler",
+    "PromptSamples",
     "SampleArrays",
     "SamplingConfig",
     "bucket",
     "choose_tokens",
     "generate",
     "left_pad",
+    "prompt_as_seen",
     "prompt_token_lists",
     "sample_arrays",
     "sampling_logprobs",

@@ -5,7 +5,7 @@ top-p and min-p. Every filter is skipped at trace time when disabled, so the com
 (greedy, plain temperature) never sort the vocabulary.
 
 Logits are [B, V] by default; ``axis=0`` takes them vocabulary-major, [V, B], as the
-sampler's feature-major decode step produces them (``jaxpt.models.decode``).
+sampler's feature-major decode step produces them (``jaxpt.models.layers.FEATURE_MAJOR``).
 """
 
 from __future__ import annotations

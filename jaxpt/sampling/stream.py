@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpt.models.decode import decode_step
 from jaxpt.models.decoder import KVCache
 from jaxpt.sampling.api import bucket, left_pad, prompt_token_lists
 from jaxpt.sampling.config import SamplingConfig
@@ -21,9 +22,10 @@ from jaxpt.sampling.engine import _StaticGraph
 from jaxpt.sampling.processors import choose_tokens
 
 
-def _pick(logits_bv, rng, step, config):
+def _pick(logits, rng, step, config, axis=-1):
+    """The token drawn from one row's ``logits`` (vocabulary on ``axis``)."""
     keys_b = jax.random.fold_in(jax.random.fold_in(rng, 0), step)[None]
-    return choose_tokens(logits_bv, keys_b, config)[0][0]
+    return choose_tokens(logits, keys_b, config, axis=axis)[0][0]
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "config", "cache_len"))
@@ -40,10 +42,8 @@ def _prefill(graph, state, ids_bt, mask_bt, rng, *, config, cache_len):
 @functools.partial(jax.jit, static_argnames=("graph", "config"), donate_argnames=("cache",))
 def _decode_step(graph, state, cache, token_b, pos_b, rng, step, *, config):
     model = nnx.merge(graph.graphdef, state)
-    logits_b1v, cache = model(
-        token_b[:, None], pos_b[:, None], jnp.ones((1, 1), jnp.int32), cache=cache
-    )
-    return cache, _pick(logits_b1v[:, 0, :], rng, step, config)
+    logits_vb, cache = decode_step(model, token_b, pos_b, cache)  # the batch sampler's step
+    return cache, _pick(logits_vb, rng, step, config, axis=0)
 
 
 def stream_tokens(

@@ -4,6 +4,7 @@ chosen+rejected batch in one forward pass, and per-pair sums under the loss cont
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpt.step import LossOutput
 from jaxpt.tasks import common
@@ -59,3 +60,16 @@ def pair_sums(loss_b, metrics_b: dict, pair_mask_b) -> LossOutput:
         metrics={k: jnp.sum(v.astype(jnp.float32) * weight_b) for k, v in metrics_b.items()},
         totals={"pairs": jnp.sum(weight_b)},
     )
+
+
+def batch_spec(config) -> dict:
+    """A preference train batch: ``train.batch_size`` pairs, each side a row of
+    ``data.seq_len`` (``chosen_*``/``rejected_*`` fields), with its ``margin`` and
+    ``pair_mask`` (see ``jaxpt.data.features.preference_row``)."""
+    rows = (config.train.batch_size, config.data.seq_len)
+    pairs = (config.train.batch_size,)
+    spec = {}
+    for side in SIDES:
+        for field in ROW_FIELDS:
+            spec[f"{side}_{field}"] = (rows, np.float32 if field == "loss_mask" else np.int32)
+    return {**spec, "margin": (pairs, np.float32), "pair_mask": (pairs, np.float32)}

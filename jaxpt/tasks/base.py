@@ -99,3 +99,11 @@ class Task:
     # Whether the loss compares against a frozen reference model for this root config
     # (config -> bool); None: never. ``common.keeps_reference`` adds the LoRA rule.
     uses_reference: Callable[[Any], bool] | None = None
+    # The arrays of one global train batch as the batch source makes them: root config ->
+    # {name: (shape, numpy dtype)}. With ``build_abstract`` it lets memory plans and
+    # benchmarks compile the train step without data (``jaxpt.run_spec``); None: not planned.
+    batch_spec: Callable[[Any], dict[str, tuple[tuple[int, ...], Any]]] | None = None
+    # ``build`` from the architecture alone: (ctx, HF config dict) -> BuiltModel with the
+    # same variables and reference, traced by ``nnx.eval_shape`` (no weights are read or
+    # created); e.g. ``common.abstract_causal_lm``.
+    build_abstract: Callable[[RunContext, dict], BuiltModel] | None = None

@@ -4,6 +4,8 @@ the HF export."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 
@@ -12,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpt.config import ConfigError
-from jaxpt.tasks.base import RunContext
+from jaxpt.tasks.base import BuiltModel, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,44 @@ def keeps_reference(config) -> bool:
 
     uses = get_task(config.task).uses_reference
     return uses is not None and bool(uses(config)) and not lora_enabled(config)
+
+
+def hf_config_dict(path: str, key: str = "model.path") -> dict:
+    """The HF config (a dict) of a preset, a model directory's ``config.json`` or such a
+    file: a model's architecture without its weights. ``key`` names the config key in
+    errors."""
+    from jaxpt.models import preset_config
+
+    config = preset_config(path)
+    if config is not None:
+        return config
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not (file.endswith(".json") and os.path.isfile(file)):
+        raise ConfigError(
+            f"config key '{key}': {path!r} is neither a preset nor a directory with a "
+            "config.json (sizing a run needs the architecture only, not the weights)"
+        )
+    with open(file) as f:
+        return json.load(f)
+
+
+def abstract_causal_lm(ctx: RunContext, hf_config: dict) -> BuiltModel:
+    """``build`` of a causal-LM task (``build_causal_lm`` plus, per ``keeps_reference``, a
+    copy of its params as the reference) from the architecture ``hf_config`` alone, for
+    ``nnx.eval_shape``: a ``BuiltModel`` of abstract variables."""
+    from jaxpt.models import init_model
+
+    model = init_model(hf_config, **model_kwargs(ctx))
+    # Adapters are placed by their logical axes afterwards, not on the (maybe remote) mesh.
+    attach_lora(dataclasses.replace(ctx, mesh=None), model)
+    return BuiltModel(model, ref_params=abstract_reference(ctx.config, model))
+
+
+def abstract_reference(config, policy):
+    """The reference params ``reference_params`` gives a run of ``config`` for ``policy``
+    (a copy of its params, or None per ``keeps_reference``), as ``build_abstract`` returns
+    them."""
+    return nnx.state(policy, nnx.Param) if keeps_reference(config) else None
 
 
 def reference_source(config) -> str:

@@ -246,6 +246,15 @@ def make_loss(ctx: RunContext):
     )
 
 
+def batch_spec(config) -> dict:
+    """A preference batch (``_preference.batch_spec``), with ``precompute_ref`` also the
+    pairs' reference log-probs (``REF_KEYS``, [B] each)."""
+    spec = pref.batch_spec(config)
+    if config.dpo.precompute_ref:
+        spec.update({key: ((config.train.batch_size,), np.float32) for key in REF_KEYS})
+    return spec
+
+
 TASK = Task(
     name="dpo",
     description="direct preference optimization (sigmoid/cDPO, ipo, hinge) vs a frozen reference",
@@ -256,4 +265,6 @@ TASK = Task(
     make_evaluator=make_evaluator,
     export=common.export_causal_lm,
     uses_reference=uses_reference,
+    batch_spec=batch_spec,
+    build_abstract=common.abstract_causal_lm,
 )

@@ -1,6 +1,6 @@
 """GRPO with verifiable rewards (and its variants: Dr. GRPO, DAPO, GSPO).
 
-Rollouts come from ``jaxpt.tasks.rollout.RolloutSource``: ``num_generations`` completions
+Rollouts come from ``jaxpt.tasks.rl.source.RolloutSource``: ``num_generations`` completions
 per prompt sampled on the training mesh with the current weights and scored by the reward
 functions. GRPO turns rewards into group-relative advantages and updates the policy with
 the clipped-ratio objective against the rollout policy's log-probs for ``num_iterations``
@@ -34,20 +34,12 @@ from jaxpt.state import reference_model
 from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import common
 from jaxpt.tasks.base import BuiltModel, RunContext, Task
-from jaxpt.tasks.rollout import (
-    RewardSpec,
-    Rollout,
-    RolloutProgram,
-    RolloutSource,
-    accuracy_evaluator,
-    check_reward_settings,
-    completion_hidden,
-    completion_window,
-    prompt_rows,
-    reward_specs,
-    shares_prompts,
-    train_batch,
-)
+from jaxpt.tasks.rl.batch import Rollout, completion_window, shares_prompts, train_batch
+from jaxpt.tasks.rl.evaluator import accuracy_evaluator
+from jaxpt.tasks.rl.forward import completion_hidden
+from jaxpt.tasks.rl.program import RolloutProgram
+from jaxpt.tasks.rl.rewards import RewardSpec, check_reward_settings, reward_specs
+from jaxpt.tasks.rl.source import RolloutSource, prompt_rows
 
 __all__ = ["TASK", "GrpoConfig", "RewardSpec", "grpo_loss", "make_batch", "reward_specs"]
 
@@ -343,6 +335,22 @@ def make_evaluator(ctx: RunContext):
     return accuracy_evaluator(ctx, ctx.task_config)
 
 
+def batch_spec(config) -> dict:
+    """A train batch (``train_batch`` of a rollout): ``train.batch_size`` completions, each row
+    its prompt left-padded to ``max_prompt_length`` then ``max_completion_length`` tokens;
+    with a reused rollout and a KL term also the reference's completion log-probs
+    (``ReferenceFinisher``)."""
+    cfg = config.grpo
+    b, lc = config.train.batch_size, cfg.max_completion_length
+    rows = (b, cfg.max_prompt_length + lc)
+    spec = {k: (rows, np.int32) for k in ("input_ids", "positions", "segment_ids", "target_ids")}
+    spec.update({k: (rows, np.float32) for k in ("completion_mask", "old_logprobs")})
+    spec["advantages"] = ((b,), np.float32)
+    if carries_reference_logprobs(cfg):  # then the step runs no reference forward
+        spec["ref_logprobs"] = ((b, lc), np.float32)
+    return spec
+
+
 TASK = Task(
     name="grpo",
     description="GRPO / Dr. GRPO / DAPO / GSPO with verifiable rewards (on-policy rollouts)",
@@ -354,4 +362,6 @@ TASK = Task(
     export=common.export_causal_lm,
     check_config=check_config,
     uses_reference=uses_reference,
+    batch_spec=batch_spec,
+    build_abstract=common.abstract_causal_lm,
 )

@@ -2,7 +2,7 @@
 and/or reward functions (InstructGPT's recipe, as TRL's original PPOTrainer, OpenRLHF and
 verl run it).
 
-Each rollout (``jaxpt.tasks.rollout.RolloutSource``) samples ``samples_per_prompt``
+Each rollout (``jaxpt.tasks.rl.source.RolloutSource``) samples ``samples_per_prompt``
 completions of ``train.batch_size * num_mini_batches / samples_per_prompt`` prompts with the
 current policy and scores them. ``PpoFinisher`` then completes the batch on device, once per
 rollout and without gradients: the reference's log-probs, the critic's values, per-token
@@ -40,19 +40,12 @@ from jaxpt.state import reference_model
 from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import common
 from jaxpt.tasks.base import BuiltModel, RunContext, Task
-from jaxpt.tasks.rollout import (
-    RewardSpec,
-    Rollout,
-    RolloutProgram,
-    RolloutSource,
-    accuracy_evaluator,
-    check_reward_settings,
-    completion_hidden,
-    completion_window,
-    prompt_rows,
-    reward_specs,
-    train_batch,
-)
+from jaxpt.tasks.rl.batch import Rollout, completion_window, train_batch
+from jaxpt.tasks.rl.evaluator import accuracy_evaluator
+from jaxpt.tasks.rl.forward import completion_hidden
+from jaxpt.tasks.rl.program import RolloutProgram
+from jaxpt.tasks.rl.rewards import RewardSpec, check_reward_settings, reward_specs
+from jaxpt.tasks.rl.source import RolloutSource, prompt_rows
 
 CRITIC_KINDS = ("separate", "shared")
 KL_PENALTIES = ("reward", "loss")
@@ -434,6 +427,40 @@ def export(ctx: RunContext, state, out_dir: str) -> None:
         common.resolve_tokenizer(ctx).save_pretrained(out_dir)
 
 
+def batch_spec(config) -> dict:
+    """A train batch: one minibatch of ``train.batch_size`` rollout rows
+    (``train_batch``, prompts left-padded to ``max_prompt_length``) completed by
+    ``PpoFinisher``'s per-token arrays over the ``max_completion_length`` window."""
+    cfg = config.ppo
+    b, lc = config.train.batch_size, cfg.max_completion_length
+    rows = (b, cfg.max_prompt_length + lc)
+    spec = {k: (rows, np.int32) for k in ("input_ids", "positions", "segment_ids", "target_ids")}
+    spec.update({k: (rows, np.float32) for k in ("completion_mask", "old_logprobs")})
+    for key in ("advantages", "returns", "old_values", "ref_logprobs"):
+        spec[key] = ((b, lc), np.float32)
+    return spec
+
+
+def build_abstract(ctx: RunContext, hf_config: dict) -> BuiltModel:
+    """``build`` from the architectures alone (for ``nnx.eval_shape``): the policy of
+    ``hf_config``, its reference, and the critic of ``ppo.critic_model``'s config (default:
+    the policy's) or a value head on the policy."""
+    from jaxpt.models.actor_critic import ActorCritic, shared_value_head
+    from jaxpt.models.classifier import init_classifier
+
+    cfg = ctx.task_config
+    built = common.abstract_causal_lm(ctx, hf_config)
+    policy = built.model
+    if cfg.critic == "shared":
+        head = shared_value_head(policy, seed=ctx.config.seed, mesh=ctx.mesh, rules=ctx.rules)
+        return BuiltModel(ActorCritic(policy, value_head=head), ref_params=built.ref_params)
+    critic_config = hf_config
+    if cfg.critic_model is not None:
+        critic_config = common.hf_config_dict(cfg.critic_model, "ppo.critic_model")
+    critic = init_classifier(critic_config, num_labels=1, **common.model_kwargs(ctx))
+    return BuiltModel(ActorCritic(policy, critic=critic), ref_params=built.ref_params)
+
+
 TASK = Task(
     name="ppo",
     description="PPO (RLHF): policy, critic, reference; KL-penalised rewards, GAE, clipped losses",
@@ -446,4 +473,6 @@ TASK = Task(
     check_config=check_config,
     update_scales=update_scales,
     uses_reference=uses_reference,
+    batch_spec=batch_spec,
+    build_abstract=build_abstract,
 )

@@ -85,6 +85,15 @@ def export(ctx: RunContext, state, out_dir: str) -> None:
     common.export_with_tokenizer(ctx, state, out_dir, save_classifier)
 
 
+def build_abstract(ctx: RunContext, hf_config: dict) -> BuiltModel:
+    """``build`` from the architecture alone (for ``nnx.eval_shape``): the classifier of
+    ``hf_config``, its pad id the config's (the tokenizer's only moves where scores are
+    read)."""
+    from jaxpt.models.classifier import init_classifier
+
+    return BuiltModel(init_classifier(hf_config, num_labels=1, **common.model_kwargs(ctx)))
+
+
 TASK = Task(
     name="rm",
     description="reward modeling (Bradley-Terry on a scalar head, optional margin/centering)",
@@ -94,4 +103,6 @@ TASK = Task(
     make_train_source=pref.make_train_source,
     make_evaluator=make_evaluator,
     export=export,
+    batch_spec=pref.batch_spec,
+    build_abstract=build_abstract,
 )

@@ -7,6 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpt.losses.chunked import token_stats
 from jaxpt.step import LossOutput, StepContext
@@ -110,6 +111,14 @@ def make_loss(ctx: RunContext):
     )
 
 
+def batch_spec(config) -> dict:
+    """A train batch: ``train.batch_size`` packed rows of ``data.seq_len`` (see
+    ``jaxpt.data.features`` for the fields)."""
+    shape = (config.train.batch_size, config.data.seq_len)
+    ints = ("input_ids", "target_ids", "positions", "segment_ids")
+    return {**{k: (shape, np.int32) for k in ints}, "loss_mask": (shape, np.float32)}
+
+
 TASK = Task(
     name="sft",
     description="supervised fine-tuning (masked next-token cross-entropy, packed)",
@@ -119,4 +128,6 @@ TASK = Task(
     make_train_source=make_train_source,
     make_evaluator=make_evaluator,
     export=common.export_causal_lm,
+    batch_spec=batch_spec,
+    build_abstract=common.abstract_causal_lm,
 )

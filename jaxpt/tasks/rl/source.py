@@ -1,0 +1,314 @@
+"""On-policy rollouts for the RL tasks (GRPO, PPO): prompts -> samples -> rewards -> batch.
+
+``RolloutSource`` is the BatchSource of every RL task. Each rollout draws the next prompts
+(seeded order, epoch by epoch), samples ``samples_per_prompt`` completions of each with a
+``jaxpt.sampling.PromptSampler`` on the training mesh with the current weights (no copy, no
+server), scores them with the reward functions, and hands the ``Rollout`` to the task's
+``make_batch`` hook, which turns it into train rows (advantages, masks) and metrics. The
+batch is reused for ``reuse`` optimizer steps (GRPO's ``num_iterations``); its state goes
+into every checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxpt.tasks import common
+from jaxpt.tasks.base import RunContext
+from jaxpt.tasks.rl.batch import Rollout, minibatch_rows
+from jaxpt.tasks.rl.program import BatchFinisher
+from jaxpt.tasks.rl.rewards import score_completions
+
+
+def prompt_rows(ctx: RunContext, split: str) -> list[dict]:
+    """The run's RL prompts (rows with ``prompt`` and any reward columns) for ``split``
+    (``train`` or ``eval``)."""
+    train, evaluation = common.data_sources(ctx, "prompt")
+    d = ctx.config.data
+    source, data_split = (train, d.train_split) if split == "train" else (evaluation, d.eval_split)
+    rows = common.load_rows(ctx, source, "prompt", data_split)
+    return [{k: v for k, v in r.items() if k not in ("messages", "id")} for r in rows]
+
+
+# A rollout's hook: (rollout) -> (train batch, metrics, per-row advantage for the log).
+MakeBatch = Callable[[Rollout], tuple[dict, dict, np.ndarray]]
+# The policy inside a train state, as the sampler takes it: (graphdef, params, rest).
+PolicyView = Callable[[Any], tuple[Any, Any, Any]]
+# Dynamic sampling's test: (rollout) -> [num_prompts] bool, the prompts whose group trains.
+GroupFilter = Callable[[Rollout], np.ndarray]
+
+
+def whole_model(state) -> tuple[Any, Any, Any]:
+    """The train state's model is the policy (GRPO)."""
+    return state.graphdef, state.params, state.rest
+
+
+class RolloutSource:
+    """A BatchSource that samples, scores and packs on-policy rollouts.
+
+    Every process draws the same global prompt batch, the sampler runs on the global mesh,
+    and each process returns its own rows of the result.
+
+    With a ``group_filter`` (DAPO's dynamic sampling), a step samples up to ``max_rounds``
+    rollouts of fresh prompts until it has a full batch of groups that pass the filter
+    (groups whose rewards all agree carry no gradient); a batch still short after the last
+    round is completed with the first groups that failed, which ``make_batch`` masks.
+
+    With ``minibatches`` > 1 (PPO), a rollout holds ``minibatches`` train batches: each of
+    its ``reuse`` optimizer steps takes the next minibatch of a seeded per-epoch shuffle of
+    its prompt groups (a group's rows stay together). ``finish`` completes each rollout's
+    batch on device with the state it was sampled with (see ``BatchFinisher``), and
+    ``policy_view`` picks the policy out of a train state that holds more (PPO's critic).
+
+    A reward function that fails on more than ``max_reward_error_frac`` of a rollout's
+    completions stops the run (``jaxpt.rewards.RewardError``) instead of scoring them 0.
+    """
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        rows: list[dict],
+        *,
+        make_batch: MakeBatch,
+        samples_per_prompt: int,
+        max_prompt_length: int,
+        max_completion_length: int,
+        temperature: float,
+        top_p: float,
+        top_k: int | None,
+        rewards: Sequence[Any],
+        reuse: int = 1,
+        log_completions: int = 2,
+        group_filter: GroupFilter | None = None,
+        max_rounds: int = 1,
+        minibatches: int = 1,
+        finish: BatchFinisher | None = None,
+        policy_view: PolicyView = whole_model,
+        max_reward_error_frac: float | None = 0.5,
+    ):
+        from jaxpt.rewards import RewardRunner, build_reward_fns
+        from jaxpt.sampling import PromptSampler
+
+        if not rows:
+            raise ValueError("RL needs at least one training prompt")
+        self.ctx, self.rows, self.make_batch = ctx, rows, make_batch
+        self.samples_per_prompt, self.reuse = samples_per_prompt, reuse
+        self.group_filter, self.max_rounds = group_filter, max_rounds
+        self.minibatches, self.finish, self.policy_view = minibatches, finish, policy_view
+        self.log_completions = log_completions
+        self.tokenizer = common.resolve_tokenizer(ctx)
+        self.runner = RewardRunner(
+            build_reward_fns(list(rewards)), max_error_frac=max_reward_error_frac
+        )
+        rollout_rows = ctx.config.train.batch_size * minibatches
+        if rollout_rows % (samples_per_prompt * minibatches):
+            raise ValueError(
+                f"a rollout of {rollout_rows} completions does not split into {minibatches} "
+                f"minibatches of whole groups of {samples_per_prompt}"
+            )
+        self.prompts_per_step = rollout_rows // samples_per_prompt
+        # Train rows have one layout: prompts always padded to max_prompt_length.
+        self.sampler = PromptSampler(
+            self.tokenizer, model_path=ctx.config.model.path,
+            max_new_tokens=max_completion_length, temperature=temperature, top_p=top_p,
+            top_k=top_k, num_samples=samples_per_prompt, max_prompt_length=max_prompt_length,
+            pad_to_max_prompt_length=True, batch_size=self.prompts_per_step, mesh=ctx.mesh,
+        )
+        self.epoch, self.cursor = 0, 0
+        self.rollouts = 0  # rollouts sampled so far: seeds the minibatch shuffles
+        self.pending: dict | None = None  # the rollout batch being reused
+        self.iteration = 0
+        self._last_return = None
+        self._encoded: dict[int, list[int]] = {}
+        self.completions_path = os.path.join(ctx.output_dir, "completions.jsonl")
+
+    # -- checkpointing
+    def get_state(self) -> dict:
+        state = {"epoch": self.epoch, "cursor": self.cursor, "iteration": self.iteration,
+                 "rollouts": self.rollouts}
+        if self.pending is not None and self.iteration < self.reuse:
+            state["pending"] = _encode_npz(self.pending)
+        if self.finish is not None:
+            state["finish"] = self.finish.get_state()
+        return state
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.iteration = int(state.get("iteration", 0))
+        self.rollouts = int(state.get("rollouts", 0))
+        self.pending = _decode_npz(state["pending"]) if "pending" in state else None
+        if self.finish is not None and "finish" in state:
+            self.finish.set_state(state["finish"])
+
+    def close(self) -> None:
+        pass
+
+    # -- batches
+    def next(self, state):
+        if self.pending is not None and self.iteration < self.reuse:
+            batch = self._minibatch(self.pending, self.iteration)
+            self.iteration += 1
+            return self._local_rows(batch), {}
+        timings = {}
+        if self._last_return is not None:  # the previous update ran while we were away
+            jax.block_until_ready(state.params)
+            timings["time/update_s"] = time.perf_counter() - self._last_return
+        rollout, rollout_metrics = self.sample(state, self._next_prompt_indices())
+        if self.group_filter is not None:
+            rollout, fill_metrics = self._fill_with_passing_groups(state, rollout, rollout_metrics)
+            rollout_metrics.update(fill_metrics)
+        batch, metrics, advantages_b = self.make_batch(rollout)
+        if self.finish is not None:
+            start = time.perf_counter()
+            batch, finish_metrics, advantages_b = self.finish(state, batch)
+            metrics = {**metrics, **finish_metrics, "time/finish_s": time.perf_counter() - start}
+        self.rollouts += 1
+        self.pending, self.iteration = batch, 1
+        self._log_samples(int(jax.device_get(state.step)) + 1, rollout, advantages_b)
+        self._last_return = time.perf_counter()
+        return (self._local_rows(self._minibatch(batch, 0)),
+                {**rollout_metrics, **metrics, **timings})
+
+    def _minibatch(self, batch: dict, iteration: int) -> dict:
+        """The rows optimizer step ``iteration`` of the current rollout trains on."""
+        if self.minibatches == 1:
+            return batch
+        rows = minibatch_rows(
+            len(next(iter(batch.values()))), self.samples_per_prompt, self.minibatches,
+            iteration, seed=(self.ctx.config.seed, self.rollouts),
+        )
+        return {k: v[rows] for k, v in batch.items()}
+
+    def _fill_with_passing_groups(
+        self, state, first: Rollout, first_metrics: dict
+    ) -> tuple[Rollout, dict]:
+        """A rollout of ``prompts_per_step`` groups, those passing the filter first (see the
+        class docstring), and metrics over every round sampled for it: the reward is the
+        policy's over all samples, not over the filtered batch."""
+        parts, passing = [first], [self.group_filter(first)]
+        timings = {k: first_metrics[k] for k in ("time/generate_s", "time/reward_s")}
+        while sum(map(np.sum, passing)) < self.prompts_per_step and len(parts) < self.max_rounds:
+            more, more_metrics = self.sample(
+                state, self._next_prompt_indices(), round_index=len(parts)
+            )
+            parts.append(more)
+            passing.append(self.group_filter(more))
+            timings = {k: v + more_metrics[k] for k, v in timings.items()}
+        sampled, passing_p = Rollout.concat(parts), np.concatenate(passing)
+        order = np.concatenate([np.flatnonzero(passing_p), np.flatnonzero(~passing_p)])
+        metrics = {
+            **self._metrics(sampled), **timings, "sampling_rounds": float(len(parts)),
+            "sampled_groups_passing_frac": float(passing_p.mean()),
+        }
+        return sampled.take_groups(order[: self.prompts_per_step]), metrics
+
+    def _next_prompt_indices(self) -> list[int]:
+        picked = []
+        while len(picked) < self.prompts_per_step:
+            order = np.random.default_rng((self.ctx.config.seed, self.epoch)).permutation(
+                len(self.rows)
+            )
+            take = min(self.prompts_per_step - len(picked), len(order) - self.cursor)
+            picked.extend(int(i) for i in order[self.cursor : self.cursor + take])
+            self.cursor += take
+            if self.cursor == len(order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return picked
+
+    def _prompt_ids(self, index: int) -> list[int]:
+        if index not in self._encoded:  # encoded (and counted if truncated) once
+            self._encoded[index] = self.sampler.encode(self.rows[index]["prompt"])
+        return self._encoded[index]
+
+    def _local_rows(self, batch: dict) -> dict:
+        from jaxpt.step import local_rows
+
+        return local_rows(batch, self.ctx.mesh)
+
+    def sample(self, state, indices: list[int], round_index: int = 0) -> tuple[Rollout, dict]:
+        """Sample and score completions of the prompts ``indices`` with ``state``'s params
+        (``round_index`` > 0: another rollout for the same step, with its own key)."""
+        g = self.samples_per_prompt
+        prompts = [self._prompt_ids(i) for i in indices]
+        start = time.perf_counter()
+        key = jax.random.fold_in(
+            jax.random.wrap_key_data(jax.device_get(state.rng)), int(jax.device_get(state.step))
+        )
+        if round_index:
+            key = jax.random.fold_in(key, round_index)
+        graphdef, params, rest = self.policy_view(state)
+        samples = self.sampler.sample((graphdef, (params, rest)), prompts, key)
+        generate_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        rows = [self.rows[i] for i in indices]
+        rewards = score_completions(self.runner, rows, samples.texts, g)
+        reward_s = time.perf_counter() - start
+
+        out = samples.arrays
+        rollout = Rollout(
+            prompt_ids=np.repeat(samples.prompt_ids, g, axis=0),
+            prompt_mask=np.repeat(samples.prompt_mask, g, axis=0),
+            tokens=out.tokens_bn, lengths=out.lengths_b, logprobs=out.policy_logprobs_bn,
+            truncated=out.truncated_b.astype(bool), texts=samples.texts,
+            rows=[row for row in rows for _ in range(g)], rewards=rewards,
+            num_prompts=len(indices),
+        )
+        return rollout, {
+            **self._metrics(rollout), "time/generate_s": generate_s, "time/reward_s": reward_s
+        }
+
+    def _metrics(self, rollout: Rollout) -> dict:
+        rewards = rollout.rewards
+        metrics = {
+            "reward": float(rewards.total.mean()),
+            "reward_std": float(rewards.total.std()),
+            **rewards.metrics(),
+            "completion_length/mean": float(rollout.lengths.mean()),
+            "completion_length/max": float(rollout.lengths.max()),
+            "completion_length/truncated_frac": float(rollout.truncated.mean()),
+            "prompts_truncated": float(self.sampler.truncated_prompts),
+        }
+        for name in ("math", "accuracy"):
+            if name in rewards.scores:
+                metrics["accuracy"] = float(np.nan_to_num(rewards.scores[name]).mean())
+                break
+        return metrics
+
+    def _log_samples(self, step: int, rollout: Rollout, advantages_b: np.ndarray) -> None:
+        count = min(self.log_completions, len(rollout.rows))
+        if not count or not self.ctx.is_main_process:
+            return
+        samples = [
+            {"step": step, "prompt": rollout.rows[r]["prompt"], "completion": rollout.texts[r],
+             "rewards": {k: _finite(v[r]) for k, v in rollout.rewards.scores.items()},
+             "advantage": float(advantages_b[r])}
+            for r in range(count)
+        ]
+        os.makedirs(os.path.dirname(self.completions_path), exist_ok=True)
+        with open(self.completions_path, "a") as f:
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+
+
+def _encode_npz(arrays: dict) -> str:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _decode_npz(text: str) -> dict:
+    with np.load(io.BytesIO(base64.b64decode(text))) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _finite(value) -> float | None:
+    return None if np.isnan(value) else float(value)
