@@ -57,8 +57,9 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: collection order within a rank
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown without xdist
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadgroup`` (``make test``) as ``SharedFixtureScheduling`` does it."""
+    """Under ``--dist loadgroup`` (``make test``), ``SharedFixtureScheduling`` below."""
     if config.getvalue("dist") == "loadgroup":
         from xdist.scheduler import LoadGroupScheduling
 
