@@ -4,6 +4,7 @@ tests and processes, and share small fixtures."""
 import ast
 import functools
 import gc
+import importlib.metadata
 import os
 import shutil
 
@@ -15,9 +16,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILATION_CACHE = os.path.join(ROOT, ".pytest_cache", "jax-compilation-cache")
 COMPILATION_CACHE_MAX_BYTES = 2 << 30  # wiped at the next session start beyond this
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# The suite's programs are tiny: compiling them costs far more than running them. Compiled
+# for tests: no LLVM optimisation passes, one LLVM module per program, and (on the jaxlib
+# this was measured on; flags a jaxlib does not know abort it) XLA's older loop emitters
+# for fusions, which compile faster than its MLIR ones. XLA's own passes still run, and
+# every tolerance holds (the SmolLM2 parity test's is set for it). Subprocesses get them too
+# (``tiny.one_device_env``).
+TEST_XLA_FLAGS = ["--xla_backend_optimization_level=0", "--xla_cpu_parallel_codegen_split_count=1"]
+if importlib.metadata.version("jaxlib").startswith("0.10."):
+    TEST_XLA_FLAGS.append("--xla_cpu_use_fusion_emitters=false")
+xla_flags = os.environ.get("XLA_FLAGS", "")
+for flag in TEST_XLA_FLAGS:
+    if flag.split("=")[0] not in xla_flags:  # a flag set by hand wins
+        xla_flags += " " + flag
+os.environ["XLA_FLAGS"] = (xla_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -104,6 +116,18 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Once a module's last test and its module fixtures are torn down, hide what survives
+    (JAX's tracing and compile caches, mostly) from the collector too: those full
+    collections grew to ~0.3 s each by the end of a worker's share, a run's setup making
+    one."""
+    yield
+    if nextitem is None or nextitem.module is not item.module:
+        gc.collect()
+        gc.freeze()
+
+
 def _tree_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, name))
                for folder, _, names in os.walk(path) for name in names)
@@ -113,7 +137,7 @@ def _tree_bytes(path: str) -> int:
 def one_device_runs():
     """In-process training runs (``jaxpt.loop.run``, ``setup`` without a mesh, the train
     CLI's ``main``) on the first device, as ``python -m jaxpt.train`` runs in the CLI tests'
-    subprocesses (``XLA_FLAGS=""``): the tiny model gains nothing from 8 emulated devices on
+    subprocesses (``tiny.one_device_env``): the tiny model gains nothing from 8 emulated devices on
     a few cores, and tests about sharding pass their own mesh (``mesh8``). A config that
     names a mesh of several devices keeps it. Module-scoped, so that a module's shared runs
     (module fixtures that ask for it) get it too: ``pytestmark =

@@ -23,7 +23,9 @@ def digit_fraction(prompts, completions, **kwargs):
 
 def main(argv: list[str]) -> int:
     devices, jobs = int(argv[0]), json.loads(argv[1])
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    os.environ["XLA_FLAGS"] = (  # after the launcher's compile settings
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    ).strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ[name] = "1"

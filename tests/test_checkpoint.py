@@ -14,7 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from tiny import ROOT, SFT_TINY, TINY, sft_overrides, train_rows
+from tiny import ROOT, SFT_TINY, TINY, one_device_env, sft_overrides, train_rows
 
 from jaxpt.checkpoint import (
     Checkpointer,
@@ -104,7 +104,7 @@ def test_restore_onto_a_different_mesh(tmp_path, mesh8):
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_dir):
     out = tmp_path / "run"
     args = overrides(str(out), tiny_dir, **{"train.max_steps": 100000, "checkpoint.every": 0})
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = one_device_env()
     # Output to a file, not a pipe nobody reads until the end (a full pipe blocks the child).
     log_path = tmp_path / "train.log"
     with open(log_path, "w") as log_file:

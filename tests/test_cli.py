@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from tiny import one_device_env
 
 from jaxpt.cli import bench
 from jaxpt.cli import eval as eval_cli
@@ -113,7 +114,7 @@ def test_generate_chat_reads_turns_from_stdin(tiny_dir, capsys, monkeypatch):
 
 
 def _python_m(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = one_device_env()
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
         check=False,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from tiny import one_device_env
 
 from jaxpt.cli import command, is_user_error
 
@@ -20,7 +21,7 @@ def _error_lines(stderr: str) -> list[str]:
 
 
 def test_python_m_generate_without_the_models_package_is_one_error_line():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = one_device_env()
     env.pop("JAXPT_DEBUG", None)
     done = subprocess.run(
         [sys.executable, "-m", "jaxpt.generate", "--model", "pkg:jaxpt_absent_models/m.gguf",

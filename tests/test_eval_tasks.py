@@ -19,6 +19,8 @@ from jaxpt.evals.tasks import (
     parse_tasks,
 )
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from flax import nnx
-from tiny import ROOT, TINY, train_rows
+from tiny import ROOT, TINY, one_device_env, train_rows
 
 import jaxpt.models as jm
 from jaxpt import config as config_lib
@@ -63,7 +63,7 @@ def gelu_dir(tmp_path_factory):
 def _train_cli(*args: str) -> subprocess.CompletedProcess:
     """``python -m jaxpt.train ARGS`` with the plugins on PYTHONPATH, on one CPU device."""
     path = [PLUGINS, *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.pathsep.join(path))
+    env = one_device_env(PYTHONPATH=os.pathsep.join(path))
     return subprocess.run(
         [sys.executable, "-m", "jaxpt.train", *args], cwd=ROOT, env=env, capture_output=True,
         text=True, check=False,

@@ -92,8 +92,11 @@ def test_smollm2_logits_and_greedy_match_transformers(smol_path, smol_hf, smol_t
     assert 15 <= len(ids) <= 30
     expected = hf_logits(smol_hf, [ids])
     diff = float(np.abs(jax_logits(model, [ids]) - expected).max())
-    # Measured 6.4e-5 on these 24 tokens, with logits up to 38 (30 float32 layers).
-    assert diff <= 1e-4, f"max |logit diff| {diff:.3g} (logits up to {np.abs(expected).max():.3g})"
+    # 30 float32 layers: measured 6.4e-5 on these 24 tokens with logits up to 38, and 1.1e-4
+    # with the suite's unoptimised CPU compile, whose fusions round differently. A wrong
+    # norm, RoPE or eps moves logits by 1e-2 and more.
+    scale = float(np.abs(expected).max())
+    assert diff <= 1e-5 * scale, f"max |logit diff| {diff:.3g} (logits up to {scale:.3g})"
 
     eos = eos_token_ids(smol_tokenizers[1], SMOL_SPEC)
     assert eos == [2]

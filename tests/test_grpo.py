@@ -19,6 +19,8 @@ from jaxpt.step import StepContext
 from jaxpt.tasks.grpo import GrpoConfig, grpo_loss
 from jaxpt.tasks.rl.batch import Rollout, train_batch
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRPO_ARITH = os.path.join(ROOT, "configs", "grpo_arith.yaml")
 DIGITS = set("0123456789")

@@ -7,7 +7,6 @@ import os
 
 import jax
 import numpy as np
-import peft
 import pytest
 import torch
 import transformers
@@ -135,6 +134,8 @@ def test_peft_export_loads_in_peft_with_the_same_logits(sft_run, tiny_dir):
     a = tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"]
     b = tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
     assert a.shape == (RANK, 32) and b.shape == (16, RANK)
+    import peft  # here, not at collection: it imports much of transformers
+
     model = peft.PeftModel.from_pretrained(hf_base(tiny_dir), adapter_dir).eval()
     ours = jax_logits(prepared.state.model(), prepared.mesh)
     np.testing.assert_allclose(hf_logits(model), ours, atol=ATOL, rtol=0)
@@ -174,6 +175,8 @@ def test_training_continues_from_our_own_adapter(sft_run, tmp_path, tiny_dir):
 @pytest.fixture(scope="module")
 def peft_written_adapter(tmp_path_factory, tiny_dir):
     """An adapter written by peft itself on q_proj/v_proj, with random non-zero B."""
+    import peft
+
     torch.manual_seed(0)
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"],
                              init_lora_weights=False)
@@ -327,5 +330,7 @@ def test_adapters_on_some_layers_export_only_those(tiny_dir, mesh1, tmp_path):
     assert sorted(tensors) == [
         f"base_model.model.model.layers.1.self_attn.q_proj.lora_{side}.weight" for side in "AB"
     ]
+    import peft
+
     theirs = hf_logits(peft.PeftModel.from_pretrained(hf_base(tiny_dir), str(tmp_path)).eval())
     np.testing.assert_allclose(theirs, ours, atol=ATOL, rtol=0)

@@ -17,7 +17,7 @@ import types
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from tiny import SFT_TINY, make_tiny_dir, sft_overrides, train_rows
+from tiny import SFT_TINY, make_tiny_dir, one_device_env, sft_overrides, train_rows
 
 from jaxpt.config import load_config
 from jaxpt.distributed import distributed_args
@@ -43,6 +43,7 @@ def _free_port() -> int:
 def _start(processes: int, jobs: list, tmp_path, name: str) -> list[subprocess.Popen]:
     """``processes`` workers (8 // processes CPU devices each) running ``jobs`` together."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXPT_", "XLA_"))}
+    env["XLA_FLAGS"] = one_device_env()["XLA_FLAGS"]  # the suite's compile settings
     env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")])
     if processes > 1:
         env.update(JAXPT_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
@@ -116,22 +117,34 @@ def _params(hf_dir) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same SFT and GRPO runs on 2 processes and on 1; then the 2-process SFT run's
-    step-2 checkpoint resumed in 1 process."""
+    step-2 checkpoint resumed in 1 process. The 2 processes go on to a long SFT run (in
+    ``stopped``) whose host 1, which writes no metrics, gets SIGTERM once host 0 logged a
+    step: both should stop at one step (a job of its own would start two more processes)."""
     tmp = tmp_path_factory.mktemp("multihost")
     model = make_tiny_dir(str(tmp / "tiny"))
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(
         json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(16)
     ))
-    two = _run(2, [_sft(tmp / "sft2", model), _grpo(tmp / "grpo2", model, str(prompts))],
-               tmp, "two")
+    stopped = tmp / "stopped"
+    long_sft = _sft(stopped, model, **{"train.max_steps": 500, "checkpoint.every": 0})
+    started = _start(2, [_sft(tmp / "sft2", model), _grpo(tmp / "grpo2", model, str(prompts)),
+                         long_sft], tmp, "two")
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and all(p.poll() is None for p in started):
+        if _logged_a_step(stopped):
+            break
+        time.sleep(0.2)
+    started[1].send_signal(signal.SIGTERM)
+    two = _wait(started, tmp, "two")
     resumed = tmp / "sft_resumed"
     shutil.copytree(tmp / "sft2", resumed)
     shutil.rmtree(resumed / "checkpoints" / "3")
     shutil.rmtree(resumed / "hf")
     one = _run(1, [_sft(tmp / "sft1", model), _grpo(tmp / "grpo1", model, str(prompts)),
                    _sft(resumed, model)], tmp, "one")
-    return types.SimpleNamespace(tmp=tmp, model=model, two=two, one=one, resumed=resumed)
+    return types.SimpleNamespace(tmp=tmp, model=model, two=two, one=one, resumed=resumed,
+                                 stopped=stopped)
 
 
 # -------------------------------------------------------------- end to end
@@ -186,26 +199,15 @@ def test_two_process_checkpoint_resumes_in_one(runs):
     assert "resumed from" in runs.one[0]
 
 
-@pytest.mark.slow
 def test_sigterm_on_one_host_stops_both_at_the_same_step(runs):
-    out = runs.tmp / "stopped"  # beside the other runs: it reuses their compilation cache
-    job = _sft(out, runs.model, **{"train.max_steps": 500, "checkpoint.every": 0})
-    started = _start(2, [job], runs.tmp, "stop")
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline and all(p.poll() is None for p in started):
-        if _logged_a_step(out):
-            break
-        time.sleep(0.2)
-    started[1].send_signal(signal.SIGTERM)  # the host that does not write metrics
-    outputs = _wait(started, runs.tmp, "stop")
-    stopped = [line for text in outputs for line in text.splitlines()
+    stopped = [line for text in runs.two for line in text.splitlines()
                if line.startswith("preempted at step")]
-    assert len(stopped) == 2 and stopped[0] == stopped[1], outputs
+    assert len(stopped) == 2 and stopped[0] == stopped[1], runs.two
     step = int(stopped[0].split()[3].rstrip(";"))
     assert 1 <= step < 500
-    assert os.listdir(out / "checkpoints") == [str(step)]
-    assert train_rows(str(out))[-1]["step"] == step
-    assert not (out / "hf").exists()
+    assert os.listdir(runs.stopped / "checkpoints") == [str(step)]
+    assert train_rows(str(runs.stopped))[-1]["step"] == step
+    assert not (runs.stopped / "hf").exists()
 
 
 def _logged_a_step(output_dir) -> bool:

@@ -25,6 +25,8 @@ from jaxpt.step import StepContext
 from jaxpt.tasks.ppo import PpoConfig, finish_arrays, ppo_loss, update_scales
 from jaxpt.tasks.rl.batch import Rollout, completion_window, minibatch_rows, train_batch
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PPO_ARITH = os.path.join(ROOT, "configs", "ppo_arith.yaml")
 LC = 5  # completion budget of the hand-made batches

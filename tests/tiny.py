@@ -33,6 +33,15 @@ def sft_overrides(output_dir, model_path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def one_device_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``python -m jaxpt...`` subprocess on one CPU device: this
+    process's, with the suite's compile settings (``tests/conftest.py``) but not its 8
+    emulated devices; ``extra`` adds or replaces variables."""
+    flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+             if not flag.startswith("--xla_force_host_platform_device_count")]
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags), **extra}
+
+
 def train_rows(output_dir: str) -> list[dict]:
     """The train-step rows (those with a ``loss``) of a run's ``metrics.jsonl``."""
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
