@@ -135,7 +135,8 @@ def test_python_m_train_help_and_bad_key():
 # runpy warns when the shim was imported before (test_config imports jaxpt.train).
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 @pytest.mark.parametrize(
-    "module", ["jaxpt.train", "jaxpt.generate", "jaxpt.eval", "jaxpt.quickstart", "jaxpt.bench"]
+    "module", ["jaxpt.train", "jaxpt.generate", "jaxpt.eval", "jaxpt.quickstart", "jaxpt.bench",
+               "jaxpt.serve"]
 )
 def test_python_m_shims_run_the_cli(module, monkeypatch, capsys):
     """``python -m <module> --help`` through the shim's ``__main__`` block, in-process."""

@@ -32,16 +32,19 @@ def eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation followed by the assistant generation prompt."""
+def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation followed by the assistant generation prompt; ``tools``
+    (JSON schemas, as the OpenAI API sends them) are rendered as the template defines."""
     _require_template(tokenizer)
+    extra = {"tools": tools} if tools else {}
     out = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
     )
     return list(out["input_ids"])
 
 
-def encode_prompt(tokenizer, prompt, *, chat_template: bool = True) -> list[int]:
+def encode_prompt(tokenizer, prompt, *, chat_template: bool = True,
+                  tools: list[dict] | None = None) -> list[int]:
     """Token ids of a generation prompt, the one way jaxpt encodes prompts (RL rollouts,
     evaluation, the generate CLI).
 
@@ -55,7 +58,7 @@ def encode_prompt(tokenizer, prompt, *, chat_template: bool = True) -> list[int]
     except RowProblem as problem:
         raise DataError(str(problem)) from None
     if isinstance(prompt, list):
-        return render_prompt(tokenizer, prompt)
+        return render_prompt(tokenizer, prompt, tools)
     if not isinstance(prompt, str):
         raise DataError(
             f"a prompt is a string or a list of chat messages, got {type(prompt).__name__}"
