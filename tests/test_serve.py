@@ -247,3 +247,49 @@ def test_parsing_rules_without_a_server():
     assert completion.prompt_ids == [4, 5] and completion.logprobs
     assert cut_at_stop("one. two. three", ("two", ".")) == ("one", True)
     assert cut_at_stop("abc", ()) == ("abc", False)
+
+
+# -------------------------------------------------------------- a judge over HTTP
+
+
+def test_a_judge_at_a_url_gets_the_in_process_judges_replies(served):
+    from jaxpt.judges import PairwiseJudge
+    from jaxpt.judges.generator import ModelGenerator
+
+    backend, base = served
+    template = "Q: {question}\nA: {answer_a}\nB: {answer_b}\nBetter:"  # fits the tiny context
+    judge = PairwiseJudge(f"{base}/v1", template=template, max_new_tokens=6, batch_size=4)
+    local = ModelGenerator(backend.model, backend.tokenizer, max_new_tokens=6)
+    prompts, a, b = ["What is 2+3?", "Say hi"], ["5", "hi"], ["6", "hello"]
+    texts = [judge.render(p, x, y) for p, x, y in zip(prompts, a, b)]
+    assert judge.generator(texts) == local(texts)
+    verdicts = judge.judge(prompts, a, b)
+    assert len(verdicts) == 2 and all(v.raw_ab is not None for v in verdicts)
+
+    sent = judge.generator.requests
+    assert judge.generator(texts) == local(texts)  # asked again: from the cache
+    assert judge.generator.requests == sent
+    assert judge.generator.model == MODEL  # the server's model, from /v1/models
+    assert PairwiseJudge(f"{base}/v1?model=other").generator.model == "other"
+
+
+def test_an_unreachable_endpoint_is_an_error_naming_it():
+    from jaxpt.cli import is_user_error
+    from jaxpt.judges.endpoint import EndpointError, EndpointGenerator
+
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    generator = EndpointGenerator(url + "?model=m", retries=2, backoff_s=0.01, timeout_s=5)
+    with pytest.raises(EndpointError, match=r"127\.0\.0\.1.*after 3 tries") as error:
+        generator(["hi"])
+    assert generator.requests == 3 and is_user_error(error.value)
+
+
+def test_an_endpoint_error_status_is_retried_then_named(served):
+    from jaxpt.judges.endpoint import EndpointError, EndpointGenerator
+
+    _, base = served
+    generator = EndpointGenerator(f"{base}/v1?model={MODEL}", max_new_tokens=100000,
+                                  retries=2, backoff_s=0.01)
+    with pytest.raises(EndpointError, match=r"HTTP 400.*max_tokens"):
+        generator(["hi"])  # a 400 is the request's fault: not retried
+    assert generator.requests == 1

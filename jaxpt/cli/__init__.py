@@ -34,6 +34,7 @@ USER_ERRORS = (
     ("jaxpt.checkpoint", "CheckpointError"),
     ("jaxpt.loop", "NonFiniteError"),
     ("jaxpt.rewards.runner", "RewardError"),
+    ("jaxpt.judges.endpoint", "EndpointError"),
     ("huggingface_hub.errors", "HFValidationError"),  # a model path that is no hub name
 )
 

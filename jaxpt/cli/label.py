@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--judge", required=True,
-                        help="judge model: HF dir, GGUF file, pkg:... path, preset or hub name")
+                        help="judge model: HF dir, GGUF file, pkg:... path, preset or hub name, "
+                        "or an OpenAI-compatible server's URL (http://host:8000/v1)")
     parser.add_argument("--in", dest="source", required=True,
                         help="pairs (.jsonl/.json/.parquet or hub dataset) or 'arithmetic'")
     parser.add_argument("--out", required=True, help="preference rows (.jsonl)")

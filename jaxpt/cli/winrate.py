@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", required=True, help="rows with 'prompt', or 'arithmetic'")
     judged = parser.add_mutually_exclusive_group(required=True)
     judged.add_argument("--reward-model", help="exported reward-model dir")
-    judged.add_argument("--judge", help="judge model (dir, hub name or preset)")
+    judged.add_argument("--judge", help="judge model (dir, hub name or preset), or an "
+                        "OpenAI-compatible server's URL (http://host:8000/v1)")
     parser.add_argument("--split", default="train", help="split of a hub dataset")
     parser.add_argument("--min-digits", type=int, default=1, help="arithmetic operands")
     parser.add_argument("--max-digits", type=int, default=3, help="arithmetic operands")

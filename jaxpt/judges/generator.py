@@ -114,10 +114,19 @@ class ModelGenerator:
 
 
 def make_generator(model, tokenizer, generator: Generator | None, **settings) -> Generator:
-    """``generator`` when given (e.g. a fake in tests, or another backend), else a
-    ``ModelGenerator`` of ``model``."""
+    """``generator`` when given (e.g. a fake in tests, or another backend); for a ``model``
+    that is a URL (``http://host:8000/v1``), an ``EndpointGenerator`` calling that
+    OpenAI-compatible server; else a ``ModelGenerator`` of ``model``."""
     if generator is not None:
         return generator
+    from jaxpt.judges.endpoint import EndpointGenerator, is_endpoint
+
+    if is_endpoint(model):
+        return EndpointGenerator(
+            model, max_new_tokens=settings.get("max_new_tokens", 256),
+            temperature=settings.get("temperature", 0.0), seed=settings.get("seed", 0),
+            system_prompt=settings.get("system_prompt"),
+        )
     return ModelGenerator(model, tokenizer, **settings)
 
 
