@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,14 @@ import types
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from tiny import SFT_TINY, make_tiny_dir, one_device_env, sft_overrides, train_rows
+from tiny import (
+    SFT_TINY,
+    free_port,
+    make_tiny_dir,
+    one_device_env,
+    sft_overrides,
+    train_rows,
+)
 
 from jaxpt.config import load_config
 from jaxpt.distributed import distributed_args
@@ -34,19 +40,13 @@ TIMEOUT_S = 900  # per launch: generous, compiling on a busy 2-core machine is s
 # ------------------------------------------------------------------ the launcher
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(processes: int, jobs: list, tmp_path, name: str) -> list[subprocess.Popen]:
     """``processes`` workers (8 // processes CPU devices each) running ``jobs`` together."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXPT_", "XLA_"))}
     env["XLA_FLAGS"] = one_device_env()["XLA_FLAGS"]  # the suite's compile settings
     env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")])
     if processes > 1:
-        env.update(JAXPT_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+        env.update(JAXPT_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
                    JAXPT_NUM_PROCESSES=str(processes))
     # The suite's compilation cache, a directory per process count: a program compiled for
     # one layout of processes is never loaded in another.

@@ -3,7 +3,6 @@ and by raw HTTP, on the tiny model. A served greedy reply is ``generate``'s repl
 
 import concurrent.futures
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -11,6 +10,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from tiny import free_port
 
 openai = pytest.importorskip("openai", reason="pip install openai (the test extra)")
 uvicorn = pytest.importorskip("uvicorn", reason="pip install 'jaxpt[serve]'")
@@ -36,12 +36,6 @@ TOOLS_TEMPLATE = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_dir):
     """(backend, base URL) of a server on the tiny model, in a thread of this process."""
@@ -49,7 +43,7 @@ def served(tiny_dir):
                                       "--max-tokens-limit", "64"])
     backend = load_backend(args)
     server = uvicorn.Server(uvicorn.Config(build_app(backend), host="127.0.0.1",
-                                           port=_free_port(), log_level="warning"))
+                                           port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -277,7 +271,7 @@ def test_an_unreachable_endpoint_is_an_error_naming_it():
     from jaxpt.cli import is_user_error
     from jaxpt.judges.endpoint import EndpointError, EndpointGenerator
 
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     generator = EndpointGenerator(url + "?model=m", retries=2, backoff_s=0.01, timeout_s=5)
     with pytest.raises(EndpointError, match=r"127\.0\.0\.1.*after 3 tries") as error:
         generator(["hi"])

@@ -3,6 +3,7 @@ overrides of a seconds-long SFT run, and the metrics rows a run writes."""
 
 import json
 import os
+import socket
 
 import numpy as np
 
@@ -31,6 +32,13 @@ def sft_overrides(output_dir, model_path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def one_device_env(**extra: str) -> dict[str, str]:

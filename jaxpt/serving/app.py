@@ -48,7 +48,7 @@ def build_app(backend: Backend):
                            max_tokens_limit=backend.max_tokens_limit)
             backend.check(parsed)
             if parsed.stream:
-                return StreamingResponse(_events(backend, parsed, request),
+                return StreamingResponse(_events(backend, parsed),
                                          media_type="text/event-stream")
             choices = await asyncio.to_thread(backend.complete, parsed)
         except protocol.RequestError as error:
@@ -68,7 +68,7 @@ def build_app(backend: Backend):
     return app
 
 
-async def _events(backend: Backend, parsed: protocol.Request, http_request):
+async def _events(backend: Backend, parsed: protocol.Request):
     """Server-sent events of one streamed reply. The sampling runs in a thread that hands
     pieces over a queue; leaving (a disconnect cancels this generator) stops that thread
     at its next token, so the model is free for the next request."""

@@ -1,8 +1,8 @@
 """The OpenAI chat/completions request and response shapes, as plain functions.
 
 ``parse_chat`` and ``parse_completion`` turn a request body into a ``Request`` (token ids
-in, sampling settings, what to return) or raise ``RequestError`` naming the field; the
-``*_response`` and ``*_chunk`` functions build the JSON the official client reads. Nothing
+in, sampling settings, what to return) or raise ``RequestError`` naming the field;
+``response`` and ``chunk`` build the JSON the official client reads. Nothing
 here touches a model, so every rule is checked without one.
 """
 
@@ -38,7 +38,7 @@ class Request:
     stream: bool
     logprobs: bool
     top_logprobs: int
-    echo_token_ids: bool  # the token-in/token-out extension: ids (and log-probs) come back
+    echo_token_ids: bool  # the token-out extension: the reply's and prompt's ids come back
 
 
 def _field(body: dict, name: str, kind, default, *, low=None, high=None):
@@ -71,8 +71,8 @@ def _common(body: dict, max_tokens_limit: int) -> dict:
         raise RequestError("the request body must be a JSON object")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     return {
-        "max_tokens": _field({"max_tokens": max_tokens}, "max_tokens", int, 16 if max_tokens
-                             is None else max_tokens, low=1, high=max_tokens_limit),
+        "max_tokens": _field({"max_tokens": max_tokens}, "max_tokens", int, 16, low=1,
+                             high=max_tokens_limit),
         "temperature": _field(body, "temperature", float, 1.0, low=0.0, high=2.0),
         "top_p": (None if body.get("top_p") in (None, 1, 1.0)
                   else _field(body, "top_p", float, 1.0, low=0.0, high=1.0)),
