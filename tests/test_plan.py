@@ -10,7 +10,7 @@ import pytest
 
 from jaxpt.cli.plan import main as plan_main
 from jaxpt.config import ConfigError, load_config
-from jaxpt.planning.memory import plan_memory
+from jaxpt.planning.memory import format_plan, plan_memory
 from jaxpt.planning.topology import TopologyError, get_topology, libtpu_available, parse_spec
 
 # Every dimension divides 8, so each param with an `embed` axis shards 8 ways over fsdp.
@@ -96,6 +96,34 @@ def test_grpo_plan_compiles_the_sampler_and_keeps_state_resident(tiny_config_dir
     # The sampler reads the policy's params (plus the prompts).
     assert plan.sampler.argument >= plan.params
     assert plan.total >= plan.sampler.peak + plan.sampler_resident
+
+
+def test_grpo_plan_sizes_the_page_pool_and_compiles_the_tpu_engine_step(tiny_config_dir):
+    """On a v5e slice the engine's decode call compiles with the ragged paged attention
+    kernel (head_dim 128, the kernel's tile) and its pool is every rollout row at its full
+    length, counted by hand."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        topology = get_topology("v5e:2x4")
+    except TopologyError as error:
+        pytest.skip(f"libtpu cannot describe v5e:2x4 here: {error}")
+    model_dir = tiny_config_dir / "model128"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps({**TINY, "head_dim": 128}))
+    config = load_config(str(tiny_config_dir / "sft.yaml"), [
+        "task=grpo", f"model.path={model_dir}", "train.batch_size=16",
+        "grpo.num_generations=4", "grpo.max_prompt_length=24", "grpo.max_completion_length=40",
+    ])
+    plan = plan_memory(config, topology)
+    engine = plan.engine
+    assert engine.layout == "combined" and engine.program.generated_code > 0
+    pages_per_row = (24 + 40) // engine.page_size
+    assert engine.num_pages == 16 * pages_per_row + 1
+    # [pages, page, 2 x kv heads, head_dim] float32 per layer.
+    assert engine.bytes_per_token == L * 2 * K * 128 * 4
+    assert engine.pool_bytes == engine.num_pages * engine.page_size * engine.bytes_per_token
+    assert 0 < plan.tokens_in_flight_fit() < plan.hbm // engine.bytes_per_token
+    assert "engine: KV page pool" in format_plan(plan)
 
 
 def test_a_reused_rollout_is_planned_with_its_reference_logprobs_in_the_batch(tiny_config_dir):

@@ -307,22 +307,27 @@ def test_one_device_weights_generate_over_a_data_mesh(llama, mesh8):
 
 def test_same_bucket_and_new_weights_do_not_recompile(tmp_path_factory):
     model = init_model({**BASE, **ARCHS["llama"], "num_hidden_layers": 1}, seed=5)
-    before = trace_count()
-    generate(model, [[1, 2, 3], [4, 5], [6]], max_new_tokens=10)
-    assert trace_count() == before + 1
-    # Different prompt lengths, batch size and max_new_tokens, all in the same buckets.
-    generate(model, [[1] * 9, [2, 3], [4, 5, 6, 7], [8]], max_new_tokens=14)
-    assert trace_count() == before + 1
+    for sampler in ("paged", "static"):
+        before = trace_count()
+        generate(model, [[1, 2, 3], [4, 5], [6]], max_new_tokens=10, sampler=sampler)
+        compiled = trace_count()
+        assert compiled > before
+        # Different prompt lengths, batch size and max_new_tokens, all in the same buckets.
+        generate(model, [[1] * 9, [2, 3], [4, 5, 6, 7], [8]], max_new_tokens=14, sampler=sampler)
+        assert trace_count() == compiled
 
-    # The RL path: new weights of the same structure reuse the program.
+    # The RL path: new weights of the same structure reuse the programs.
     graphdef, state = nnx.split(model)
     config = SamplingConfig(max_new_tokens=16, temperature=0.0)
     ids_bt = np.ones((4, 16), np.int32)
     mask_bt = np.ones((4, 16), np.int32)
     first = sample_arrays(graphdef, state, ids_bt, mask_bt, jax.random.key(0), config)
+    compiled = trace_count()
     new_state = jax.tree.map(lambda x: x * 1.5, state)
     second = sample_arrays(graphdef, new_state, ids_bt, mask_bt, jax.random.key(0), config)
-    assert trace_count() == before + 1
+    nnx.update(model, new_state)
+    generate(model, [[1] * 9, [2, 3], [4, 5, 6, 7], [8]], max_new_tokens=14)
+    assert trace_count() == compiled
     assert not np.array_equal(first.tokens_bn, second.tokens_bn)
     assert first.tokens_bn.shape == (4, 16) and bool(first.truncated_b.all())
 

@@ -1,4 +1,12 @@
-"""Generation throughput: batched greedy decoding with the jitted KV-cached sampler."""
+"""Generation throughput.
+
+``--workload uniform`` (default): one batch, every row the same length, through
+``generate``. ``--workload heavy-tail``: many requests whose reply lengths are drawn from a
+log-normal (as reasoning replies are), through the continuous-batching engine, the static
+sampler (batches of ``--batch-size`` running until their longest row ends) and
+transformers' ``generate`` on the same batches, alternating; throughput counts useful
+tokens (each request's own length), and the bench reports the KV bytes each holds.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,19 @@ from jaxpt.bench import decoder_flops_per_token, median, peak_rss_mb
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="bench-tiny", help="preset name or HF model dir")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workload", choices=("uniform", "heavy-tail"), default="uniform")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="rows of a batch; the engine's decode slots for heavy-tail")
+    parser.add_argument("--requests", type=int, default=256, help="heavy-tail: requests")
+    parser.add_argument("--mean-tokens", type=float, default=100.0,
+                        help="heavy-tail: mean reply length (log-normal, sigma 1)")
+    parser.add_argument("--max-tokens", type=int, default=1024,
+                        help="heavy-tail: cap on a reply's length")
+    parser.add_argument("--rounds", type=int, default=3, help="heavy-tail: alternating rounds")
+    parser.add_argument("--page-size", type=int, default=None, help="heavy-tail: KV page size")
+    parser.add_argument("--kv-tokens", type=int, default=None,
+                        help="heavy-tail: the engine's KV pool in tokens (default: slots x "
+                        "(prompt + 3 x mean reply))")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -95,6 +115,121 @@ def _data_parallel_cpu(devices: int):
 
 
 def run(args) -> dict:
+    if args.workload == "heavy-tail":
+        return run_heavy_tail(args)
+    return run_uniform(args)
+
+
+def heavy_tail_lengths(requests: int, mean: float, cap: int, seed: int) -> list[int]:
+    """Reply lengths from a log-normal with sigma 1 and the given mean, in [1, cap]."""
+    rng = np.random.default_rng(seed)
+    draws = rng.lognormal(np.log(mean) - 0.5, 1.0, requests)
+    return np.clip(draws.astype(int), 1, cap).tolist()
+
+
+def _static_kv_bytes(config, rows: int, prompt_len: int, new_tokens: int) -> int:
+    """The static sampler's KV cache for one batch: every row at the full length."""
+    from jaxpt.sampling.api import bucket
+    from jaxpt.sampling.engine import cache_length
+
+    slots = cache_length(bucket(prompt_len) + bucket(new_tokens))
+    return rows * slots * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+
+
+def run_heavy_tail(args) -> dict:
+    from jaxpt.models import load_model
+    from jaxpt.sampling import SamplingConfig, generate
+    from jaxpt.sampling.continuous import Engine
+    from jaxpt.sampling.continuous import trace_count as engine_traces
+
+    model = load_model(args.model, seed=args.seed)
+    config = model.config
+    slots, prompt_len = args.batch_size, args.prompt_len
+    lengths = heavy_tail_lengths(args.requests, args.mean_tokens, args.max_tokens, args.seed)
+    rng = np.random.default_rng(args.seed + 1)
+    prompts_rt = rng.integers(0, config.vocab_size, (args.requests, prompt_len))
+    prompts = prompts_rt.tolist()
+    batches = [range(i, min(i + slots, args.requests)) for i in range(0, args.requests, slots)]
+    useful = sum(lengths)
+    kv_tokens = args.kv_tokens or int(slots * (prompt_len + 3 * args.mean_tokens))
+    sampling = SamplingConfig.make(temperature=args.temperature)
+    engine_kwargs = {"slots": slots, "max_seq_len": prompt_len + args.max_tokens,
+                     "page_size": args.page_size}
+    page = Engine(model, sampling, **engine_kwargs).page_size
+    engine_kwargs["num_pages"] = max(-(-kv_tokens // page), 2) + 1
+    stats = {}
+
+    def engine_once():
+        engine = Engine(model, sampling, **engine_kwargs)
+        key = jax.random.key(args.seed)
+        for prompt, n in zip(prompts, lengths):
+            engine.add(prompt, n, key)
+        done = engine.run()
+        assert [len(c.tokens) for c in done] == lengths
+        stats.update(engine.kv_bytes(), preemptions=engine.stats.preemptions,
+                     decode_steps=engine.stats.decode_steps)
+
+    def static_once():
+        for rows in batches:  # no eos: each batch runs until its longest reply is done
+            out = generate(model, [prompts[i] for i in rows],
+                           max_new_tokens=max(lengths[i] for i in rows),
+                           temperature=args.temperature, seed=args.seed, sampler="static")
+            assert all(len(t) >= lengths[i] for t, i in zip(out.tokens, rows))
+
+    runners = {"engine": engine_once, "static": static_once}
+    if args.compare_transformers:
+        hf_batches = [
+            _transformers_runner(model, prompts_rt[list(rows)], max(lengths[i] for i in rows),
+                                 args.torch_threads)
+            for rows in batches
+        ]
+        runners["transformers"] = lambda: [run_batch() for run_batch in hf_batches]
+    for run_once in runners.values():  # warmup: compiles, caches
+        run_once()
+    traces = engine_traces()
+    times = {name: [] for name in runners}
+    for _ in range(args.rounds):  # alternating, so each sees the same machine load
+        for name, run_once in runners.items():
+            times[name] += _time_runs(run_once, 1)
+    rates = {name: [round(useful / t, 1) for t in ts] for name, ts in times.items()}
+    result = {
+        "workload": "heavy-tail",
+        "model": args.model,
+        "requests": args.requests,
+        "slots": slots,
+        "prompt_len": prompt_len,
+        "mean_tokens": args.mean_tokens,
+        "max_tokens": args.max_tokens,
+        "useful_tokens": useful,
+        "longest": max(lengths),
+        "temperature": args.temperature,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "page_size": page,
+        "tokens_per_s": round(median(rates["engine"]), 1),
+        "engine_tokens_per_s": rates["engine"],
+        "static_tokens_per_s": rates["static"],
+        "speedup_vs_static": round(median(times["static"]) / median(times["engine"]), 2),
+        "recompiles": engine_traces() - traces,
+        **stats,
+        "static_kv_bytes": max(
+            _static_kv_bytes(config, len(rows), prompt_len, max(lengths[i] for i in rows))
+            for rows in batches
+        ),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    result["kv_peak_fraction"] = round(result["kv_peak_bytes"] / result["static_kv_bytes"], 3)
+    result["kv_pool_fraction"] = round(result["kv_pool_bytes"] / result["static_kv_bytes"], 3)
+    if "transformers" in times:
+        result["transformers_tokens_per_s"] = rates["transformers"]
+        result["speedup_vs_transformers"] = round(
+            median(times["transformers"]) / median(times["engine"]), 2
+        )
+        result["torch_threads"] = args.torch_threads
+    return result
+
+
+def run_uniform(args) -> dict:
     from flax import nnx
 
     from jaxpt.models import load_model

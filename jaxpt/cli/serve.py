@@ -29,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens-limit", type=int, default=4096,
                         help="the largest max_tokens a request may ask for")
     parser.add_argument("--seed", type=int, default=0, help="init seed of a preset model")
+    parser.add_argument("--slots", type=int, default=32,
+                        help="requests (samples) decoding together in one batch")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="the longest prompt + reply served (default: the model's context)")
+    parser.add_argument("--kv-tokens", type=int, default=None,
+                        help="tokens the paged KV pool holds over all requests (default: "
+                        "every slot at 1024 tokens, or at --max-seq-len if shorter); when it "
+                        "runs out the newest request is paused and resumed later")
+    parser.add_argument("--page-size", type=int, default=None, help="tokens per KV page")
     return parser
 
 
@@ -45,9 +54,13 @@ def load_backend(args: argparse.Namespace):
 
     tokenizer = tokenizer_for_model(args.model, args.tokenizer)  # first: it names a bad path
     model = load_model(args.model, seed=args.seed)
+    context = model.config.max_position_embeddings
+    max_seq_len = min(args.max_seq_len or context, context)
+    kv_tokens = args.kv_tokens or args.slots * min(1024, max_seq_len)
     return Backend(model, tokenizer, eos_token_ids(tokenizer, args.model),
                    model_name=args.served_model_name or args.model,
-                   max_tokens_limit=args.max_tokens_limit)
+                   max_tokens_limit=args.max_tokens_limit, slots=args.slots,
+                   max_seq_len=max_seq_len, kv_tokens=kv_tokens, page_size=args.page_size)
 
 
 @command

@@ -28,6 +28,7 @@ from jaxpt.models.layers import (
     rotary_cos_sin,
     window_masks,
 )
+from jaxpt.models.paged import LayerPages, PagedKVCache, PagedMask
 from jaxpt.sharding import constrain
 
 # Deeper cache-free forwards scan over their layers by default (compile time, see CausalLM).
@@ -309,6 +310,8 @@ class CausalLM(nnx.Module):
                 else jnp.asarray(attention_mask, jnp.int32)
             )
         segment_bt = jnp.asarray(segment_ids, jnp.int32)
+        if positions is None and isinstance(cache, PagedKVCache):
+            raise ValueError("a forward through paged KV takes the positions of its tokens")
         if positions is None:
             if attention_mask is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -319,19 +322,25 @@ class CausalLM(nnx.Module):
                 positions = positions + jnp.max(cached_bs, axis=1, keepdims=True)
         positions_bt = jnp.asarray(positions, jnp.int32)
 
-        if cache is None:
-            q_slot_t = jnp.arange(t, dtype=jnp.int32)
-            k_slot_s, k_segment_bs, k_pos_bs = q_slot_t, segment_bt, positions_bt
+        paged_cache = isinstance(cache, PagedKVCache)
+        windows = self.layer_windows()
+        if paged_cache:  # positions are slots in each row's own pages
+            masks = {w: PagedMask(positions_bt, segment_bt != 0, w) for w in dict.fromkeys(windows)}
         else:
-            q_slot_t, k_slot_s, k_segment_bs, k_pos_bs = cached_keys(cache, segment_bt, positions_bt)
+            if cache is None:
+                q_slot_t = jnp.arange(t, dtype=jnp.int32)
+                k_slot_s, k_segment_bs, k_pos_bs = q_slot_t, segment_bt, positions_bt
+            else:
+                q_slot_t, k_slot_s, k_segment_bs, k_pos_bs = cached_keys(
+                    cache, segment_bt, positions_bt
+                )
+            masks = window_masks(
+                windows, segment_bt, q_slot_t, positions_bt, k_segment_bs, k_slot_s, k_pos_bs
+            )
 
         cos, sin = rotary_cos_sin(positions_bt, jnp.asarray(self.config.inv_freq()))
         h = layout.constrain(self.model.embed_tokens(ids_bt, layout), ("batch", "seq", "embed"))
         policy = REMAT_POLICIES[self.remat]
-        windows = self.layer_windows()
-        masks = window_masks(
-            windows, segment_bt, q_slot_t, positions_bt, k_segment_bs, k_slot_s, k_pos_bs
-        )
         if cache is None and self._scans():
             h = _scan_layers(self.model.layers, h, cos, sin, masks, windows, policy)
         else:
@@ -346,6 +355,8 @@ class CausalLM(nnx.Module):
         out = h if return_hidden else self.logits(h, layout)
         if cache is None:
             return out
+        if paged_cache:
+            return out, cache.replace(pages=new_k)
         new_cache = KVCache(
             k=new_k,
             v=new_v,
@@ -366,10 +377,15 @@ class CausalLM(nnx.Module):
             run_layer = nnx.remat(run_layer, policy=remat_policy, prevent_cse=True)
         new_k, new_v = [], []
         for i, layer in enumerate(self.model.unstacked()):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            index = None if cache is None else cache.index
+            if isinstance(cache, PagedKVCache):
+                kv, index = cache.layer(i), None
+            else:
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                index = None if cache is None else cache.index
             h, kv = run_layer(layer, h, masks[windows[i]], kv, index)
-            if kv is not None:
+            if isinstance(kv, LayerPages):  # one entry per layer: its pages
+                new_k.append(kv.pages)
+            elif kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         return h, tuple(new_k), tuple(new_v)

@@ -8,8 +8,6 @@ load slice by slice with no transposes, and each parameter names its logical axe
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import enum
 import functools
 from collections.abc import Callable
@@ -19,6 +17,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
+from jaxpt.models import paged
+from jaxpt.models.platform import attention_platform, target_platform  # noqa: F401 (public here)
 from jaxpt.sharding import constrain, current_mesh, logical_to_spec
 
 
@@ -254,23 +254,14 @@ def decode_attention(q_b1nh, k_bkhs, v_bksh, mask_b11s, filled=None):
         return out_bkgh.reshape(b, 1, n, h).astype(q_b1nh.dtype)
 
     def block(j, carry):
-        max_bkg, total_bkg, acc_bkgh = carry
         start = j * DECODE_BLOCK
         k_blk = jax.lax.dynamic_slice_in_dim(k_bkhs, start, DECODE_BLOCK, axis=3)
         v_blk = jax.lax.dynamic_slice_in_dim(v_bksh, start, DECODE_BLOCK, axis=2)
         keep_b11c = jax.lax.dynamic_slice_in_dim(mask_bs, start, DECODE_BLOCK, axis=1)[
             :, None, None, :
         ]
-        scores = jnp.einsum("bkgh,bkhc->bkgc", q_bkgh, k_blk.astype(jnp.float32))
-        scores = jnp.where(keep_b11c, scores, lowest)
-        new_max_bkg = jnp.maximum(max_bkg, jnp.max(scores, axis=-1))
-        rescale_bkg = jnp.exp(max_bkg - new_max_bkg)
-        weights = jnp.where(keep_b11c, jnp.exp(scores - new_max_bkg[..., None]), 0.0)
-        total_bkg = total_bkg * rescale_bkg + jnp.sum(weights, axis=-1)
-        acc_bkgh = acc_bkgh * rescale_bkg[..., None] + jnp.einsum(
-            "bkgc,bkch->bkgh", weights, v_blk.astype(jnp.float32)
-        )
-        return new_max_bkg, total_bkg, acc_bkgh
+        return paged.online_softmax_block(carry, q_bkgh, k_blk.astype(jnp.float32),
+                                          v_blk.astype(jnp.float32), keep_b11c)
 
     blocks = jnp.minimum((filled + DECODE_BLOCK - 1) // DECODE_BLOCK, s // DECODE_BLOCK)
     init = (
@@ -365,27 +356,6 @@ def _splash_fits(q_btnh, k_bskh, mask) -> bool:
         isinstance(mask, AttentionMask) and mask.self_attention and t == s
         and t % SPLASH_BLOCK == 0
     )
-
-
-_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "jaxpt_attention_platform", default=None
-)
-
-
-@contextlib.contextmanager
-def attention_platform(platform: str | None):
-    """Resolve ``auto`` attention as on ``platform`` ("cpu", "gpu", "tpu") in this context:
-    compiling for a TPU slice from a CPU host picks what the TPU run would."""
-    token = _TARGET_PLATFORM.set(platform)
-    try:
-        yield
-    finally:
-        _TARGET_PLATFORM.reset(token)
-
-
-def target_platform() -> str:
-    """The platform programs traced now will run on ("cpu", "gpu", "tpu")."""
-    return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def resolve_attention(implementation, q_btnh, k_bskh, mask) -> str:
@@ -533,6 +503,9 @@ class Attention(nnx.Module):
         v = layout.constrain(v, ("batch", "seq", "kv_heads", None))
         if kv_cache is None:
             out = attend(q, k, v, mask_b1ts, self.implementation)
+        elif isinstance(kv_cache, paged.LayerPages):  # a paged pool: see jaxpt.models.paged
+            kv_cache = paged.write(kv_cache, k, v, mask_b1ts)
+            out = paged.attend(q, kv_cache, mask_b1ts)
         else:  # keys [B, K, H, S], values [B, K, S, H]: see decode_attention
             k_cache, v_cache = kv_cache
             k_bkhs = jax.lax.dynamic_update_slice(

@@ -2,7 +2,8 @@
 
 The train step is the one ``jaxpt.loop`` jits (``make_train_step`` + the task's loss, the
 state's shardings, the state donated); GRPO also compiles its rollout sampler (prefill and
-the decode loop, ``jaxpt.sampling.engine``). Both are lowered from sharded
+the decode loop, ``jaxpt.sampling.engine``) and the continuous-batching engine's decode
+call over a page pool sized for its rollout rows (``jaxpt.sampling.continuous``). Both are lowered from sharded
 ``ShapeDtypeStruct``s and compiled for the target devices; XLA's ``memory_analysis`` then
 gives what each device holds while the program runs.
 """
@@ -20,7 +21,7 @@ import numpy as np
 from jaxpt.models.layers import attention_platform
 from jaxpt.run_spec import AbstractRun, abstract_run, run_mesh
 from jaxpt.sampling import SamplingConfig
-from jaxpt.sampling.engine import _sample_jit, _StaticGraph
+from jaxpt.sampling.engine import _merge, _sample_jit, _StaticGraph
 from jaxpt.sharding import merged_rules, named_sharding, replicated, rules_key, use_rules
 
 
@@ -78,6 +79,7 @@ class MemoryPlan:
     sampler: ProgramMemory | None
     sampler_resident: int  # train state bytes that stay put while the sampler runs
     hbm: int
+    engine: EnginePlan | None = None
 
     @property
     def total(self) -> int:
@@ -95,7 +97,19 @@ class MemoryPlan:
         d.update(total=self.total, fits=self.fits, train_step_peak=self.train_step.peak)
         if self.sampler is not None:
             d["sampler_peak"] = self.sampler.peak
+        if self.engine is not None:
+            d["engine"].update(pool_tokens=self.engine.pool_tokens,
+                               tokens_in_flight_fit=self.tokens_in_flight_fit())
         return d
+
+    def tokens_in_flight_fit(self) -> int:
+        """KV tokens the engine's pool could hold in the memory its rollout leaves free
+        (device memory less the idle train state and the engine step's other bytes)."""
+        if self.engine is None:
+            return 0
+        program = self.engine.program
+        others = program.peak - self.engine.pool_bytes + self.sampler_resident
+        return max(self.hbm - others, 0) // max(self.engine.bytes_per_token, 1)
 
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -167,6 +181,67 @@ def compile_sampler(run: AbstractRun) -> ProgramMemory:
     )
 
 
+ENGINE_STEPS = 16  # decode steps per engine call, as Engine's default
+
+
+@dataclasses.dataclass
+class EnginePlan:
+    """The continuous-batching engine's decode program for a run's rollouts, and its page
+    pool: every rollout row at ``max_prompt_length + max_completion_length`` tokens."""
+
+    program: ProgramMemory
+    page_size: int
+    num_pages: int
+    pool_bytes: int  # per device (the pool is replicated)
+    bytes_per_token: int
+    layout: str  # "combined": attention is the TPU ragged paged attention kernel
+
+    @property
+    def pool_tokens(self) -> int:
+        return (self.num_pages - 1) * self.page_size
+
+
+def compile_engine(run: AbstractRun, platform: str) -> EnginePlan:
+    """Compile the engine's decode call (``jaxpt.sampling.continuous``) for GRPO's rollout
+    rows, with the KV pool laid out for ``platform`` (TPU: the ragged paged attention
+    kernel's layout, which the step calls)."""
+    from jaxpt.models.paged import PagedKVCache, default_layout
+    from jaxpt.sampling.continuous import Engine, _decode
+
+    cfg, mesh = run.ctx.config.grpo, run.ctx.mesh
+    rows = run.ctx.config.train.batch_size
+    page = Engine.default_page_size()
+    pages_per_seq = -(-(cfg.max_prompt_length + cfg.max_completion_length) // page)
+    num_pages = rows * pages_per_seq + 1
+    state = run.state
+    model_config = _merge(state.graphdef, (state.params, state.rest)).config  # abstract
+    dtype = jnp.dtype(run.ctx.config.model.dtype)
+    layout = default_layout(platform, model_config.head_dim)
+    pool = jax.eval_shape(
+        lambda: PagedKVCache.init(model_config, num_pages, page, dtype, layout).pages
+    )
+    rep = replicated(mesh)
+    put = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+    pool = jax.tree.map(put, pool)
+    vec = lambda dtype=jnp.int32: jax.ShapeDtypeStruct((rows,), dtype, sharding=rep)
+    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    sampling = SamplingConfig.make(temperature=cfg.temperature, top_p=cfg.top_p,
+                                   top_k=cfg.top_k)
+    program = _compile(
+        _decode, _StaticGraph(state.graphdef), (state.params, state.rest), pool,
+        jax.ShapeDtypeStruct((rows, pages_per_seq), jnp.int32, sharding=rep),
+        vec(), vec(), vec(), vec(),
+        jax.ShapeDtypeStruct((rows, *key_data.shape), key_data.dtype, sharding=rep),
+        vec(jnp.bool_), jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=rep),
+        jax.ShapeDtypeStruct((4,), jnp.int32, sharding=rep),
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+        config=sampling, steps=ENGINE_STEPS, page_size=page, layout=layout, stops=(),
+    )
+    pool_bytes = bytes_per_device(pool)
+    return EnginePlan(program, page, num_pages, pool_bytes,
+                      pool_bytes // (num_pages * page), layout)
+
+
 def plan_memory(config, topology) -> MemoryPlan:
     """Compile ``config``'s train step (and GRPO's sampler) for ``topology``'s devices."""
     mesh = run_mesh(config, devices=list(topology.devices))
@@ -178,6 +253,7 @@ def plan_memory(config, topology) -> MemoryPlan:
     with jax.set_mesh(mesh), use_rules(rules), attention_platform(topology.platform):
         train = compile_train_step(run)
         sampler = compile_sampler(run) if config.task == "grpo" else None
+        engine = compile_engine(run, topology.platform) if config.task == "grpo" else None
     params = bytes_per_device(run.state.params) + bytes_per_device(run.state.rest)
     opt_state = bytes_per_device(run.state.opt_state)
     ref = bytes_per_device(run.state.ref_params) if run.state.ref_params is not None else 0
@@ -187,7 +263,7 @@ def plan_memory(config, topology) -> MemoryPlan:
         params=params, opt_state=opt_state, ref_params=ref,
         batch=bytes_per_device(run.batch), train_step=train, sampler=sampler,
         sampler_resident=(opt_state + ref) if sampler is not None else 0,
-        hbm=topology.hbm_bytes,
+        hbm=topology.hbm_bytes, engine=engine,
     )
 
 
@@ -246,6 +322,12 @@ def format_plan(plan: MemoryPlan) -> str:
             ("sampler: KV cache/temps", plan.sampler.temp),
             ("sampler: peak + resident opt/ref", plan.sampler.peak + plan.sampler_resident),
         ]
+    if plan.engine is not None:
+        rows += [
+            (f"engine: KV page pool ({plan.engine.num_pages} pages of {plan.engine.page_size})",
+             plan.engine.pool_bytes),
+            ("engine: decode step peak", plan.engine.program.peak),
+        ]
     rows += [("TOTAL (peak)", plan.total), (f"HBM per device ({plan.device_kind})", plan.hbm)]
     width = max(len(name) for name, _ in rows)
     lines = [f"{plan.topology}: {plan.num_devices} devices, mesh {plan.mesh}"]
@@ -254,12 +336,16 @@ def format_plan(plan: MemoryPlan) -> str:
         if program is not None and program.out_of_memory:
             lines.append(f"  {name}: XLA could not fit it (figures are a lower bound): "
                          f"{program.out_of_memory}")
+    if plan.engine is not None:
+        lines.append(f"  engine: pool of {plan.engine.pool_tokens} tokens "
+                     f"({plan.engine.bytes_per_token} B each); {plan.tokens_in_flight_fit()} "
+                     "tokens in flight fit beside the idle train state")
     lines.append(f"  fits: {'yes' if plan.fits else 'NO'}"
                  f" ({100 * plan.total / max(plan.hbm, 1):.0f}% of memory)")
     return "\n".join(lines)
 
 
 __all__ = [
-    "MemoryPlan", "ProgramMemory", "compile_sampler", "compile_train_step", "format_plan",
+    "EnginePlan", "MemoryPlan", "ProgramMemory", "compile_engine", "compile_sampler", "compile_train_step", "format_plan",
     "gib", "plan_memory", "suggestions",
 ]

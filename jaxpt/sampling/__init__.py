@@ -16,11 +16,22 @@ from jaxpt.sampling.api import (
     prompt_token_lists,
 )
 from jaxpt.sampling.config import SamplingConfig
-from jaxpt.sampling.engine import SampleArrays, sample_arrays, trace_count
+from jaxpt.sampling.continuous import Engine
+from jaxpt.sampling.engine import SampleArrays, sample_arrays
 from jaxpt.sampling.processors import choose_tokens, sampling_logprobs
 from jaxpt.sampling.prompts import PromptSampler, PromptSamples, prompt_as_seen
 
+
+def trace_count() -> int:
+    """How many sampling programs (static sampler and engine) have been traced, i.e.
+    compiled: a count that must not grow in steady state."""
+    from jaxpt.sampling import continuous, engine
+
+    return engine.trace_count() + continuous.trace_count()
+
+
 __all__ = [
+    "Engine",
     "GenerateOutput",
     "PromptSampler",
     "PromptSamples",

@@ -193,6 +193,7 @@ def generate(
     pad_token_id: int = 0,
     mesh=None,
     attention_mask=None,
+    sampler: str = "auto",
 ) -> GenerateOutput:
     """Generate completions for token-id prompts of any lengths with a KV-cached sampler.
 
@@ -224,6 +225,12 @@ def generate(
     ``jaxpt.sharding.replicated`` to skip the copy). On a CPU host that is how sampling
     uses every core: one JAX CPU device per core (``jax_num_cpu_devices``) and a data mesh
     over them.
+
+    ``sampler`` picks the decoding loop: ``paged`` (the continuous-batching engine,
+    ``jaxpt.sampling.continuous``: rows leave as soon as they end and waiting ones take
+    their slot, prompts prefilled once per ``num_samples``), ``static`` (one batch whose
+    rows all run until the longest ends, ``engine.sample_arrays``), or ``auto``: see
+    ``choose_sampler``. Both give the same tokens and log-probs for the same seed.
     """
     prompts = prompt_token_lists(prompts, attention_mask)
     if not prompts:
@@ -244,6 +251,13 @@ def generate(
     )
     weights_mesh = _mesh_of(model)
     mesh = mesh if mesh is not None else weights_mesh
+    if choose_sampler(sampler, config, mesh) == "paged":
+        from jaxpt.sampling.continuous import generate_paged
+
+        completions = generate_paged(nnx.split(model), prompts, max_new_tokens, config,
+                                     jax.random.key(seed))
+        return _completions_output(completions, config.max_new_tokens, max_new_tokens,
+                                   pad_token_id)
     shards = batch_shards(mesh)
     batch = shards * bucket(math.ceil(len(prompts) / shards), minimum=1, step=64)
     length = bucket(max(len(p) for p in prompts))
@@ -266,6 +280,31 @@ def generate(
     else:
         arrays = sample_arrays(graphdef, state, ids_bt, mask_bt, rng, config, limit=max_new_tokens)
     return _to_output(arrays, len(prompts) * num_samples, max_new_tokens)
+
+
+SAMPLERS = ("auto", "paged", "static")
+
+
+def choose_sampler(sampler: str, config: SamplingConfig, mesh=None) -> str:
+    """The sampler ``auto`` means: the paged engine on one device, the static sampler
+    where the engine does not go yet (a multi-device mesh, a repetition penalty)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    static_only = (mesh is not None and mesh.size > 1) or config.repetition_penalty is not None
+    if sampler == "paged" and static_only:
+        raise ValueError("the paged engine runs on one device without a repetition penalty; "
+                         "use sampler='static'")
+    if sampler == "auto":
+        return "static" if static_only else "paged"
+    return sampler
+
+
+def _completions_output(completions, width: int, max_new_tokens: int,
+                        pad_token_id: int) -> GenerateOutput:
+    from jaxpt.sampling.continuous import completions_to_arrays
+
+    arrays = completions_to_arrays(completions, width, pad_token_id)
+    return _to_output(arrays, len(completions), max_new_tokens)
 
 
 def _to_output(arrays: SampleArrays, rows: int, max_new_tokens: int) -> GenerateOutput:

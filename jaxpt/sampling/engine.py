@@ -21,7 +21,7 @@ from jaxpt.models.decode import decode_step
 from jaxpt.models.decoder import KVCache, with_layers_unstacked
 from jaxpt.models.layers import DECODE_BLOCK, target_platform
 from jaxpt.sampling.config import SamplingConfig
-from jaxpt.sampling.processors import choose_tokens, penalize_repetition, token_logprob
+from jaxpt.sampling.processors import choose_with_logprobs
 from jaxpt.sharding import constrain, rules_key, use_rules
 
 _TRACES = 0  # times the sampler was traced (= compiled); tests read it via trace_count()
@@ -193,10 +193,9 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
     next_pos_b = _repeat_rows(prompt_len_b, n_samples)
     row_keys_b = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(rows))
     stop_seqs = tuple(s for s in config.stop if len(s) <= n_new)
-    penalty = config.repetition_penalty
 
     seen_vb = None
-    if penalty is not None:
+    if config.repetition_penalty is not None:
         vocab = logits_bv.shape[-1]
         seen_bv = jnp.zeros((b, vocab), bool)
         seen_bv = seen_bv.at[jnp.arange(b)[:, None], ids_bt].max(segment_bt != 0)
@@ -205,20 +204,10 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
     def pick(step, logits_vb, seen_vb, done_b, out):
         """Choose the token at column ``step`` and record it (rows already done get pads)."""
         tokens_bn, logprobs_bn, model_lp_bn, policy_lp_bn, lengths_b = out
-        model_logits_vb = logits_vb
-        if seen_vb is not None:
-            logits_vb = penalize_repetition(logits_vb, seen_vb, penalty)
         step_keys_b = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_b)
-        token_b, logprob_b = choose_tokens(logits_vb, step_keys_b, config, axis=0)
-        if config.greedy and seen_vb is None:  # the same log-softmax of the same logits
-            model_lp_b = logprob_b
-        else:
-            model_lp_b = token_logprob(model_logits_vb, token_b, axis=0)
-        # The loss's arithmetic: float32 logits / temperature, then log-softmax.
-        if config.greedy or config.temperature == 1:
-            policy_lp_b = model_lp_b
-        else:
-            policy_lp_b = token_logprob(model_logits_vb / config.temperature, token_b, axis=0)
+        token_b, logprob_b, model_lp_b, policy_lp_b = choose_with_logprobs(
+            logits_vb, step_keys_b, config, axis=0, seen=seen_vb
+        )
         keep_b = ~done_b
         column = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], step, 1)
         tokens_bn = column(tokens_bn, jnp.where(keep_b, token_b, config.pad_token_id))

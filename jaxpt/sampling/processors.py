@@ -149,3 +149,24 @@ def token_logprob(logits_bv, token_b, axis: int = -1):
     """``log_softmax(logits)[token]`` per row (vocabulary on ``axis``) without
     materializing the full softmax."""
     return _pick(logits_bv, token_b, axis) - jax.nn.logsumexp(logits_bv, axis=axis)
+
+
+def choose_with_logprobs(logits_vb, keys_b, config: SamplingConfig, axis: int = -1, seen=None):
+    """``choose_tokens`` plus the log-probs every sampler reports: ``(token_b, logprob_b,
+    model_logprob_b, policy_logprob_b)`` (see ``engine.SampleArrays``). ``seen``
+    (tokens already in each row, laid out as the logits) applies the repetition penalty.
+    """
+    model_logits = logits_vb
+    if seen is not None:
+        logits_vb = penalize_repetition(logits_vb, seen, config.repetition_penalty)
+    token_b, logprob_b = choose_tokens(logits_vb, keys_b, config, axis=axis)
+    if config.greedy and seen is None:  # the same log-softmax of the same logits
+        model_lp_b = logprob_b
+    else:
+        model_lp_b = token_logprob(model_logits, token_b, axis=axis)
+    # The loss's arithmetic: float32 logits / temperature, then log-softmax.
+    if config.greedy or config.temperature == 1:
+        policy_lp_b = model_lp_b
+    else:
+        policy_lp_b = token_logprob(model_logits / config.temperature, token_b, axis=axis)
+    return token_b, logprob_b, model_lp_b, policy_lp_b

@@ -9,7 +9,10 @@ the end is kept, where the question is), how a batch is laid out for the jitted 
 shards divide the sampled rows: one compiled program per bucket), where it runs (the mesh
 the weights live on, or the one given) and how tokens become text. ``launch`` dispatches
 the sampler and returns at once; ``collect`` waits, drops the padding rows and decodes, so
-the host can score one batch while the devices sample the next.
+the host can score one batch while the devices sample the next. On one device the
+sampler is the continuous-batching engine (``sampler="auto"``, see
+``api.choose_sampler``), whose host-side scheduler makes ``launch`` return when the batch
+is done.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxpt.sampling.api import bucket, left_pad
+from jaxpt.sampling.api import bucket, choose_sampler, left_pad
 from jaxpt.sampling.config import SamplingConfig
+from jaxpt.sampling.continuous import completions_to_arrays, generate_paged
 from jaxpt.sampling.engine import SampleArrays, sample_arrays
 from jaxpt.sharding import batch_shards, named_sharding, replicated
 
@@ -114,6 +118,7 @@ class PromptSampler:
         pad_to_max_prompt_length: bool = False,
         batch_size: int | None = None,
         mesh=None,
+        sampler: str = "auto",
     ):
         from jaxpt.data import eos_token_ids
 
@@ -132,6 +137,8 @@ class PromptSampler:
             top_k=top_k, eos_token_id=eos_token_id, num_samples=num_samples,
             pad_token_id=self.pad_id,
         )
+        self.sampler = sampler
+        choose_sampler(sampler, self.sampling)  # an unknown name fails here
         self.truncated_prompts = 0  # prompts cut to max_prompt_length by ``encode``
 
     # -- prompts
@@ -181,6 +188,14 @@ class PromptSampler:
         # Padding rows repeat the first prompt (every row needs a token); they are dropped.
         padded = list(prompts) + [prompts[0]] * (rows - len(prompts))
         ids_bt, mask_bt = left_pad(padded, rows, length, self.pad_id)
+        n = len(prompts)
+        if choose_sampler(self.sampler, self.sampling, mesh) == "paged":
+            completions = generate_paged(
+                (graphdef, state), prompts, self.sampling.max_new_tokens, self.sampling, key,
+                rows=rows * self.sampling.num_samples, max_prompt_len=length,
+            )
+            arrays = completions_to_arrays(completions, self.sampling.max_new_tokens, self.pad_id)
+            return LaunchedBatch(arrays, ids_bt[:n], mask_bt[:n])
         if mesh is None:
             arrays = sample_arrays(graphdef, state, ids_bt, mask_bt, key, self.sampling)
         else:
@@ -193,7 +208,6 @@ class PromptSampler:
                 )
                 arrays = sample_arrays(graphdef, state, put(ids_bt), put(mask_bt), key,
                                        self.sampling)
-        n = len(prompts)
         return LaunchedBatch(arrays, ids_bt[:n], mask_bt[:n])
 
     def collect(self, launched: LaunchedBatch) -> PromptSamples:

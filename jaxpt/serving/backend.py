@@ -1,14 +1,15 @@
-"""What the server generates with: one model, its tokenizer and stop ids, behind a lock.
+"""What the server generates with: one model, its tokenizer and stop ids, and the engine
+loop every request joins.
 
-Replies come from ``jaxpt.sampling.generate`` (whole replies, ``n`` samples from one
-prefill) and ``jaxpt.sampling.stream.stream_tokens`` (streamed replies): the sampler every
-other jaxpt path uses, so a served greedy reply is the reply ``generate`` gives. One
-request samples at a time; the others wait their turn.
+Replies come from the continuous-batching engine (``jaxpt.serving.scheduler``): concurrent
+requests decode together, a request's ``n`` samples share one prefill, and a served greedy
+reply is the reply ``generate`` gives (the same engine and arithmetic).
 """
 
 from __future__ import annotations
 
 import functools
+import queue
 import threading
 from collections.abc import Iterator
 
@@ -17,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpt.sampling import generate
 from jaxpt.sampling.api import bucket
 from jaxpt.sampling.engine import _StaticGraph
 from jaxpt.serving.protocol import Choice, Request, RequestError
+from jaxpt.serving.scheduler import EngineLoop
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "k"))
@@ -38,14 +39,20 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 
 class Backend:
     """Generation for the server: ``complete`` for whole replies, ``stream`` for one
-    streamed reply. ``max_tokens_limit`` caps a request's ``max_tokens``."""
+    streamed reply. ``max_tokens_limit`` caps a request's ``max_tokens``; ``slots``,
+    ``max_seq_len`` and ``engine_options`` (``page_size``, ``num_pages``...) shape the
+    engines (see ``EngineLoop``)."""
 
     def __init__(self, model, tokenizer, eos_ids, *, model_name: str,
-                 max_tokens_limit: int = 4096):
+                 max_tokens_limit: int = 4096, slots: int = 32, max_seq_len: int | None = None,
+                 **engine_options):
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
         self.model_name, self.max_tokens_limit = model_name, max_tokens_limit
         self.vocab_size = model.config.vocab_size
-        self.lock = threading.Lock()
+        self.context = model.config.max_position_embeddings
+        self.max_seq_len = min(max_seq_len or self.context, self.context)
+        self.loop = EngineLoop(model, self.eos_ids, slots=slots, max_seq_len=self.max_seq_len,
+                               **engine_options)
 
     # -- prompts -------------------------------------------------------------------------
 
@@ -64,20 +71,17 @@ class Backend:
         self._sampling(request)
 
     def _sampling(self, request: Request) -> dict:
-        if len(request.prompt_ids) + request.max_tokens > self.model.config.max_position_embeddings:
+        if len(request.prompt_ids) + request.max_tokens > self.max_seq_len:
             raise RequestError(
                 f"the prompt ({len(request.prompt_ids)} tokens) plus 'max_tokens' "
-                f"({request.max_tokens}) exceed the model's context of "
-                f"{self.model.config.max_position_embeddings} tokens"
+                f"({request.max_tokens}) exceed the server's context of "
+                f"{self.max_seq_len} tokens"
             )
-        return {"max_new_tokens": request.max_tokens, "temperature": request.temperature,
-                "top_p": request.top_p, "eos_token_id": self.eos_ids, "seed": request.seed}
+        return {"temperature": request.temperature, "top_p": request.top_p,
+                "seed": request.seed, "n": request.n}
 
-    def _stop_ids(self, stops) -> list[list[int]]:
-        """Each stop string's tokens: the sampler stops on device when they come out as
-        such; the text check catches a stop string tokenized another way."""
-        ids = [list(self.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stops]
-        return [seq for seq in ids if seq]
+    def _submit(self, request: Request):
+        return self.loop.submit(request.prompt_ids, request.max_tokens, **self._sampling(request))
 
     def _text(self, tokens) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -85,20 +89,31 @@ class Backend:
     # -- whole replies -------------------------------------------------------------------
 
     def complete(self, request: Request) -> list[Choice]:
-        sampling = self._sampling(request)
-        with self.lock:
-            out = generate(self.model, [request.prompt_ids], num_samples=request.n,
-                           stop=self._stop_ids(request.stop) or None, **sampling)
-            choices = []
-            for tokens, logprobs, reason in zip(out.tokens, out.model_logprobs,
-                                                out.finish_reasons):
-                text, stopped = cut_at_stop(self._text(tokens), request.stop)
-                if stopped:  # keep the tokens of the text returned (and the stop's own)
-                    reason = "stop"
-                choice = Choice(text=text, token_ids=list(tokens), finish_reason=reason)
-                if request.logprobs:
-                    self._add_logprobs(choice, request, list(logprobs))
-                choices.append(choice)
+        ticket = self._submit(request)
+        tokens = [[] for _ in range(request.n)]
+        logprobs = [[] for _ in range(request.n)]
+        reasons: list[str | None] = [None] * request.n
+        while None in reasons:
+            event = ticket.events.get()
+            if isinstance(event, Exception):
+                raise event
+            tokens[event.sample] += event.tokens
+            logprobs[event.sample] += event.logprobs
+            if event.finish_reason is not None:
+                reasons[event.sample] = event.finish_reason
+            elif request.stop and cut_at_stop(self._text(tokens[event.sample]), request.stop)[1]:
+                reasons[event.sample] = "stop"  # its text is final: stop sampling it
+                if None not in reasons:
+                    ticket.cancel()
+        choices = []
+        for sample_tokens, sample_logprobs, reason in zip(tokens, logprobs, reasons):
+            text, stopped = cut_at_stop(self._text(sample_tokens), request.stop)
+            if stopped:  # keep the tokens of the text returned (and the stop's own)
+                reason = "stop"
+            choice = Choice(text=text, token_ids=list(sample_tokens), finish_reason=reason)
+            if request.logprobs:
+                self._add_logprobs(choice, request, list(sample_logprobs))
+            choices.append(choice)
         return choices
 
     def _add_logprobs(self, choice: Choice, request: Request, logprobs: list[float]) -> None:
@@ -122,34 +137,40 @@ class Backend:
 
     def stream(self, request: Request, cancelled: threading.Event) -> Iterator[tuple]:
         """``(text, token_ids, finish_reason)`` pieces of one reply as its tokens come;
-        the last piece has a finish reason. Stops early, releasing the model, once
-        ``cancelled`` is set (the client went away)."""
-        from jaxpt.sampling.stream import stream_tokens
-
-        sampling = self._sampling(request)
+        the last piece has a finish reason. Once ``cancelled`` is set (the client went
+        away) the request leaves the engine, freeing its slot and pages."""
+        ticket = self._submit(request)
         hold = max((len(s) for s in request.stop), default=1) - 1  # a stop may be starting
         tokens: list[int] = []
         sent = 0
-        with self.lock:
-            for token in stream_tokens(self.model, request.prompt_ids, **sampling):
+        try:
+            while True:
+                try:
+                    event = ticket.events.get(timeout=0.1)
+                except queue.Empty:
+                    if cancelled.is_set():
+                        return
+                    continue
                 if cancelled.is_set():
                     return
-                tokens.append(int(token))
+                if isinstance(event, Exception):
+                    raise event
+                tokens += event.tokens
                 text = self._text(tokens)
                 cut, stopped = cut_at_stop(text, request.stop)
                 if stopped:
-                    yield cut[sent:], tokens[-1:], "stop"
+                    yield cut[sent:], event.tokens, "stop"
                     return
-                if token in self.eos_ids:
-                    yield text[sent:], tokens[-1:], "stop"
+                if event.finish_reason is not None:
+                    yield text[sent:], event.tokens, event.finish_reason
                     return
                 ready = len(text) - hold
                 if text.endswith("\ufffd"):  # a character split across tokens
                     ready = min(ready, len(text) - 1)
                 if ready > sent:
-                    yield text[sent:ready], tokens[-1:], None
+                    yield text[sent:ready], event.tokens, None
                     sent = ready
                 else:
-                    yield "", tokens[-1:], None
-            text = self._text(tokens)
-            yield text[sent:], [], "length"
+                    yield "", event.tokens, None
+        finally:
+            ticket.cancel()  # a no-op once the request has finished
