@@ -212,6 +212,20 @@ def test_bench_prints_one_json_line(name, tiny_dir, capsys):
     assert keys <= set(result), keys - set(result)
 
 
+def test_bench_generate_heavy_tail_compares_engine_and_static_sampler(tiny_dir, capsys):
+    assert bench.main(["generate", "--model", tiny_dir, "--workload", "heavy-tail",
+                       "--requests", "10", "--batch-size", "4", "--prompt-len", "6",
+                       "--mean-tokens", "6", "--max-tokens", "24", "--rounds", "1",
+                       "--page-size", "8"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["workload"] == "heavy-tail" and len(result["engine_tokens_per_s"]) == 1
+    assert result["useful_tokens"] >= 10 and result["longest"] <= 24
+    assert result["recompiles"] == 0 and result["speedup_vs_static"] > 0
+    # The engine's KV is what its rows hold; the static sampler's, every row at full length.
+    assert 0 < result["kv_peak_bytes"] <= result["kv_pool_bytes"]
+    assert result["kv_peak_fraction"] < 1
+
+
 @pytest.mark.slow
 def test_bench_generate_splits_the_batch_over_cpu_devices(tiny_dir, capsys):
     argv, _ = BENCHES["generate"]

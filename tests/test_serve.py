@@ -240,6 +240,36 @@ def test_a_client_leaving_mid_stream_frees_the_model(served):
     assert all(engine.pool.used == 0 for engine in backend.loop._engines.values())
 
 
+def test_an_adapter_is_served_on_top_of_its_base_model(tiny_dir, tmp_path):
+    """``--adapter``: the LoRA adapter is applied unmerged, and replies are those of the
+    merged model."""
+    import jax
+
+    from jaxpt.models import load_model
+    from jaxpt.models.lora import LoRASpec, adapted, add_adapters, merge_adapters
+    from jaxpt.models.peft_io import write_adapter
+
+    model = load_model(tiny_dir)
+    add_adapters(model, LoRASpec(4, 8.0, targets=("q_proj", "v_proj")), seed=1)
+    for i, lora in enumerate(adapted(model).values()):  # B starts at 0: make it matter
+        lora.b[...] = 0.3 * jax.random.normal(jax.random.key(i), lora.b[...].shape)
+    adapter_dir = write_adapter(model, str(tmp_path / "adapter"), base_model=tiny_dir,
+                                dropout=0.0)
+    args = build_parser().parse_args(["--model", tiny_dir, "--adapter", adapter_dir,
+                                      "--slots", "4", "--max-seq-len", "128"])
+    backend = load_backend(args)
+    prompt = backend.encode_text("The sum of 2 and 3 is")
+    request = parse_completion({"prompt": prompt, "max_tokens": 10, "temperature": 0},
+                               backend.encode_text, vocab_size=backend.vocab_size,
+                               max_tokens_limit=64)
+    (choice,) = backend.complete(request)
+    merged = generate(merge_adapters(model), [prompt], max_new_tokens=10, temperature=0.0,
+                      eos_token_id=backend.eos_ids).tokens[0]
+    base = generate(load_model(tiny_dir), [prompt], max_new_tokens=10, temperature=0.0,
+                    eos_token_id=backend.eos_ids).tokens[0]
+    assert choice.token_ids == merged and merged != base
+
+
 def test_parsing_rules_without_a_server():
     encode = lambda messages, tools=None: [1, 2, 3]
     request = parse_chat({"messages": [{"role": "user", "content": [

@@ -48,6 +48,9 @@ def add_arguments(parser) -> None:
         help="also time transformers' PyTorch generate on the same model and batch",
     )
     parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--sampler", choices=("auto", "paged", "static"), default="auto",
+                        help="uniform: the decoding loop generate runs (see "
+                        "jaxpt.sampling.generate)")
     parser.add_argument(
         "--cpu-devices",
         type=int,
@@ -233,7 +236,8 @@ def run_uniform(args) -> dict:
     from flax import nnx
 
     from jaxpt.models import load_model
-    from jaxpt.sampling import generate, trace_count
+    from jaxpt.sampling import SamplingConfig, generate, trace_count
+    from jaxpt.sampling.api import choose_sampler
     from jaxpt.sharding import replicated
 
     mesh = _data_parallel_cpu(args.cpu_devices)
@@ -254,6 +258,7 @@ def run_uniform(args) -> dict:
             temperature=args.temperature,
             seed=args.seed,
             mesh=mesh,
+            sampler=args.sampler,
         )
         assert all(len(t) == args.new_tokens for t in out.tokens)
 
@@ -283,6 +288,7 @@ def run_uniform(args) -> dict:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
+        "sampler": choose_sampler(args.sampler, SamplingConfig(), mesh),
         "backend": jax.default_backend(),
         "devices": 1 if mesh is None else mesh.size,
         "cpu_count": os.cpu_count(),

@@ -6,7 +6,9 @@ defines them), ``/v1/completions`` and ``/v1/models``, whole or streamed, with `
 ``seed``. Token ids in and out without re-tokenizing: ``prompt_token_ids`` (chat) or a
 token-id ``prompt`` (completions) in, ``"return_token_ids": true`` for the reply's ids.
 ``--model`` is anything ``jaxpt.generate`` takes (a preset, an HF dir or hub name, a
-``.gguf`` file, ``pkg:``); the tokenizer comes with it (or ``--tokenizer``).
+``.gguf`` file, ``pkg:``); the tokenizer comes with it (or ``--tokenizer``), and
+``--adapter`` serves a PEFT LoRA adapter on top of it. Concurrent requests decode together
+in a continuous-batching engine over a paged KV cache (``--slots``, ``--kv-tokens``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every slot at 1024 tokens, or at --max-seq-len if shorter); when it "
                         "runs out the newest request is paused and resumed later")
     parser.add_argument("--page-size", type=int, default=None, help="tokens per KV page")
+    parser.add_argument("--adapter", help="a PEFT LoRA adapter dir served on top of --model "
+                        "(not merged)")
     return parser
 
 
@@ -54,6 +58,10 @@ def load_backend(args: argparse.Namespace):
 
     tokenizer = tokenizer_for_model(args.model, args.tokenizer)  # first: it names a bad path
     model = load_model(args.model, seed=args.seed)
+    if args.adapter:
+        from jaxpt.models.peft_io import attach_adapter
+
+        attach_adapter(model, args.adapter)
     context = model.config.max_position_embeddings
     max_seq_len = min(args.max_seq_len or context, context)
     kv_tokens = args.kv_tokens or args.slots * min(1024, max_seq_len)

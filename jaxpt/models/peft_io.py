@@ -177,3 +177,20 @@ def load_adapter_weights(model, adapter: PeftAdapter) -> None:
                 host[layer] = value.astype(host.dtype)
     for var, host in updates.values():
         var[...] = jax.device_put(host, var[...].sharding)
+
+
+def attach_adapter(model, adapter_dir: str, *, seed: int = 0) -> PeftAdapter:
+    """Put the PEFT LoRA adapter in ``adapter_dir`` on ``model``, on top of its weights
+    (not merged): adapters on the projections it names, holding its weights. An
+    AdapterError names the file, tensor or projection that does not fit."""
+    from jaxpt.models.lora import LoRASpec, add_adapters, projections
+
+    adapter = read_adapter(adapter_dir)
+    paths = list(adapter.weights)
+    unknown = sorted(set(paths) - set(projections(model)))
+    if unknown:
+        raise AdapterError(f"{adapter_dir} adapts {unknown[0]}, which is not a projection "
+                           "of this model")
+    add_adapters(model, LoRASpec(adapter.rank, adapter.alpha), seed=seed, paths=paths)
+    load_adapter_weights(model, adapter)
+    return adapter

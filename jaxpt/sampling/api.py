@@ -286,8 +286,16 @@ SAMPLERS = ("auto", "paged", "static")
 
 
 def choose_sampler(sampler: str, config: SamplingConfig, mesh=None) -> str:
-    """The sampler ``auto`` means: the paged engine on one device, the static sampler
-    where the engine does not go yet (a multi-device mesh, a repetition penalty)."""
+    """The sampler ``auto`` means: the paged engine, except where the static sampler is as
+    fast or the engine does not go yet.
+
+    - With no eos id and no stop sequence every row runs to ``max_new_tokens``: nothing
+      leaves early, so continuous batching has nothing to gain, and the static sampler's
+      contiguous cache is faster (bench-tiny, 32 rows x 128 tokens, one CPU core: about
+      10% more tokens/s).
+    - A multi-device mesh (the engine does not shard its batch yet) or a repetition
+      penalty (the engine does not apply one) take the static sampler.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
     static_only = (mesh is not None and mesh.size > 1) or config.repetition_penalty is not None
@@ -295,7 +303,8 @@ def choose_sampler(sampler: str, config: SamplingConfig, mesh=None) -> str:
         raise ValueError("the paged engine runs on one device without a repetition penalty; "
                          "use sampler='static'")
     if sampler == "auto":
-        return "static" if static_only else "paged"
+        uniform = not config.eos_token_ids and not config.stop
+        return "static" if static_only or uniform else "paged"
     return sampler
 
 

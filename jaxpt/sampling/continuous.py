@@ -453,7 +453,7 @@ class Engine:
             rows.append((item, lead, lead.prefilled, count))
             budget -= count
         chunk = _pow2(max(r[3] for r in rows), 16)
-        num_rows = _pow4(len(rows))
+        num_rows = min(_pow4(len(rows)), _pow2(self.slots))
         width = _pow2(-(-max(r[2] + chunk for r in rows) // self.page_size))
         ids = np.zeros((num_rows, chunk), np.int32)
         start = np.zeros(num_rows, np.int32)
@@ -604,7 +604,8 @@ class Engine:
                 seq.pages += self._take_pages(need, protect=seq)
 
     def _decode_round(self) -> list[Completion]:
-        steps = self.steps_per_call
+        # With no one waiting to join, longer calls: fewer host round trips.
+        steps = self.steps_per_call * (1 if self._waiting else 4)
         self._ensure_pages(steps)
         seqs = self._slot_seq
         active = np.array([s is not None and s.prefilled == len(s.prompt) for s in seqs])

@@ -30,6 +30,7 @@ from jaxpt.losses import (
 )
 from jaxpt.losses.chunked import token_stats
 from jaxpt.losses.policy import IMPORTANCE_LEVELS
+from jaxpt.sampling.api import SAMPLERS
 from jaxpt.state import reference_model
 from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import common
@@ -55,6 +56,8 @@ class GrpoConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
+    # Rollout sampler: auto (the paged engine on one device, else static) | paged | static
+    sampler: str = "auto"
     beta: float = 0.0  # k3 KL to the frozen reference; 0 keeps no reference in memory
     epsilon_low: float = 0.2
     epsilon_high: float | None = None  # None: epsilon_low; DAPO's clip-higher uses 0.28
@@ -105,6 +108,8 @@ class GrpoConfig:
             fail("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
             fail("top_k", f"must be >= 1 or null, got {self.top_k}")
+        if self.sampler not in SAMPLERS:
+            fail("sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
         if self.beta < 0:
             fail("beta", f"must be >= 0, got {self.beta}")
         if self.epsilon_low < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
@@ -320,7 +325,8 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
         ctx, prompt_rows(ctx, "train"), make_batch=functools.partial(make_batch, cfg=cfg),
         samples_per_prompt=cfg.num_generations, max_prompt_length=cfg.max_prompt_length,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, rewards=reward_specs(cfg), reuse=cfg.num_iterations,
+        top_p=cfg.top_p, top_k=cfg.top_k, sampler=cfg.sampler, rewards=reward_specs(cfg),
+        reuse=cfg.num_iterations,
         log_completions=cfg.log_completions,
         group_filter=(functools.partial(groups_with_spread, cfg=cfg)
                       if cfg.dynamic_sampling and cfg.max_sampling_rounds > 1 else None),

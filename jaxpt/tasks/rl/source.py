@@ -86,6 +86,7 @@ class RolloutSource:
         top_p: float,
         top_k: int | None,
         rewards: Sequence[Any],
+        sampler: str = "auto",
         reuse: int = 1,
         log_completions: int = 2,
         group_filter: GroupFilter | None = None,
@@ -122,6 +123,7 @@ class RolloutSource:
             max_new_tokens=max_completion_length, temperature=temperature, top_p=top_p,
             top_k=top_k, num_samples=samples_per_prompt, max_prompt_length=max_prompt_length,
             pad_to_max_prompt_length=True, batch_size=self.prompts_per_step, mesh=ctx.mesh,
+            sampler=sampler,
         )
         self.epoch, self.cursor = 0, 0
         self.rollouts = 0  # rollouts sampled so far: seeds the minibatch shuffles
