@@ -226,6 +226,18 @@ def test_bench_generate_heavy_tail_compares_engine_and_static_sampler(tiny_dir, 
     assert result["kv_peak_fraction"] < 1
 
 
+def test_bench_serve_streams_concurrent_clients(tiny_dir):
+    from jaxpt.bench import serve
+
+    # Run directly (not through main and capsys): uvicorn's loggers outlive the capture.
+    args = bench.parse_args(["serve", "--model", tiny_dir, "--clients", "4", "--requests",
+                             "6", "--prompt-len", "5", "--max-tokens", "7", "--slots", "4"])
+    result = serve.run(args)
+    assert result["generated_tokens"] <= 6 * 7
+    assert result["tokens_per_s"] > 0 and result["ttft_p50_ms"] > 0
+    assert {"itl_p50_ms", "itl_p99_ms", "ttft_p99_ms"} <= set(result)
+
+
 @pytest.mark.slow
 def test_bench_generate_splits_the_batch_over_cpu_devices(tiny_dir, capsys):
     argv, _ = BENCHES["generate"]

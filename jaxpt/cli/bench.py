@@ -1,4 +1,4 @@
-"""``python -m jaxpt.bench {sft,generate,grpo,rm} ...``: one JSON line per benchmark.
+"""``python -m jaxpt.bench {sft,generate,serve,grpo,ppo,rm,memory} ...``: one JSON line per benchmark.
 
 Each benchmark is a library module ``jaxpt.bench.<name>`` with ``add_arguments(parser)``
 and ``run(args) -> dict``; this command picks one, runs it and prints its dict.
