@@ -170,6 +170,26 @@ def test_completions_take_token_ids_and_draw_n_seeded_samples(served, client):
         assert all(v <= 0 for v in choice.logprobs.token_logprobs)
 
 
+def test_a_stream_of_n_choices_with_logprobs_is_the_whole_reply_in_pieces(served, client):
+    kwargs = {"model": MODEL, "messages": [{"role": "user", "content": QUESTIONS[2]}],
+              "max_tokens": 10, "temperature": 1.0, "n": 3, "seed": 11, "logprobs": True}
+    whole = client.chat.completions.create(**kwargs)
+    texts, logprobs, finishes = [""] * 3, [[], [], []], [None] * 3
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.logprobs is not None:
+                logprobs[choice.index] += [e.logprob for e in choice.logprobs.content]
+            if choice.finish_reason is not None:
+                assert finishes[choice.index] is None  # one last piece per choice
+                finishes[choice.index] = choice.finish_reason
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+    for streamed, choice in zip(logprobs, whole.choices):
+        np.testing.assert_allclose(streamed, [e.logprob for e in choice.logprobs.content],
+                                   atol=1e-6)
+
+
 def test_a_stop_string_ends_the_reply_before_it(served, client):
     kwargs = {"model": MODEL, "prompt": "The sum of 2 and 3 is", "max_tokens": 16, "temperature": 1.0,
                   "seed": 3}
@@ -206,7 +226,7 @@ def test_tools_are_rendered_by_the_chat_template(served):
     ("/v1/chat/completions", (b'{"messages": [{"role": "user", "content": "hi"}], '
                              b'"temperature": "hot"}'), "'temperature'"),
     ("/v1/chat/completions", (b'{"messages": [{"role": "user", "content": "hi"}], '
-                             b'"n": 2, "stream": true}'), "'n'"),
+                             b'"top_logprobs": 2, "stream": true}'), "'top_logprobs'"),
     ("/v1/completions", b'{"prompt": [1, 2, 99999999]}', "99999999"),
     ("/v1/completions", b'{"prompt": ""}', "'prompt'"),
     ("/v1/completions", json.dumps({"prompt": [5] * 200, "max_tokens": 64, "stream": True})

@@ -94,7 +94,7 @@ async def _events(backend: Backend, parsed: protocol.Request):
         return f"data: {json.dumps(payload)}\n\n"
 
     try:
-        first = True
+        first = set(range(parsed.n))  # choices whose first chunk (the role) is still due
         while True:
             piece = await queue.get()
             if piece is done:
@@ -104,12 +104,14 @@ async def _events(backend: Backend, parsed: protocol.Request):
                     f"generation failed: {type(piece).__name__}")
                 yield event(protocol.error_body(message, "server_error"))
                 break
-            text, token_ids, finish = piece
-            if text or finish or first or parsed.echo_token_ids:
-                yield event(protocol.chunk(parsed, backend.model_name, stream_id, text=text,
-                                           token_ids=token_ids, finish_reason=finish,
-                                           first=first))
-                first = False
+            starts = piece.index in first
+            if (piece.text or piece.finish_reason or starts or parsed.echo_token_ids
+                    or piece.logprobs is not None):
+                yield event(protocol.chunk(
+                    parsed, backend.model_name, stream_id, text=piece.text,
+                    token_ids=piece.token_ids, finish_reason=piece.finish_reason, first=starts,
+                    index=piece.index, logprobs=piece.logprobs))
+                first.discard(piece.index)
         yield "data: [DONE]\n\n"
     finally:
         cancelled.set()

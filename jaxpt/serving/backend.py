@@ -8,6 +8,7 @@ reply is the reply ``generate`` gives (the same engine and arithmetic).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import queue
 import threading
@@ -35,6 +36,19 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """``text`` up to the first of ``stops`` (excluded, as the OpenAI API returns it)."""
     ends = [i for i in (text.find(s) for s in stops) if i >= 0]
     return (text[: min(ends)], True) if ends else (text, False)
+
+
+@dataclasses.dataclass
+class Piece:
+    """What one engine event adds to streamed choice ``index``: text ready to send, the
+    tokens it came from, the finish reason on the choice's last piece, and (when asked)
+    the tokens' log-probs."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: Choice | None = None
 
 
 class Backend:
@@ -135,16 +149,17 @@ class Backend:
 
     # -- one streamed reply --------------------------------------------------------------
 
-    def stream(self, request: Request, cancelled: threading.Event) -> Iterator[tuple]:
-        """``(text, token_ids, finish_reason)`` pieces of one reply as its tokens come;
-        the last piece has a finish reason. Once ``cancelled`` is set (the client went
-        away) the request leaves the engine, freeing its slot and pages."""
+    def stream(self, request: Request, cancelled: threading.Event) -> Iterator[Piece]:
+        """``Piece``s of the ``n`` replies as their tokens come; each reply's last piece has
+        a finish reason. Once ``cancelled`` is set (the client went away) the request
+        leaves the engine, freeing its slots and pages."""
         ticket = self._submit(request)
         hold = max((len(s) for s in request.stop), default=1) - 1  # a stop may be starting
-        tokens: list[int] = []
-        sent = 0
+        tokens: list[list[int]] = [[] for _ in range(request.n)]
+        sent = [0] * request.n
+        open_choices = set(range(request.n))
         try:
-            while True:
+            while open_choices:
                 try:
                     event = ticket.events.get(timeout=0.1)
                 except queue.Empty:
@@ -155,22 +170,28 @@ class Backend:
                     return
                 if isinstance(event, Exception):
                     raise event
-                tokens += event.tokens
-                text = self._text(tokens)
+                i = event.sample
+                if i not in open_choices:  # ended by a stop string already
+                    continue
+                tokens[i] += event.tokens
+                logprobs = None
+                if request.logprobs:
+                    logprobs = Choice(text="", token_ids=list(event.tokens), finish_reason="",
+                                      token_texts=[self.tokenizer.decode([t]) for t in event.tokens],
+                                      logprobs=[float(v) for v in event.logprobs])
+                text = self._text(tokens[i])
                 cut, stopped = cut_at_stop(text, request.stop)
-                if stopped:
-                    yield cut[sent:], event.tokens, "stop"
-                    return
-                if event.finish_reason is not None:
-                    yield text[sent:], event.tokens, event.finish_reason
-                    return
+                finish = "stop" if stopped else event.finish_reason
+                if finish is not None:
+                    open_choices.discard(i)
+                    yield Piece(i, (cut if stopped else text)[sent[i]:], event.tokens, finish,
+                                logprobs)
+                    continue
                 ready = len(text) - hold
                 if text.endswith("\ufffd"):  # a character split across tokens
                     ready = min(ready, len(text) - 1)
-                if ready > sent:
-                    yield text[sent:ready], event.tokens, None
-                    sent = ready
-                else:
-                    yield "", event.tokens, None
+                piece = text[sent[i]:ready] if ready > sent[i] else ""
+                sent[i] = max(sent[i], ready)
+                yield Piece(i, piece, event.tokens, None, logprobs)
         finally:
             ticket.cancel()  # a no-op once the request has finished

@@ -84,11 +84,10 @@ def _common(body: dict, max_tokens_limit: int) -> dict:
     }
 
 
-def _check_stream(settings: dict) -> None:
-    if settings["stream"] and settings["n"] > 1:
-        raise RequestError("'n' > 1 with 'stream' is not supported by this server")
-    if settings["stream"] and settings["logprobs"]:
-        raise RequestError("'logprobs' with 'stream' is not supported by this server")
+def _check_stream(settings: dict, top_logprobs: int) -> None:
+    if settings["stream"] and top_logprobs:
+        raise RequestError("'top_logprobs' with 'stream' is not supported by this server "
+                           "(the sampled tokens' 'logprobs' are)")
 
 
 def _token_ids(value, name: str, vocab_size: int) -> list[int]:
@@ -107,7 +106,7 @@ def parse_chat(body: Any, encode, *, vocab_size: int, max_tokens_limit: int) -> 
     settings = _common(body, max_tokens_limit)
     top = _field(body, "top_logprobs", int, 0, low=0, high=MAX_TOP_LOGPROBS)
     settings["logprobs"] = _field(body, "logprobs", bool, False) or top > 0
-    _check_stream(settings)
+    _check_stream(settings, top)
     if body.get("prompt_token_ids") is not None:
         prompt_ids = _token_ids(body["prompt_token_ids"], "prompt_token_ids", vocab_size)
     else:
@@ -141,7 +140,7 @@ def parse_completion(body: Any, encode, *, vocab_size: int, max_tokens_limit: in
     settings = _common(body, max_tokens_limit)
     top = _field(body, "logprobs", int, None, low=0, high=MAX_COMPLETION_LOGPROBS)
     settings["logprobs"] = top is not None
-    _check_stream(settings)
+    _check_stream(settings, top or 0)
     if _field(body, "echo", bool, False):
         raise RequestError("'echo' is not supported by this server")
     prompt = body.get("prompt")
@@ -229,17 +228,21 @@ def response(request: Request, model_name: str, choices: Sequence[Choice]) -> di
 
 def chunk(request: Request, model_name: str, stream_id: str, *, text: str | None = None,
           token_ids: Sequence[int] = (), finish_reason: str | None = None,
-          first: bool = False) -> dict:
-    """One server-sent event of a streamed reply (choice 0)."""
+          first: bool = False, index: int = 0, logprobs: Choice | None = None) -> dict:
+    """One server-sent event of choice ``index`` of a streamed reply; ``logprobs`` holds
+    the token texts and log-probs of the tokens this event carries (when asked for)."""
     if request.kind == "chat":
         delta: dict = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        lps = _chat_logprobs(logprobs) if logprobs is not None else None
+        choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
+                  "logprobs": lps}
         kind = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason,
-                  "logprobs": None}
+        lps = _completion_logprobs(logprobs) if logprobs is not None else None
+        choice = {"index": index, "text": text or "", "finish_reason": finish_reason,
+                  "logprobs": lps}
         kind = "text_completion"
     if request.echo_token_ids:
         choice["token_ids"] = list(token_ids)
