@@ -37,6 +37,23 @@ def spread_on_every_fourth_prompt(prompts, completions, answer, **kwargs):
             for text, a in zip(completions, answer)]
 
 
+POLICY_REPLIES = []  # what the live policy server answered, one entry per reward call
+
+
+def ask_the_live_policy(prompts, completions, **kwargs):
+    """A reward that, as an environment would, asks the policy being trained over HTTP."""
+    import urllib.request
+
+    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0,
+                       "logprobs": 0}).encode()
+    request = urllib.request.Request(os.environ["JAXPT_POLICY_URL"] + "/completions",
+                                     data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        choice = json.loads(reply.read())["choices"][0]
+    POLICY_REPLIES.append(choice["logprobs"]["token_logprobs"])
+    return [0.0] * len(completions)
+
+
 def overrides(output_dir, model_path, prompts, **extra):
     values = {
         "output_dir": output_dir, "model.path": model_path, "data.train": prompts,
@@ -144,6 +161,30 @@ def test_the_paged_engine_and_the_static_sampler_give_the_same_first_step(
     assert [s["completion"] for s in paged_samples] == [s["completion"] for s in static_samples]
     assert paged["reward"] == static["reward"]
     np.testing.assert_allclose(paged["loss"], static["loss"], rtol=1e-5, atol=1e-7)
+
+
+def test_the_live_policy_is_served_with_each_steps_weights(tmp_path, tiny_dir, prompts_file):
+    """``grpo.serve_port``: during the run the policy answers over HTTP, with the weights
+    of the step being sampled (a reward function asks it at each rollout)."""
+    POLICY_REPLIES.clear()
+    out = str(tmp_path / "served")
+    run(load_config(GRPO_ARITH, overrides(out, tiny_dir, prompts_file, **{
+        "train.max_steps": 2, "grpo.serve_port": 0, "optim.lr": 3e-2,
+        "grpo.rewards": "[{fn: 'test_grpo:digit_fraction'}, "
+                        "{fn: 'test_grpo:ask_the_live_policy'}]"})))
+    first, second = POLICY_REPLIES
+    assert len(first) == 4
+    # One optimizer step later the same greedy request gets other log-probs.
+    assert not np.allclose(first, second, atol=1e-3)
+    with pytest.raises(OSError):  # and the server is gone with the run
+        urllib_get(os.environ["JAXPT_POLICY_URL"] + "/models")
+
+
+def urllib_get(url):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return reply.read()
 
 
 def test_resume_is_exact_with_a_rollout_reused_across_the_checkpoint(

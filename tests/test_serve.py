@@ -3,7 +3,6 @@ and by raw HTTP, on the tiny model. A served greedy reply is ``generate``'s repl
 
 import concurrent.futures
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,8 +17,8 @@ uvicorn = pytest.importorskip("uvicorn", reason="pip install 'jaxpt[serve]'")
 from jaxpt.cli.serve import build_parser, load_backend
 from jaxpt.data import encode_prompt
 from jaxpt.sampling import generate
-from jaxpt.serving import build_app
 from jaxpt.serving.backend import cut_at_stop
+from jaxpt.serving.live import serve_in_thread
 from jaxpt.serving.protocol import RequestError, parse_chat, parse_completion
 
 MODEL = "tiny"
@@ -42,17 +41,9 @@ def served(tiny_dir):
     args = build_parser().parse_args(["--model", tiny_dir, "--served-model-name", MODEL,
                                       "--max-tokens-limit", "64"])
     backend = load_backend(args)
-    server = uvicorn.Server(uvicorn.Config(build_app(backend), host="127.0.0.1",
-                                           port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield backend, f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    running = serve_in_thread(backend)
+    yield backend, running.base
+    running.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import threading
 import time
 import urllib.request
 
@@ -63,26 +62,16 @@ def _percentiles(values, name: str) -> dict:
 
 
 def run(args) -> dict:
-    import uvicorn
-
     from jaxpt.cli.serve import build_parser, load_backend
-    from jaxpt.serving import build_app
+    from jaxpt.serving.live import serve_in_thread
 
     backend = load_backend(build_parser().parse_args([
         "--model", args.model, "--slots", str(args.slots), "--seed", str(args.seed),
         "--max-tokens-limit", str(args.max_tokens), "--max-seq-len",
         str(args.prompt_len + args.max_tokens),
     ]))
-    server = uvicorn.Server(uvicorn.Config(build_app(backend), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
+    running = serve_in_thread(backend)
+    base = running.base
     rng = np.random.default_rng(args.seed)
     vocab = backend.vocab_size
 
@@ -98,8 +87,7 @@ def run(args) -> dict:
         results = round_of(args.requests)
         wall = time.perf_counter() - start
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        running.close()
     tokens = sum(n for r in results for _, n in r["arrivals"])
     ttft = [r["arrivals"][0][0] - r["sent"] for r in results if r["arrivals"]]
     itl = []

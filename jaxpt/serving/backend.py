@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpt.sampling.api import bucket
-from jaxpt.sampling.engine import _StaticGraph
+from jaxpt.sampling.engine import _merge, _StaticGraph
 from jaxpt.serving.protocol import Choice, Request, RequestError
 from jaxpt.serving.scheduler import EngineLoop
 
@@ -28,7 +28,7 @@ from jaxpt.serving.scheduler import EngineLoop
 @functools.partial(jax.jit, static_argnames=("graph", "k"))
 def _top_logprobs(graph, state, ids_bt, k):
     """Temperature-1 log-probs of each next token: the ``k`` best (values, ids) per position."""
-    logits = nnx.merge(graph.graphdef, state)(ids_bt)
+    logits = _merge(graph.graphdef, state)(ids_bt)
     return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
 
 
@@ -52,18 +52,23 @@ class Piece:
 
 
 class Backend:
-    """Generation for the server: ``complete`` for whole replies, ``stream`` for one
-    streamed reply. ``max_tokens_limit`` caps a request's ``max_tokens``; ``slots``,
+    """Generation for the server: ``complete`` for whole replies, ``stream`` for streamed
+    ones. ``model`` is a module or ``(graphdef, state)`` (``state`` may be a tuple of
+    states, as a trainer holds them). ``max_tokens_limit`` caps a request's ``max_tokens``; ``slots``,
     ``max_seq_len`` and ``engine_options`` (``page_size``, ``num_pages``...) shape the
     engines (see ``EngineLoop``)."""
 
     def __init__(self, model, tokenizer, eos_ids, *, model_name: str,
                  max_tokens_limit: int = 4096, slots: int = 32, max_seq_len: int | None = None,
                  **engine_options):
-        self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
+        self.tokenizer, self.eos_ids = tokenizer, list(eos_ids)
         self.model_name, self.max_tokens_limit = model_name, max_tokens_limit
-        self.vocab_size = model.config.vocab_size
-        self.context = model.config.max_position_embeddings
+        graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
+        # The module as first served (the live weights are the engine loop's).
+        self.model = _merge(graphdef, state) if isinstance(model, tuple) else model
+        config = self.model.config
+        self.vocab_size = config.vocab_size
+        self.context = config.max_position_embeddings
         self.max_seq_len = min(max_seq_len or self.context, self.context)
         self.loop = EngineLoop(model, self.eos_ids, slots=slots, max_seq_len=self.max_seq_len,
                                **engine_options)
@@ -138,9 +143,8 @@ class Backend:
         ids = request.prompt_ids + choice.token_ids
         padded = np.zeros((1, bucket(len(ids))), np.int32)
         padded[0, : len(ids)] = ids  # right padding: causal attention never reads it
-        graphdef, state = nnx.split(self.model)
-        values, top_ids = _top_logprobs(_StaticGraph(graphdef), state, jnp.asarray(padded),
-                                        request.top_logprobs)
+        values, top_ids = _top_logprobs(_StaticGraph(self.loop.graphdef), self.loop.state,
+                                        jnp.asarray(padded), request.top_logprobs)
         first = len(request.prompt_ids) - 1  # the position that predicts the first token
         values = np.asarray(values[0, first : first + len(choice.token_ids)])
         top_ids = np.asarray(top_ids[0, first : first + len(choice.token_ids)])

@@ -48,7 +48,8 @@ class Ticket:
 
 
 class EngineLoop:
-    """Serves ``model`` through continuous-batching engines on a background thread.
+    """Serves ``model`` (a module or ``(graphdef, state)``) through continuous-batching
+    engines on a background thread.
 
     ``slots`` rows decode together per engine; ``max_seq_len`` bounds prompt + reply;
     ``engine_options`` go to each ``Engine`` (page size, pool size, steps per call).
@@ -56,7 +57,7 @@ class EngineLoop:
 
     def __init__(self, model, eos_ids, *, slots: int = 64, max_seq_len: int = 4096,
                  kv_tokens: int | None = None, **engine_options):
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, self.state = model if isinstance(model, tuple) else nnx.split(model)
         if kv_tokens is not None:  # the pool, in pages of the engine's size
             page = engine_options.get("page_size") or Engine.default_page_size()
             engine_options = {**engine_options, "page_size": page,

@@ -58,6 +58,9 @@ class GrpoConfig:
     top_k: int | None = None
     # Rollout sampler: auto (the paged engine on one device, else static) | paged | static
     sampler: str = "auto"
+    # Serve the live policy over HTTP on this port (0: any free one) during the run, for
+    # environments and judges (JAXPT_POLICY_URL); null: no server
+    serve_port: int | None = None
     beta: float = 0.0  # k3 KL to the frozen reference; 0 keeps no reference in memory
     epsilon_low: float = 0.2
     epsilon_high: float | None = None  # None: epsilon_low; DAPO's clip-higher uses 0.28
@@ -325,7 +328,8 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
         ctx, prompt_rows(ctx, "train"), make_batch=functools.partial(make_batch, cfg=cfg),
         samples_per_prompt=cfg.num_generations, max_prompt_length=cfg.max_prompt_length,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, sampler=cfg.sampler, rewards=reward_specs(cfg),
+        top_p=cfg.top_p, top_k=cfg.top_k, sampler=cfg.sampler, serve_port=cfg.serve_port,
+        rewards=reward_specs(cfg),
         reuse=cfg.num_iterations,
         log_completions=cfg.log_completions,
         group_filter=(functools.partial(groups_with_spread, cfg=cfg)

@@ -64,6 +64,9 @@ class PpoConfig:
     top_k: int | None = None
     # Rollout sampler: auto (the paged engine on one device, else static) | paged | static
     sampler: str = "auto"
+    # Serve the live policy over HTTP on this port (0: any free one) during the run, for
+    # environments and judges (JAXPT_POLICY_URL); null: no server
+    serve_port: int | None = None
     # The KL to the reference: in the reward (-kl_coef * kl per token, InstructGPT) or in
     # the loss (+kl_coef * k3 per token, as GRPO); estimator k1 or k3 in the reward.
     kl_penalty: str = "reward"
@@ -408,7 +411,8 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
         ctx, prompt_rows(ctx, "train"), make_batch=functools.partial(make_batch, cfg=cfg),
         samples_per_prompt=cfg.samples_per_prompt, max_prompt_length=cfg.max_prompt_length,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, sampler=cfg.sampler, rewards=rewards,
+        top_p=cfg.top_p, top_k=cfg.top_k, sampler=cfg.sampler, serve_port=cfg.serve_port,
+        rewards=rewards,
         reuse=cfg.num_ppo_epochs * cfg.num_mini_batches, log_completions=cfg.log_completions,
         minibatches=cfg.num_mini_batches, finish=PpoFinisher(ctx, cfg),
         policy_view=PolicyView(), max_reward_error_frac=cfg.max_reward_error_frac,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ from jaxpt.tasks.base import RunContext
 from jaxpt.tasks.rl.batch import Rollout, minibatch_rows
 from jaxpt.tasks.rl.program import BatchFinisher
 from jaxpt.tasks.rl.rewards import score_completions
+
+log = logging.getLogger(__name__)
 
 
 def prompt_rows(ctx: RunContext, split: str) -> list[dict]:
@@ -87,6 +90,7 @@ class RolloutSource:
         top_k: int | None,
         rewards: Sequence[Any],
         sampler: str = "auto",
+        serve_port: int | None = None,
         reuse: int = 1,
         log_completions: int = 2,
         group_filter: GroupFilter | None = None,
@@ -125,6 +129,7 @@ class RolloutSource:
             pad_to_max_prompt_length=True, batch_size=self.prompts_per_step, mesh=ctx.mesh,
             sampler=sampler,
         )
+        self.serve_port, self.server = serve_port, None
         self.epoch, self.cursor = 0, 0
         self.rollouts = 0  # rollouts sampled so far: seeds the minibatch shuffles
         self.pending: dict | None = None  # the rollout batch being reused
@@ -152,7 +157,29 @@ class RolloutSource:
             self.finish.set_state(state["finish"])
 
     def close(self) -> None:
-        pass
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def _serve(self, graphdef, params, rest) -> None:
+        """Serve the policy being trained over HTTP (``serve_port``), its weights replaced
+        before each rollout: environments, judges and tools reach it at the URL in
+        ``JAXPT_POLICY_URL``."""
+        if self.serve_port is None:
+            return
+        if self.server is not None:
+            self.server.set_weights((params, rest))
+            return
+        from jaxpt.serving import Backend
+        from jaxpt.serving.live import serve_in_thread
+
+        sampling = self.sampler.sampling
+        backend = Backend((graphdef, (params, rest)), self.tokenizer, sampling.eos_token_ids,
+                          model_name="policy", slots=32,
+                          kv_tokens=32 * (self.sampler.max_prompt_length + sampling.max_new_tokens))
+        self.server = serve_in_thread(backend, port=self.serve_port)
+        os.environ["JAXPT_POLICY_URL"] = self.server.url
+        log.info("serving the policy at %s (JAXPT_POLICY_URL)", self.server.url)
 
     # -- batches
     def next(self, state):
@@ -248,6 +275,7 @@ class RolloutSource:
         if round_index:
             key = jax.random.fold_in(key, round_index)
         graphdef, params, rest = self.policy_view(state)
+        self._serve(graphdef, params, rest)
         samples = self.sampler.sample((graphdef, (params, rest)), prompts, key)
         generate_s = time.perf_counter() - start
 
