@@ -11,7 +11,17 @@ from flax import nnx
 from test_sampling import ARCHS, BASE, _cut_after, _hf_greedy, _models
 
 from jaxpt.models import init_model
-from jaxpt.models.paged import COMBINED, SPLIT, PagedKVCache
+from jaxpt.models.paged import (
+    COMBINED,
+    HEAD_MAJOR,
+    SPLIT,
+    LayerPages,
+    PagedKVCache,
+    PagedMask,
+    attend,
+    decode_head_major,
+    write,
+)
 from jaxpt.sampling import Engine, SamplingConfig, sample_arrays, trace_count
 from jaxpt.sampling.api import left_pad
 from jaxpt.sampling.page_pool import PagePool
@@ -112,7 +122,7 @@ def test_page_pool_counts_shares_and_evicts():
     assert pool.peak_used == 4
 
 
-@pytest.mark.parametrize("layout", [SPLIT, COMBINED])
+@pytest.mark.parametrize("layout", [SPLIT, COMBINED, HEAD_MAJOR])
 def test_paged_forward_matches_the_cache_free_forward(tiny, layout):
     """A prompt prefilled in chunks (the last one padded) then decoded one token at a
     time through pages in either layout gives the logits of one plain forward."""
@@ -134,6 +144,30 @@ def test_paged_forward_matches_the_cache_free_forward(tiny, layout):
                           jnp.ones((1, 1), jnp.int32), cache=cache)
         logits.append(np.asarray(out))
     np.testing.assert_allclose(np.concatenate(logits, axis=1), expected, atol=2e-5)
+
+
+def test_the_gpu_kernel_reads_head_major_pages_as_the_jnp_path_does():
+    """The GPU Pallas paged attention kernel (run by its interpreter here) gives the jnp
+    path's decode attention for rows of different lengths over scattered pages."""
+    rng = np.random.default_rng(0)
+    b, n, kv, h, page, width = 3, 4, 2, 16, 4, 8
+    pages = LayerPages(
+        (jnp.asarray(rng.normal(size=(kv, 30, page, h)), jnp.float32),
+         jnp.asarray(rng.normal(size=(kv, 30, page, h)), jnp.float32)),
+        jnp.asarray(rng.permutation(np.arange(1, 30))[: b * width].reshape(b, width), jnp.int32),
+        page, HEAD_MAJOR,
+    )
+    q = jnp.asarray(rng.normal(size=(b, 1, n, h)), jnp.float32)
+    mask = PagedMask(jnp.asarray([[2], [13], [30]], jnp.int32), jnp.ones((b, 1), bool))
+    kernel = decode_head_major(q, *pages.pages, pages.page_table_bp, mask, interpret=True)
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(attend(q, pages, mask)),
+                               atol=1e-5)
+    # A write lands where the table says: row 1's position 13 is page table[1, 3], slot 1.
+    k_new = jnp.ones((b, 1, kv, h))
+    written = write(pages, k_new, -k_new, mask)
+    page_13 = int(pages.page_table_bp[1, 3])
+    np.testing.assert_array_equal(np.asarray(written.pages[0][:, page_13, 1]), 1.0)
+    np.testing.assert_array_equal(np.asarray(written.pages[1][:, page_13, 1]), -1.0)
 
 
 def test_steady_state_does_not_recompile(tiny):

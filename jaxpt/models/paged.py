@@ -9,10 +9,13 @@ padding tokens and of idle rows land there and no real sequence ever reads it.
 
 Two layouts, chosen per backend when the pool is made:
 
-- ``split`` (CPU and GPU, and TPU models whose head_dim the kernel cannot tile): keys
+- ``split`` (CPU, and TPU models whose head_dim the kernel cannot tile): keys
   [P, K, H, page] and values [P, K, page, H] per layer, the layouts
   ``layers.decode_attention`` reads with plain matmuls; attention is jnp (the reference
   path).
+- ``head_major`` (GPU): keys and values [K, P, page, H] per layer, the layout of the GPU
+  Pallas paged attention kernel (``jax.experimental.pallas.ops.gpu.paged_attention``),
+  which serves decode steps; prefill chunks and sliding windows take the jnp path.
 - ``combined`` (TPU): keys and values interleaved per kv head, [P, page, 2K, H] per layer,
   the layout of the ragged paged attention Pallas kernel
   (``jax.experimental.pallas.ops.tpu.ragged_paged_attention``), which serves prefill
@@ -31,16 +34,19 @@ from jax.sharding import PartitionSpec
 from jaxpt.models.platform import target_platform
 from jaxpt.sharding import current_mesh
 
-SPLIT, COMBINED = "split", "combined"
+SPLIT, COMBINED, HEAD_MAJOR = "split", "combined", "head_major"
+LAYOUTS = (SPLIT, COMBINED, HEAD_MAJOR)
 
 
 KERNEL_LANES = 128  # the TPU kernel tiles head_dim by the vector lanes
 
 
 def default_layout(platform: str, head_dim: int) -> str:
-    """The combined layout where the TPU kernel can run (head_dim a multiple of 128),
-    else the split layout and its jnp attention."""
-    return COMBINED if platform == "tpu" and head_dim % KERNEL_LANES == 0 else SPLIT
+    """The layout of the platform's kernel: combined where the TPU kernel can run (head_dim
+    a multiple of 128), head-major on GPU, else split and its jnp attention."""
+    if platform == "tpu" and head_dim % KERNEL_LANES == 0:
+        return COMBINED
+    return HEAD_MAJOR if platform == "gpu" else SPLIT
 
 
 @struct.dataclass
@@ -66,8 +72,11 @@ class PagedKVCache:
                             jnp.zeros((num_pages, k, page_size, h), dtype))
         elif layout == COMBINED:
             make = lambda: jnp.zeros((num_pages, page_size, 2 * k, h), dtype)
+        elif layout == HEAD_MAJOR:
+            make = lambda: (jnp.zeros((k, num_pages, page_size, h), dtype),
+                            jnp.zeros((k, num_pages, page_size, h), dtype))
         else:
-            raise ValueError(f"unknown paged KV layout {layout!r}; choose {SPLIT!r} or {COMBINED!r}")
+            raise ValueError(f"unknown paged KV layout {layout!r}; choose from {LAYOUTS}")
         return cls(
             pages=tuple(make() for _ in range(config.num_layers)),
             page_table_bp=jnp.zeros((1, 1), jnp.int32),
@@ -78,6 +87,8 @@ class PagedKVCache:
     @property
     def num_pages(self) -> int:
         first = self.pages[0]
+        if self.layout == HEAD_MAJOR:
+            return first[0].shape[1]
         return (first[0] if self.layout == SPLIT else first).shape[0]
 
     def with_table(self, page_table_bp) -> PagedKVCache:
@@ -134,6 +145,13 @@ def _write(layer_pages, k_btkh, v_btkh, page_table_bp, mask, page_size, layout):
         k_pages = k_pages.at[page_bt, :, :, offset_bt].set(k_btkh.astype(k_pages.dtype))
         v_pages = v_pages.at[page_bt, :, offset_bt, :].set(v_btkh.astype(v_pages.dtype))
         return k_pages, v_pages
+    if layout == HEAD_MAJOR:  # [K, P, page, H]: the update is [K, B, T, H]
+        k_pages, v_pages = layer_pages
+        k_pages = k_pages.at[:, page_bt, offset_bt].set(
+            jnp.transpose(k_btkh, (2, 0, 1, 3)).astype(k_pages.dtype))
+        v_pages = v_pages.at[:, page_bt, offset_bt].set(
+            jnp.transpose(v_btkh, (2, 0, 1, 3)).astype(v_pages.dtype))
+        return k_pages, v_pages
     b, t, k, h = k_btkh.shape
     kv_btch = jnp.stack([k_btkh, v_btkh], axis=3).reshape(b, t, 2 * k, h)
     return layer_pages.at[page_bt, offset_bt].set(kv_btch.astype(layer_pages.dtype))
@@ -153,6 +171,12 @@ def attend(q_btnh, layer: LayerPages, mask: PagedMask):
     if layout == COMBINED:
         return _attend_combined(q_btnh, layer_pages, page_table_bp, mask)
     k_pages, v_pages = layer_pages
+    if layout == HEAD_MAJOR:
+        if q_btnh.shape[1] == 1 and mask.window is None and target_platform() == "gpu":
+            return decode_head_major(q_btnh, k_pages, v_pages, page_table_bp, mask)
+        # The jnp path reads split pages: [K, P, page, H] -> [P, K, H, page] / [P, K, page, H].
+        k_pages = jnp.transpose(k_pages, (1, 0, 3, 2))
+        v_pages = jnp.transpose(v_pages, (1, 0, 2, 3))
     if q_btnh.shape[1] == 1:
         return _decode_split(q_btnh, k_pages, v_pages, page_table_bp, mask, page_size)
     return _prefill_split(q_btnh, k_pages, v_pages, page_table_bp, mask, page_size)
@@ -223,6 +247,30 @@ def _prefill_split(q_btnh, k_pages, v_pages, page_table_bp, mask, page_size):
     probs = jax.nn.softmax(scores, axis=-1).reshape(b, kv, n // kv, t, p, page_size)
     out_btkgh = jnp.einsum("bkgtjc,bjkch->btkgh", probs, v_bjkch)
     return out_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def decode_head_major(q_b1nh, k_pages, v_pages, page_table_bp, mask, interpret=False):
+    """One query per row through the GPU Pallas paged attention kernel
+    (``jax.experimental.pallas.ops.gpu.paged_attention``), which reads head-major pages
+    [K, P, page, H] up to each row's length; ``interpret`` runs it anywhere (tests)."""
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    h = q_b1nh.shape[-1]
+    width = page_table_bp.shape[1]
+    lengths_b = (mask.positions_bt[:, 0] + 1).astype(jnp.int32)
+    q_bnh = (q_b1nh[:, 0] * (h**-0.5)).astype(k_pages.dtype)  # the kernel does not scale
+    splits = min(16, width & -width)  # a power of two dividing the table's width
+    call = functools.partial(paged_attention, k_splits=splits,
+                             pages_per_compute_block=min(8, width // splits),
+                             interpret=interpret)
+    args = (q_bnh, k_pages, v_pages, page_table_bp, lengths_b)
+    mesh = current_mesh()
+    if mesh is not None and not interpret:  # a Triton kernel runs per device
+        out = jax.shard_map(call, in_specs=(PartitionSpec(),) * len(args),
+                            out_specs=PartitionSpec(), check_vma=False)(*args)
+    else:
+        out = call(*args)
+    return out[:, None].astype(q_b1nh.dtype)
 
 
 def _attend_combined(q_btnh, kv_pages, page_table_bp, mask):

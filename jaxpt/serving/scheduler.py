@@ -42,6 +42,7 @@ class Ticket:
         self._loop = loop
         self.engine_key = None
         self.request_id = None
+        self.n_done = 0  # samples finished (the loop's count)
 
     def cancel(self) -> None:
         self._loop._inbox.put(("cancel", self))
@@ -100,21 +101,24 @@ class EngineLoop:
 
     def _handle(self, message) -> None:
         kind = message[0]
-        if kind == "add":
+        if kind == "add":  # the engine loop's only entry for new work
             _, ticket, config, prompt, max_tokens, seed = message
-            engine = self._engine(config)
             try:
+                engine = self._engine(config)
                 request_id = engine.add(prompt, max_tokens, jax.random.key(seed), n=ticket.n)
-            except ValueError as error:
+            except Exception as error:  # noqa: BLE001 - the request fails, the loop serves on
                 ticket.events.put(error)
                 return
             ticket.engine_key, ticket.request_id = config, request_id
             self._tickets[(config, request_id)] = ticket
         elif kind == "cancel":
             ticket = message[1]
-            if ticket.request_id is not None and (ticket.engine_key, ticket.request_id) in self._tickets:
+            key = (ticket.engine_key, ticket.request_id)
+            if ticket.request_id is not None and key in self._tickets:
                 self._engines[ticket.engine_key].cancel(ticket.request_id)
-                del self._tickets[(ticket.engine_key, ticket.request_id)]
+                del self._tickets[key]
+                for sample in range(ticket.n):
+                    self._sent.pop((*key, sample), None)
         elif kind == "weights":
             self.state = message[1]
             for engine in self._engines.values():
@@ -153,7 +157,7 @@ class EngineLoop:
         self._sent[sent_key] = len(completion.tokens)
         if completion.finished:
             del self._sent[sent_key]
-            ticket.n_done = getattr(ticket, "n_done", 0) + 1
+            ticket.n_done += 1
             if ticket.n_done == ticket.n:
                 del self._tickets[key]
 
@@ -161,4 +165,6 @@ class EngineLoop:
         """An engine failed: its requests end with the error and it is rebuilt."""
         for key in [k for k in self._tickets if k[0] == config]:
             self._tickets.pop(key).events.put(error)
+        for key in [k for k in self._sent if k[0] == config]:
+            del self._sent[key]
         self._engines.pop(config, None)
