@@ -604,8 +604,7 @@ class Engine:
                 seq.pages += self._take_pages(need, protect=seq)
 
     def _decode_round(self) -> list[Completion]:
-        # With no one waiting to join, longer calls: fewer host round trips.
-        steps = self.steps_per_call * (1 if self._waiting else 4)
+        steps = self.steps_per_call
         self._ensure_pages(steps)
         seqs = self._slot_seq
         active = np.array([s is not None and s.prefilled == len(s.prompt) for s in seqs])
@@ -614,7 +613,9 @@ class Engine:
         # Only the decoding rows run, in a bucket of rows (a step's cost grows with its
         # rows: when few are left, as at the end of a batch, steps get cheaper).
         slots_r = np.flatnonzero(active)
-        rows = min(_pow2(len(slots_r), 8), _pow2(self.slots))
+        rows = _pow2(self.slots)  # buckets of a quarter each: few programs to compile
+        while rows // 4 >= max(len(slots_r), 8):
+            rows //= 4
         pick = np.zeros(rows, np.int64)
         pick[: len(slots_r)] = slots_r
         live_r = np.arange(rows) < len(slots_r)
