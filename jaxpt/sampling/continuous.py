@@ -613,9 +613,7 @@ class Engine:
         # Only the decoding rows run, in a bucket of rows (a step's cost grows with its
         # rows: when few are left, as at the end of a batch, steps get cheaper).
         slots_r = np.flatnonzero(active)
-        rows = _pow2(self.slots)  # buckets of a quarter each: few programs to compile
-        while rows // 4 >= max(len(slots_r), 8):
-            rows //= 4
+        rows = min(_pow2(len(slots_r), 8), _pow2(self.slots))
         pick = np.zeros(rows, np.int64)
         pick[: len(slots_r)] = slots_r
         live_r = np.arange(rows) < len(slots_r)
