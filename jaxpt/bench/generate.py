@@ -156,10 +156,9 @@ def run_heavy_tail(args) -> dict:
     useful = sum(lengths)
     kv_tokens = args.kv_tokens or int(slots * (prompt_len + 3 * args.mean_tokens))
     sampling = SamplingConfig.make(temperature=args.temperature)
+    page = args.page_size or Engine.default_page_size()
     engine_kwargs = {"slots": slots, "max_seq_len": prompt_len + args.max_tokens,
-                     "page_size": args.page_size}
-    page = Engine(model, sampling, **engine_kwargs).page_size
-    engine_kwargs["num_pages"] = max(-(-kv_tokens // page), 2) + 1
+                     "page_size": page, "kv_tokens": kv_tokens}
     stats = {}
 
     def engine_once():

@@ -253,8 +253,9 @@ class Engine:
     (an RL step) without recompiling; cached prefixes are dropped with the old weights.
 
     ``slots`` rows decode together; the pool holds ``num_pages`` pages of ``page_size``
-    tokens (default: every slot at ``max_seq_len``, so nothing is ever preempted);
-    ``max_seq_len`` bounds prompt + completion.
+    tokens, or enough pages for ``kv_tokens`` tokens (default: every slot at
+    ``max_seq_len``, so nothing is ever preempted); ``max_seq_len`` bounds prompt +
+    completion.
     """
 
     def __init__(
@@ -266,6 +267,7 @@ class Engine:
         max_seq_len: int = 2048,
         page_size: int | None = None,
         num_pages: int | None = None,
+        kv_tokens: int | None = None,
         steps_per_call: int = 16,
         prefill_chunk: int = 256,
         prefill_tokens: int = 2048,
@@ -289,6 +291,10 @@ class Engine:
         self.page_size = page_size or self.default_page_size()
         self.slots, self.max_seq_len = slots, max_seq_len
         self.pages_per_seq = -(-max_seq_len // self.page_size)
+        if num_pages is not None and kv_tokens is not None:
+            raise ValueError("give the pool as num_pages or as kv_tokens, not both")
+        if kv_tokens is not None:  # whole pages, plus the scratch page
+            num_pages = max(-(-kv_tokens // self.page_size), 1) + 1
         if num_pages is None:
             num_pages = slots * self.pages_per_seq + 1
         self.steps_per_call, self.prefill_chunk = steps_per_call, prefill_chunk
@@ -372,6 +378,10 @@ class Engine:
                 seq.completion.finish_reason = "cancelled"
                 self._finish(seq)
 
+    def busy_slots(self) -> int:
+        """Slots holding a sample (prefilling or decoding)."""
+        return sum(seq is not None for seq in self._slot_seq)
+
     def pending(self) -> bool:
         return bool(self._waiting or self._prefilling or any(self._slot_seq))
 
@@ -397,10 +407,8 @@ class Engine:
         changed: list[Completion] = []
         self._admit()
         if self._waiting and not self._prefilling and not any(self._slot_seq):
-            raise RuntimeError(
-                f"the KV pool ({self.pool.num_pages} pages of {self.page_size}) cannot hold "
-                f"one sequence of {len(_samples(self._waiting[0])[0].prompt)} prompt tokens; "
-                "give the engine more num_pages"
+            raise self._pool_too_small(
+                f"one sequence of {len(_samples(self._waiting[0])[0].prompt)} prompt tokens"
             )
         if self._prefilling:
             changed += self._prefill_round()
@@ -518,13 +526,17 @@ class Engine:
             self._token[slot], self._pos[slot] = token, len(seq.prompt)
             self._index[slot] = len(seq.completion.tokens)
             self._budget[slot], self._keys[slot] = seq.budget, seq.key_data
-            tail = seq.completion.tokens[-self._window :]
-            self._recent[slot] = -1
-            self._recent[slot, self._window - len(tail) :] = tail
+            self._set_recent(seq)
             if self._ended(seq):
                 self._finish(seq)
             changed.append(seq.completion)
         return changed
+
+    def _set_recent(self, seq) -> None:
+        """The last generated tokens of ``seq`` in its slot's stop-sequence window."""
+        tail = seq.completion.tokens[-self._window :]
+        self._recent[seq.slot] = -1
+        self._recent[seq.slot, self._window - len(tail) :] = tail
 
     def _record(self, seq, token, logprob, model_lp, policy_lp):
         c = seq.completion
@@ -563,11 +575,14 @@ class Engine:
                 continue
             waiting = [item for item in self._prefilling if protect not in _samples(item)]
             if not waiting:
-                raise RuntimeError(
-                    f"the KV pool ({self.pool.num_pages} pages of {self.page_size}) cannot "
-                    "hold one sequence; give the engine more num_pages"
-                )
+                raise self._pool_too_small("one sequence")
             self._unadmit(waiting[-1])
+
+    def _pool_too_small(self, what: str) -> RuntimeError:
+        return RuntimeError(
+            f"the KV pool ({self.pool.num_pages} pages of {self.page_size}) cannot hold "
+            f"{what}; give the engine more num_pages (or kv_tokens)"
+        )
 
     def _unadmit(self, item) -> None:
         """Put a prompt still prefilling back at the head of the queue, pages freed."""
@@ -644,8 +659,7 @@ class Engine:
                     self._finish(seq)
                     break
             if seq.slot is not None:
-                tail = seq.completion.tokens[-self._window :]
-                self._recent[slot, self._window - len(tail) :] = tail
+                self._set_recent(seq)
             changed.append(seq.completion)
         return changed
 

@@ -1,49 +1,17 @@
-"""Token-by-token streaming for interactive use (the CLI): a jitted prefill, then one
-jitted decode step per token, so each token can be shown as soon as it exists.
-
-Batch generation never uses this; it runs its whole decode loop in one program
-(``engine.sample_arrays``).
+"""Token-by-token streaming for interactive use (the CLI): the continuous-batching engine
+(``jaxpt.sampling.continuous``) with one slot and one decode step per call, so each token
+can be shown as soon as it exists. Batch generation runs many steps per call instead.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from jaxpt.models.decode import decode_step
-from jaxpt.models.decoder import KVCache
-from jaxpt.sampling.api import bucket, left_pad, prompt_token_lists
+from jaxpt.sampling.api import bucket, prompt_token_lists
 from jaxpt.sampling.config import SamplingConfig
-from jaxpt.sampling.engine import _StaticGraph
-from jaxpt.sampling.processors import choose_tokens
-
-
-def _pick(logits, rng, step, config, axis=-1):
-    """The token drawn from one row's ``logits`` (vocabulary on ``axis``)."""
-    keys_b = jax.random.fold_in(jax.random.fold_in(rng, 0), step)[None]
-    return choose_tokens(logits, keys_b, config, axis=axis)[0][0]
-
-
-@functools.partial(jax.jit, static_argnames=("graph", "config", "cache_len"))
-def _prefill(graph, state, ids_bt, mask_bt, rng, *, config, cache_len):
-    model = nnx.merge(graph.graphdef, state)
-    segment_bt = mask_bt.astype(jnp.int32)
-    positions_bt = jnp.maximum(jnp.cumsum(segment_bt, axis=1) - 1, 0)
-    cache = KVCache.init(model.config, 1, cache_len, model.dtype)
-    hidden_btd, cache = model(ids_bt, positions_bt, segment_bt, cache=cache, return_hidden=True)
-    logits_bv = model.logits(hidden_btd[:, -1:, :])[:, 0, :]
-    return cache, _pick(logits_bv, rng, 0, config), jnp.sum(segment_bt, axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("graph", "config"), donate_argnames=("cache",))
-def _decode_step(graph, state, cache, token_b, pos_b, rng, step, *, config):
-    model = nnx.merge(graph.graphdef, state)
-    logits_vb, cache = decode_step(model, token_b, pos_b, cache)  # the batch sampler's step
-    return cache, _pick(logits_vb, rng, step, config, axis=0)
+from jaxpt.sampling.continuous import Engine
 
 
 def stream_tokens(
@@ -75,30 +43,19 @@ def stream_tokens(
         eos_token_id=eos_token_id,
         **sampling,
     )
-    eos = set(config.eos_token_ids)
+    # Only the filters and eos shape a streamed reply (no penalty, stop or samples).
     config = SamplingConfig.make(
-        max_new_tokens=1,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        min_p=config.min_p,
-    )  # the key the step programs are cached under: no lengths, no eos
-    length = bucket(len(prompt))
-    ids_bt, mask_bt = left_pad([prompt], 1, length)
-    graphdef, state = nnx.split(model)
-    graph, rng = _StaticGraph(graphdef), jax.random.key(seed)
-    cache_len = length + bucket(max_new_tokens)
-    cache, token, pos_b = _prefill(
-        graph, state, ids_bt, mask_bt, rng, config=config, cache_len=cache_len
+        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+        min_p=config.min_p, eos_token_id=config.eos_token_ids,
     )
-    for step in range(1, max_new_tokens + 1):
-        value = int(token)
-        yield value
-        if value in eos or step == max_new_tokens:
-            return
-        cache, token = _decode_step(
-            graph, state, cache, token[None], pos_b + step - 1, rng, step, config=config
-        )
+    engine = Engine(model, config, slots=1, max_seq_len=bucket(len(prompt) + max_new_tokens),
+                    steps_per_call=1)
+    engine.add(prompt, max_new_tokens, jax.random.key(seed))
+    sent = 0
+    while engine.pending():
+        for completion in engine.step():
+            yield from completion.tokens[sent:]
+            sent = len(completion.tokens)
 
 
 def stream_text(model, tokenizer, prompt, **sampling) -> Iterator[str]:

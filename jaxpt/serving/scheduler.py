@@ -43,6 +43,7 @@ class Ticket:
         self.engine_key = None
         self.request_id = None
         self.n_done = 0  # samples finished (the loop's count)
+        self.sent = [0] * n  # tokens of each sample already delivered
 
     def cancel(self) -> None:
         self._loop._inbox.put(("cancel", self))
@@ -53,22 +54,18 @@ class EngineLoop:
     engines on a background thread.
 
     ``slots`` rows decode together per engine; ``max_seq_len`` bounds prompt + reply;
-    ``engine_options`` go to each ``Engine`` (page size, pool size, steps per call).
+    ``engine_options`` go to each ``Engine`` (``page_size``, ``kv_tokens`` or
+    ``num_pages``, ``steps_per_call``).
     """
 
     def __init__(self, model, eos_ids, *, slots: int = 64, max_seq_len: int = 4096,
-                 kv_tokens: int | None = None, **engine_options):
+                 **engine_options):
         self.graphdef, self.state = model if isinstance(model, tuple) else nnx.split(model)
-        if kv_tokens is not None:  # the pool, in pages of the engine's size
-            page = engine_options.get("page_size") or Engine.default_page_size()
-            engine_options = {**engine_options, "page_size": page,
-                              "num_pages": -(-kv_tokens // page) + 1}
         self.eos_ids = tuple(int(t) for t in eos_ids)
         self.slots, self.max_seq_len = slots, max_seq_len
         self.engine_options = engine_options
         self._engines: dict[SamplingConfig, Engine] = {}
         self._tickets: dict[tuple, Ticket] = {}
-        self._sent: dict[tuple, int] = {}
         self._inbox: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="jaxpt-engine-loop", daemon=True)
         self._thread.start()
@@ -88,7 +85,7 @@ class EngineLoop:
 
     def busy_slots(self) -> int:
         """Slots holding a request right now, over every engine (a snapshot)."""
-        return sum(s is not None for e in list(self._engines.values()) for s in e._slot_seq)
+        return sum(engine.busy_slots() for engine in list(self._engines.values()))
 
     # -- loop side
     def _engine(self, config: SamplingConfig) -> Engine:
@@ -117,8 +114,6 @@ class EngineLoop:
             if ticket.request_id is not None and key in self._tickets:
                 self._engines[ticket.engine_key].cancel(ticket.request_id)
                 del self._tickets[key]
-                for sample in range(ticket.n):
-                    self._sent.pop((*key, sample), None)
         elif kind == "weights":
             self.state = message[1]
             for engine in self._engines.values():
@@ -150,13 +145,11 @@ class EngineLoop:
         ticket = self._tickets.get(key)
         if ticket is None:  # cancelled meanwhile
             return
-        sent_key = (*key, completion.sample)
-        sent = self._sent.get(sent_key, 0)
+        sent = ticket.sent[completion.sample]
         ticket.events.put(Event(completion.sample, completion.tokens[sent:],
                                 completion.model_logprobs[sent:], completion.finish_reason))
-        self._sent[sent_key] = len(completion.tokens)
+        ticket.sent[completion.sample] = len(completion.tokens)
         if completion.finished:
-            del self._sent[sent_key]
             ticket.n_done += 1
             if ticket.n_done == ticket.n:
                 del self._tickets[key]
@@ -165,6 +158,4 @@ class EngineLoop:
         """An engine failed: its requests end with the error and it is rebuilt."""
         for key in [k for k in self._tickets if k[0] == config]:
             self._tickets.pop(key).events.put(error)
-        for key in [k for k in self._sent if k[0] == config]:
-            del self._sent[key]
         self._engines.pop(config, None)
