@@ -62,7 +62,7 @@ class PpoConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
-    # Rollout sampler: auto (the paged engine on one device, else static) | paged | static
+    # Rollout sampler: auto (see jaxpt.sampling.api.choose_sampler) | paged | static
     sampler: str = "auto"
     # Serve the live policy over HTTP on this port (0: any free one) during the run, for
     # environments and judges (JAXPT_POLICY_URL); null: no server
