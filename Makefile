@@ -7,7 +7,7 @@ EXAMPLES_STAMP := $(VENV)/.installed-examples
 # pytest-xdist workers for `make test` (e.g. `make test WORKERS=1`; 0 runs in-process).
 WORKERS ?= 2
 
-.PHONY: install install-test quickstart rlvr-smollm2 judge-smollm2 test lint bench clean
+.PHONY: install install-test quickstart rlvr-smollm2 judge-smollm2 test lint bench accel-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ judge-smollm2: $(EXAMPLES_STAMP)
 # .pytest_cache/jax-compilation-cache.
 test: $(TEST_STAMP)
 	$(PY) -m pytest tests -n $(WORKERS) --dist loadgroup --durations=25
+
+# The accelerator check: GPU/TPU paths against their references, then SFT MFU, a GRPO step
+# and the engine's heavy-tail workload; runs/accel/accel.{json,md}. On a CPU it runs every
+# phase at tiny sizes. EXTRA=cuda (or tpu) installs that extra first; transformers' side
+# of the generation comparison needs a torch that sees the GPU (installed by you).
+accel-check: $(STAMP)
+	$(if $(EXTRA),$(PY) -m pip install --quiet -e ".[$(EXTRA)]")
+	$(PY) -m jaxpt.bench accel --out runs/accel
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check jaxpt tests

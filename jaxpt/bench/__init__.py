@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BENCHMARKS = ("sft", "generate", "serve", "grpo", "ppo", "rm", "memory")
+BENCHMARKS = ("sft", "generate", "serve", "grpo", "ppo", "rm", "memory", "accel")
 
 
 def _max_rss_mb(who: int) -> float:

@@ -48,6 +48,8 @@ def add_arguments(parser) -> None:
         help="also time transformers' PyTorch generate on the same model and batch",
     )
     parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32",
+                        help="heavy-tail: weights and compute dtype (transformers' too)")
     parser.add_argument("--sampler", choices=("auto", "paged", "static"), default="auto",
                         help="uniform: the decoding loop generate runs (see "
                         "jaxpt.sampling.generate)")
@@ -69,7 +71,16 @@ def _time_runs(fn, repeats: int) -> list[float]:
     return times
 
 
-def _transformers_runner(model, prompts_bt: np.ndarray, new_tokens: int, threads: int):
+def transformers_device() -> str:
+    """Where transformers runs beside jaxpt: the GPU when JAX runs on one and PyTorch sees
+    it, else the CPU."""
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _transformers_runner(model, prompts_bt: np.ndarray, new_tokens: int, threads: int,
+                         dtype: str = "float32"):
     """A callable running transformers' greedy generate on the same weights and batch."""
     import torch
     import transformers
@@ -77,10 +88,12 @@ def _transformers_runner(model, prompts_bt: np.ndarray, new_tokens: int, threads
     from jaxpt.models import save_pretrained
 
     torch.set_num_threads(threads)
+    device = transformers_device()
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    ids = torch.as_tensor(prompts_bt, dtype=torch.long)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=getattr(torch, dtype)).to(device).eval()
+    ids = torch.as_tensor(prompts_bt, dtype=torch.long, device=device)
     kwargs = {
         "attention_mask": torch.ones_like(ids),
         "max_new_tokens": new_tokens,
@@ -92,6 +105,8 @@ def _transformers_runner(model, prompts_bt: np.ndarray, new_tokens: int, threads
     def run_once():
         with torch.inference_mode():
             hf.generate(ids, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return run_once
 
@@ -130,13 +145,14 @@ def heavy_tail_lengths(requests: int, mean: float, cap: int, seed: int) -> list[
     return np.clip(draws.astype(int), 1, cap).tolist()
 
 
-def _static_kv_bytes(config, rows: int, prompt_len: int, new_tokens: int) -> int:
+def _static_kv_bytes(config, rows: int, prompt_len: int, new_tokens: int,
+                     itemsize: int = 4) -> int:
     """The static sampler's KV cache for one batch: every row at the full length."""
     from jaxpt.sampling.api import bucket
     from jaxpt.sampling.engine import cache_length
 
     slots = cache_length(bucket(prompt_len) + bucket(new_tokens))
-    return rows * slots * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+    return rows * slots * config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
 
 
 def run_heavy_tail(args) -> dict:
@@ -145,7 +161,7 @@ def run_heavy_tail(args) -> dict:
     from jaxpt.sampling.continuous import Engine
     from jaxpt.sampling.continuous import trace_count as engine_traces
 
-    model = load_model(args.model, seed=args.seed)
+    model = load_model(args.model, seed=args.seed, dtype=args.dtype, param_dtype=args.dtype)
     config = model.config
     slots, prompt_len = args.batch_size, args.prompt_len
     lengths = heavy_tail_lengths(args.requests, args.mean_tokens, args.max_tokens, args.seed)
@@ -182,7 +198,7 @@ def run_heavy_tail(args) -> dict:
     if args.compare_transformers:
         hf_batches = [
             _transformers_runner(model, prompts_rt[list(rows)], max(lengths[i] for i in rows),
-                                 args.torch_threads)
+                                 args.torch_threads, args.dtype)
             for rows in batches
         ]
         runners["transformers"] = lambda: [run_batch() for run_batch in hf_batches]
@@ -215,7 +231,8 @@ def run_heavy_tail(args) -> dict:
         "recompiles": engine_traces() - traces,
         **stats,
         "static_kv_bytes": max(
-            _static_kv_bytes(config, len(rows), prompt_len, max(lengths[i] for i in rows))
+            _static_kv_bytes(config, len(rows), prompt_len, max(lengths[i] for i in rows),
+                             jax.numpy.dtype(args.dtype).itemsize)
             for rows in batches
         ),
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -228,6 +245,7 @@ def run_heavy_tail(args) -> dict:
             median(times["transformers"]) / median(times["engine"]), 2
         )
         result["torch_threads"] = args.torch_threads
+        result["transformers_device"] = transformers_device()
     return result
 
 

@@ -1,4 +1,5 @@
-"""``python -m jaxpt.bench {sft,generate,serve,grpo,ppo,rm,memory} ...``: one JSON line per benchmark.
+"""``python -m jaxpt.bench {sft,generate,serve,grpo,ppo,rm,memory,accel} ...``: one JSON line per
+benchmark.
 
 Each benchmark is a library module ``jaxpt.bench.<name>`` with ``add_arguments(parser)``
 and ``run(args) -> dict``; this command picks one, runs it and prints its dict.
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = importlib.import_module(f"jaxpt.bench.{args.benchmark}").run(args)
     print(json.dumps({"benchmark": args.benchmark, **result}), flush=True)
-    return 0
+    return 1 if result.get("failed") else 0  # the accelerator check's failed phases
 
 
 if __name__ == "__main__":
