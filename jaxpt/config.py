@@ -205,6 +205,17 @@ class LoraSection:
     seed: int | None = None  # adapter init; None: the run's seed
 
 
+@dataclasses.dataclass(frozen=True)
+class RlSection:
+    """What every RL task (grpo, ppo) shares about its rollouts."""
+
+    # The sampler's log-probs and the trainer's recomputed ones differ (another kernel, dtype
+    # or batch shape); tis: each token's loss times min(w, cap), mis: times w, or 0 where
+    # w > cap, with w = pi_trainer / pi_sampler; none: the sampler's log-probs are the old policy
+    importance_correction: str = "none"
+    importance_cap: float = 2.0
+
+
 BASE_SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "mesh": MeshSection,
@@ -216,6 +227,7 @@ BASE_SECTIONS: dict[str, type] = {
     "export": ExportSection,
     "lora": LoraSection,
     "distributed": DistributedSection,
+    "rl": RlSection,
 }
 
 CHOICES = {
@@ -224,6 +236,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "lora.export": ("merged", "peft", "both"),
     "model.attention_impl": ("auto", "einsum", "xla", "cudnn", "splash"),
+    "rl.importance_correction": ("none", "tis", "mis"),
 }
 
 
@@ -359,6 +372,10 @@ def _check_choices_and_ranges(config) -> None:
         )
     if config.optim.lr < 0 or config.optim.warmup_steps < 0:
         raise ConfigError("config keys 'optim.lr' and 'optim.warmup_steps' must be >= 0")
+    if config.rl.importance_cap < 1:
+        raise ConfigError(
+            f"config key 'rl.importance_cap' must be >= 1, got {config.rl.importance_cap}"
+        )
 
 
 def _check_lora(config) -> None:

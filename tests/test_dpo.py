@@ -101,6 +101,78 @@ def test_dpo_losses_through_the_task_match_numpy(batch):
     np.testing.assert_allclose(m["logps/chosen"], np.sum(pi_c * real), rtol=1e-5)
 
 
+def test_simpo_and_orpo_by_hand():
+    """Two pairs: chosen log-probs -6 over 3 tokens and -12 over 4 (averages -2, -3)."""
+    from jaxpt.losses import orpo_loss, simpo_loss
+
+    pc, pr = np.array([-6.0, -12.0]), np.array([-12.0, -6.0])
+    tc, tr = np.array([3.0, 4.0]), np.array([4.0, 3.0])
+    # SimPO, beta 2, gamma 0.5: h = 2 * (-2) - 2 * (-3) - 0.5 = 1.5; the second pair -2.5.
+    loss, m = simpo_loss(pc, pr, tc, tr, beta=2.0, gamma=0.5)
+    np.testing.assert_allclose(loss, [np.log1p(np.exp(-1.5)), np.log1p(np.exp(2.5))], rtol=1e-6)
+    np.testing.assert_allclose(loss[0], 0.2014133, rtol=1e-6)
+    np.testing.assert_allclose(m["rewards/chosen"], [-4.0, -6.0])
+    np.testing.assert_allclose(m["rewards/accuracy"], [1.0, 0.0])
+    smoothed, _ = simpo_loss(pc, pr, tc, tr, beta=2.0, gamma=0.5, label_smoothing=0.1)
+    np.testing.assert_allclose(smoothed[0], 0.9 * np.log1p(np.exp(-1.5))
+                               + 0.1 * np.log1p(np.exp(1.5)), rtol=1e-6)
+    # ORPO, lambda 0.1: log odds(p) = log p - log(1 - p) of the average token probability.
+    loss, m = orpo_loss(pc, pr, tc, tr, beta=0.1)
+    log_odds = lambda avg: avg - np.log1p(-np.exp(avg))
+    ratio = log_odds(-2.0) - log_odds(-3.0)
+    np.testing.assert_allclose(m["log_odds_chosen"][0], ratio, rtol=1e-6)
+    np.testing.assert_allclose(loss[0], 2.0 + 0.1 * np.log1p(np.exp(-ratio)), rtol=1e-6)
+    np.testing.assert_allclose(loss[0], 2.0288735, rtol=1e-6)
+    np.testing.assert_allclose(loss[1], 3.0 + 0.1 * np.log1p(np.exp(ratio)), rtol=1e-6)
+    np.testing.assert_allclose(m["nll_loss"], [2.0, 3.0])
+    # Near-certain responses: the odds stay finite.
+    loss, _ = orpo_loss(np.array([-1e-9]), np.array([-50.0]), np.array([1.0]), np.array([1.0]))
+    assert np.all(np.isfinite(loss))
+
+
+def test_simpo_and_orpo_through_the_task_use_no_reference(batch):
+    policy = init_model(TINY, seed=1)
+    pi_c, pi_r = _numpy_logps(policy, batch, "chosen"), _numpy_logps(policy, batch, "rejected")
+    tc, tr = batch["chosen_loss_mask"].sum(-1), batch["rejected_loss_mask"].sum(-1)
+    real = batch["pair_mask"]
+    with np.errstate(all="ignore"):  # the padding row has no tokens: its values are unused
+        avg_c, avg_r = pi_c / tc, pi_r / tr
+    log_sigmoid = lambda x: -np.log1p(np.exp(-x))
+    log_odds = lambda avg: avg - np.log1p(-np.exp(avg))
+    with np.errstate(all="ignore"):
+        expected = {
+            "simpo": -log_sigmoid(2.0 * (avg_c - avg_r) - 0.3),
+            "orpo": -avg_c - 2.0 * log_sigmoid(log_odds(avg_c) - log_odds(avg_r)),
+        }
+    for loss_type, loss_b in expected.items():
+        loss_fn = nnx.jit(functools.partial(dpo_task_loss, beta=2.0, loss_type=loss_type,
+                                            simpo_gamma=0.3))
+        out = loss_fn(policy, batch, StepContext(None, 0, ref_params=None))
+        np.testing.assert_allclose(out.numerator, np.sum(np.where(real, loss_b, 0)), rtol=2e-4)
+        assert float(out.denominator) == 3.0
+
+
+def test_reference_free_losses_keep_no_reference_and_resume_exactly(tmp_path, tiny_dir):
+    from jaxpt.config import ConfigError
+
+    extra = {"train.max_steps": 4, "dpo.loss_type": "simpo", "dpo.beta": 2.0,
+             "dpo.precompute_ref": "true", "export.hf": "false", "train.eval_batches": 0}
+    from jaxpt.tasks.common import keeps_reference
+
+    full = config_for("dpo", fast_overrides(str(tmp_path / "full"), tiny_dir, **extra))
+    assert not keeps_reference(full)
+    assert "reference_pairs" not in run(full).summary  # nor a precomputed table
+    resumed = config_for("dpo", fast_overrides(str(tmp_path / "resumed"), tiny_dir, **extra))
+    assert run(resumed, stop_after_step=2).preempted
+    assert run(resumed).step == 4
+    a, b = train_rows(str(tmp_path / "full")), train_rows(str(tmp_path / "resumed"))
+    for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    with pytest.raises(ConfigError, match="dpo.ref_model"):
+        config_for("dpo", fast_overrides(str(tmp_path / "x"), tiny_dir, **{
+            **extra, "dpo.loss_type": "orpo", "dpo.ref_model": tiny_dir}))
+
+
 def test_dpo_8_devices_with_reference_params_match_1_device_precomputed(tmp_path, tiny_dir,
                                                                         mesh8, mesh1):
     # A reference other than the policy: were they equal, every margin at step 1 would be

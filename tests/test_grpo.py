@@ -187,10 +187,14 @@ def urllib_get(url):
         return reply.read()
 
 
+# The second case: the CISPO objective with truncated importance weights of the trainer's
+# own log-probs over the sampler's, carried by the rollout across the checkpoint.
+@pytest.mark.parametrize("loss", [{}, {"grpo.loss_type": "cispo", "grpo.epsilon_high": 4.0,
+                                       "rl.importance_correction": "tis"}], ids=["clip", "cispo"])
 def test_resume_is_exact_with_a_rollout_reused_across_the_checkpoint(
-    tmp_path, tiny_dir, prompts_file
+    tmp_path, tiny_dir, prompts_file, loss
 ):
-    extra = {"train.max_steps": 5, "grpo.num_iterations": 2, "grpo.beta": 0.04}
+    extra = {"train.max_steps": 5, "grpo.num_iterations": 2, "grpo.beta": 0.04, **loss}
     full = str(tmp_path / "full")
     run(load_config(GRPO_ARITH, overrides(full, tiny_dir, prompts_file, **extra)))
     resumed = str(tmp_path / "resumed")
@@ -201,10 +205,19 @@ def test_resume_is_exact_with_a_rollout_reused_across_the_checkpoint(
     run(config)
     a, b = train_rows(full), train_rows(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
-    for key in ("loss", "grad_norm", "kl", "denominator"):
+    keys = ["loss", "grad_norm", "kl", "denominator"]
+    if loss:
+        keys += ["mismatch_kl", "is_weight", "is_capped"]
+        # The first update on a rollout: the trainer's log-probs are the loss's own, so the
+        # ratio is 1 and nothing is clipped; the sampler's differ only by float rounding.
+        assert a[0]["clip_high"] == a[0]["clip_low"] == 0.0
+        assert abs(a[0]["is_weight"] - 1) < 1e-4 and a[0]["mismatch_kl"] < 1e-6
+    for key in keys:
         assert [r[key] for r in a] == [r[key] for r in b], key
     # Each rollout's reference log-probs were computed once, beside the rollout.
     assert [("time/finish_s" in r) for r in a] == [True, False, True, False, True]
+    if loss:
+        return
     # The reference is the initial policy of model.path: other weights there are an error.
     other = make_tiny_dir(str(tmp_path / "other"), seed=1)
     changed = load_config(GRPO_ARITH, overrides(resumed, other, prompts_file, **extra))
@@ -271,7 +284,7 @@ def test_shared_prompt_forward_equals_the_full_forward():
 
 
 def test_reference_logprobs_carried_by_the_batch_equal_the_in_step_forward():
-    """A reused rollout carries its reference log-probs (computed once, ReferenceFinisher):
+    """A reused rollout carries its reference log-probs (computed once, LogprobFinisher):
     the loss, its KL and its gradients are those of the reference forward inside the step."""
     from flax import nnx
 

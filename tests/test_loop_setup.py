@@ -57,6 +57,7 @@ RUN_SHAPES = {
     "grpo": {"task": "grpo", "grpo.beta": 0.1},
     "grpo_lora": {"task": "grpo", "grpo.beta": 0.1, "lora.rank": 4},
     "dpo": {"task": "dpo", "dpo.precompute_ref": "false"},
+    "kto": {"task": "kto"},
     "rm": {"task": "rm"},
     "ppo": {"task": "ppo", "ppo.rewards": "[{name: math}]", "ppo.critic_lr_scale": 2.0},
 }
@@ -97,12 +98,12 @@ def test_the_described_run_is_the_one_setup_creates(tmp_path, tiny_dir, mesh1, n
         state = run.state
         assert isinstance(state.opt_state, NonFiniteCounts)
         assert (state.ref_params is not None) == keeps_reference(config)
-        assert keeps_reference(config) == (name in ("grpo", "dpo", "ppo"))
+        assert keeps_reference(config) == (name in ("grpo", "dpo", "kto", "ppo"))
         for field in ("params", "rest", "opt_state", "step", "rng", "ref_params"):
             concrete, abstract = getattr(state, field), getattr(described.state, field)
             assert jax.tree.structure(concrete) == jax.tree.structure(abstract), field
             assert layout(concrete) == layout(abstract), field
-        if config.task in ("sft", "dpo", "rm"):
+        if config.task in ("sft", "dpo", "kto", "rm"):
             batch, _ = run.source.next(state)
             assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
                 k: (v.shape, v.dtype) for k, v in described.batch.items()}

@@ -13,6 +13,7 @@ from jaxpt.losses import (
     dpo_loss,
     estimate_advantages,
     group_advantages,
+    importance_weights,
     k3_kl,
     policy_gradient_loss,
     reinforce_pp_advantages,
@@ -223,3 +224,54 @@ def test_aggregation_by_hand_for_each_loss_type():
         np.testing.assert_allclose(float(sum(p[1] for p in parts)), float(full[1]), rtol=1e-6)
     with pytest.raises(ValueError, match="bnpo2"):
         aggregate_token_loss(jnp.asarray(loss), jnp.asarray(mask), "bnpo2", 4)
+
+
+def test_cispo_weighs_every_tokens_gradient_by_its_clipped_ratio():
+    # ratios e^0.5 (above 1 + 0.28), e^-0.5 (below 1 - 0.2), 1: clipped weights 1.28, 0.8, 1.
+    logp = jnp.array([[0.5, -0.5, 0.0]])
+    old, mask = jnp.zeros((1, 3)), jnp.ones((1, 3))
+
+    def loss(lp, adv):
+        return policy_gradient_loss(lp, old, jnp.array([adv]), mask, epsilon_low=0.2,
+                                    epsilon_high=0.28, objective="cispo")
+
+    values, m = loss(logp, 1.0)
+    np.testing.assert_allclose(np.asarray(values), [[-0.64, 0.4, 0.0]], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(m["clip_high"]), [[1.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(np.asarray(m["clip_low"]), [[0.0, 1.0, 0.0]])
+    # Unlike the clipped surrogate, a clipped token still passes a gradient: -w A.
+    for adv in (1.0, -2.0):
+        grad = jax.grad(lambda lp, a=adv: loss(lp, a)[0].sum())(logp)
+        np.testing.assert_allclose(np.asarray(grad), [[-1.28 * adv, -0.8 * adv, -adv]],
+                                   rtol=1e-6)
+    with pytest.raises(ValueError, match="objective"):
+        policy_gradient_loss(logp, old, jnp.array([1.0]), mask, objective="reinforce")
+    # CISPO's token losses reduce as DAPO's: a mean over all the batch's tokens.
+    per_token = jnp.array([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    token_mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert aggregate_token_loss(per_token, token_mask, "cispo", 4) == aggregate_token_loss(
+        per_token, token_mask, "dapo", 4)
+
+
+@pytest.mark.parametrize("correction", ["tis", "mis"])
+def test_importance_weights_truncate_or_mask_at_the_cap(correction):
+    trainer = jnp.zeros((1, 4))
+    sampler = jnp.array([[0.0, -1.0, 1.0, 5.0]])  # w = exp(trainer - sampler): 1, e, 1/e
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])  # the last position is no generated token
+    weights, m = importance_weights(trainer, sampler, mask, correction, cap=2.0)
+    e = math.e
+    expected = [1.0, 2.0, 1 / e, 1.0] if correction == "tis" else [1.0, 0.0, 1 / e, 1.0]
+    np.testing.assert_allclose(np.asarray(weights)[0], expected, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(m["is_capped"])[0], [0.0, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(np.asarray(m["is_weight"])[0], [1.0, e, 1 / e, 1.0], rtol=1e-6)
+    # k3 of KL(sampler || trainer) on the sampler's tokens: r = trainer - sampler.
+    np.testing.assert_allclose(np.asarray(m["mismatch_kl"])[0],
+                               [0.0, e - 1 - 1, 1 / e + 1 - 1, 0.0], rtol=1e-6)
+    # The weights scale each token's loss and pass no gradient themselves.
+    logp = jnp.array([[0.1, -0.1, 0.0, 0.0]])
+    plain, _ = policy_gradient_loss(logp, trainer, jnp.array([1.0]), mask)
+    weighted, _ = policy_gradient_loss(logp, trainer, jnp.array([1.0]), mask, weights_bt=weights)
+    np.testing.assert_allclose(np.asarray(weighted), np.asarray(plain) * np.asarray(weights),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="importance correction"):
+        importance_weights(trainer, sampler, mask, "none", cap=2.0)

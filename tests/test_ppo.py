@@ -212,7 +212,9 @@ def test_resume_is_exact_mid_rollout_with_a_reward_model_and_the_adaptive_contro
     extra = {"train.max_steps": 6, "ppo.num_mini_batches": 2, "ppo.num_ppo_epochs": 2,
              "ppo.reward_model": rm_dir, "ppo.reward_model_weight": 0.5,
              "ppo.kl_controller": "adaptive", "ppo.kl_target": 0.01, "ppo.kl_horizon": 100,
-             "ppo.samples_per_prompt": 2, "optim.lr": 1e-2, "ppo.critic_lr_scale": 3.0}
+             "ppo.samples_per_prompt": 2, "optim.lr": 1e-2, "ppo.critic_lr_scale": 3.0,
+             # the trainer's own log-probs as the old policy, masked importance weights
+             "rl.importance_correction": "mis"}
     full = str(tmp_path / "full")
     run(load_config(PPO_ARITH, overrides(full, tiny_dir, prompts_file, **extra,
                                          **{"export.hf": "true"})))
@@ -223,8 +225,10 @@ def test_resume_is_exact_mid_rollout_with_a_reward_model_and_the_adaptive_contro
     run(config)
     a, b = train_rows(full), train_rows(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "value_loss", "policy_loss", "grad_norm", "clipfrac"):
+    for key in ("loss", "value_loss", "policy_loss", "grad_norm", "clipfrac", "mismatch_kl",
+                "is_weight"):
         assert [r[key] for r in a] == [r[key] for r in b], key
+    assert abs(a[0]["is_weight"] - 1) < 1e-4  # sampler and trainer: the same policy
     rollouts = [r for r in a if "kl_coef" in r]
     assert [r["step"] for r in rollouts] == [1, 5]
     for key in ("kl", "kl_coef", "reward", "explained_variance"):

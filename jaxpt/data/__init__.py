@@ -14,6 +14,7 @@ from jaxpt.data.pipeline import (
     Pipeline,
     build_preference_pipeline,
     build_sft_pipeline,
+    build_unpaired_pipeline,
     eval_batches,
 )
 from jaxpt.data.sources import DataError, LoadedExamples, load_examples
@@ -27,6 +28,7 @@ __all__ = [
     "arithmetic_eval_rows",
     "build_preference_pipeline",
     "build_sft_pipeline",
+    "build_unpaired_pipeline",
     "encode_prompt",
     "eos_token_ids",
     "eval_batches",

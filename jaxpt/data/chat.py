@@ -189,16 +189,25 @@ def tokenize_preference(row: dict, tokenizer) -> dict:
     Returns prompt_ids, {chosen,rejected}_ids, {chosen,rejected}_mask (int lists; the mask marks
     response tokens that are trained) and margin.
     """
-    out = {"margin": row["margin"]}
+    return _tokenize_responses(row, tokenizer, ("chosen", "rejected"),
+                               {"margin": row["margin"]})
+
+
+def tokenize_unpaired(row: dict, tokenizer) -> dict:
+    """prompt_ids, completion_ids, completion_mask and label of one unpaired row."""
+    return _tokenize_responses(row, tokenizer, ("completion",), {"label": row["label"]})
+
+
+def _tokenize_responses(row: dict, tokenizer, sides, out: dict) -> dict:
     if isinstance(row["prompt"], str):
         out["prompt_ids"] = encode_text(tokenizer, row["prompt"])
-        for side in ("chosen", "rejected"):
+        for side in sides:
             out[f"{side}_ids"] = encode_text(tokenizer, row[side]) + [eos_id(tokenizer)]
             out[f"{side}_mask"] = [1] * len(out[f"{side}_ids"])
         return out
     prompt_ids = render_prompt(tokenizer, row["prompt"])
     out["prompt_ids"] = prompt_ids
-    for side in ("chosen", "rejected"):
+    for side in sides:
         ids, mask = render_with_assistant_mask(tokenizer, row["prompt"] + row[side])
         if ids[: len(prompt_ids)] != prompt_ids:
             raise DataError("chat template does not render the prompt as a prefix")
@@ -213,9 +222,11 @@ def tokenize_preference(row: dict, tokenizer) -> dict:
 
 
 def fit_preference(
-    pair: dict, max_length: int, max_prompt_length: int, overflow: Overflow
+    pair: dict, max_length: int, max_prompt_length: int, overflow: Overflow,
+    sides: tuple[str, ...] = ("chosen", "rejected"),
 ) -> tuple[dict, Status]:
-    """Fit prompt + each response into `max_length`.
+    """Fit prompt + each response (``sides``; an unpaired row's is ``completion``) into
+    `max_length`.
 
     When too long: the prompt keeps its end (left-truncated) down to
     max(max_length - longest response, max_prompt_length) tokens, then responses are cut on the
@@ -224,7 +235,7 @@ def fit_preference(
     if not 1 <= max_prompt_length < max_length:
         raise ValueError(f"need 1 <= max_prompt_length < max_length, got {max_prompt_length}")
     prompt = pair["prompt_ids"]
-    longest = max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+    longest = max(len(pair[f"{side}_ids"]) for side in sides)
     status: Status = "ok"
     if len(prompt) + longest > max_length:
         if overflow == "drop":
@@ -232,10 +243,10 @@ def fit_preference(
         keep = min(len(prompt), max(max_length - longest, max_prompt_length))
         budget = max_length - keep
         pair = dict(pair, prompt_ids=prompt[len(prompt) - keep :])
-        for side in ("chosen", "rejected"):
+        for side in sides:
             pair[f"{side}_ids"] = pair[f"{side}_ids"][:budget]
             pair[f"{side}_mask"] = pair[f"{side}_mask"][:budget]
         status = "truncated"
-    if not (any(pair["chosen_mask"]) and any(pair["rejected_mask"]) and pair["prompt_ids"]):
+    if not (all(any(pair[f"{side}_mask"]) for side in sides) and pair["prompt_ids"]):
         return pair, "dropped_no_target"
     return pair, status

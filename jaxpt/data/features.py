@@ -98,3 +98,46 @@ def preference_row(pair: dict, seq_len: int) -> dict:
         fields = pad_row(next_token_fields(ids_l, mask_l), seq_len)
         row.update({f"{side}_{key}": value for key, value in fields.items()})
     return row
+
+
+def unpaired_row(example: dict, seq_len: int) -> dict:
+    """Grain map: a stored unpaired example to its row (prompt + completion) with ``label``
+    (1.0 desirable, 0.0 undesirable), ``example_mask`` (1.0; 0 on padded rows) and
+    ``prompt_length`` (its prompt tokens: where the completion starts)."""
+    prompt_ids = example["prompt_ids"]
+    ids_l = np.concatenate([prompt_ids, example["completion_ids"]])
+    mask_l = np.concatenate([np.zeros(len(prompt_ids), bool), example["completion_mask"]])
+    row = pad_row(next_token_fields(ids_l, mask_l), seq_len)
+    row.update(label=np.float32(example["label"]), example_mask=np.float32(1.0),
+               prompt_length=np.int32(len(prompt_ids)))
+    return row
+
+
+def mismatched_rows(batch: dict) -> dict:
+    """KTO's reference point rows: row i's prompt followed by row (i + 1)'s completion, as
+    ``kl_{input_ids,target_ids,loss_mask,positions,segment_ids}`` [B, S] (cut at S; a row
+    whose neighbour has no completion, such as padding, trains nothing)."""
+    b, s = batch["input_ids"].shape
+    lengths = batch["segment_ids"].astype(bool).sum(1)  # one document per row
+    out = {f"kl_{k}": np.zeros((b, s), np.float32 if k == "loss_mask" else np.int32)
+           for k in ("input_ids", "target_ids", "loss_mask", "positions", "segment_ids")}
+    for i in range(b):
+        j = (i + 1) % b
+        p = int(batch["prompt_length"][i])
+        if not batch["example_mask"][i] or p == 0:
+            continue
+        tokens_i = _tokens(batch, i, lengths[i])
+        tokens_j = _tokens(batch, j, lengths[j])
+        completion = tokens_j[int(batch["prompt_length"][j]):] if batch["example_mask"][j] else []
+        ids_l = np.concatenate([tokens_i[:p], completion]).astype(np.int32)[:s]
+        mask_l = np.zeros(len(ids_l), bool)
+        mask_l[p:] = True
+        row = pad_row(next_token_fields(ids_l, mask_l), s)
+        for key, value in row.items():
+            out[f"kl_{key}"][i] = value
+    return out
+
+
+def _tokens(batch: dict, i: int, length: int) -> np.ndarray:
+    """Row ``i``'s token sequence (a row's inputs are all its tokens; see pad_row)."""
+    return batch["input_ids"][i, :length]

@@ -5,6 +5,9 @@ SFT batch (all [batch, seq_len]; row fields are described in `jaxpt.data.feature
 Preference batch (one pair per row, never packed):
     {chosen,rejected}_{input_ids,target_ids,loss_mask,positions,segment_ids}: [batch, seq_len]
     margin, pair_mask: float32 [batch]   (pair_mask is 0 on padding rows of a short last batch)
+Unpaired batch (KTO; one example per row, never packed):
+    the SFT fields, and kl_<field> (row i's prompt with row i+1's completion): [batch, seq_len]
+    label, example_mask: float32 [batch];  prompt_length: int32 [batch]
 
 Steps: load + validate -> this process's shard -> tokenize and fit to max_length (once, up
 front, so the skip/truncate/drop counts are exact) -> Grain: shuffle by seed (reshuffled each
@@ -151,24 +154,53 @@ def build_preference_pipeline(
     Too-long pairs keep the end of the prompt (at least `max_prompt_length`, default
     seq_len // 2, tokens of it) and cut responses on the right, or are dropped.
     """
+    options = dict(locals())
+    return _prompt_response_pipeline("preference", **options)
+
+
+def build_unpaired_pipeline(
+    source: str | Path | list[dict] | LoadedExamples,
+    tokenizer: Any = None,
+    **options,
+) -> Pipeline:
+    """Unpaired examples (KTO), one per row padded to seq_len, fitted as preference pairs
+    are (the same keyword options as ``build_preference_pipeline``); each batch also
+    carries its mismatched rows (``features.mismatched_rows``)."""
+    return _prompt_response_pipeline("unpaired", source, tokenizer, **options)
+
+
+# What each prompt + response(s) kind tokenizes, which responses it fits, its row and batch maps.
+_RESPONSE_KINDS = {
+    "preference": (chat.tokenize_preference, ("chosen", "rejected"), features.preference_row,
+                   None),
+    "unpaired": (chat.tokenize_unpaired, ("completion",), features.unpaired_row,
+                 lambda batch: {**batch, **features.mismatched_rows(batch)}),
+}
+
+
+def _prompt_response_pipeline(
+    kind, source, tokenizer=None, *, seq_len, batch_size, seed=0, split="train",
+    max_prompt_length=None, overflow="truncate", skip_invalid=False, num_epochs=None,
+    shuffle=True, num_workers=0, shard_index=None, shard_count=None,
+) -> Pipeline:
+    tokenize, sides, row_map, batch_map = _RESPONSE_KINDS[kind]
     _check_overflow(overflow)
     max_prompt_length = seq_len // 2 if max_prompt_length is None else max_prompt_length
     tokenizer = _tokenizer(tokenizer)
-    loaded, rows, stats = _load_shard(
-        source, "preference", split, skip_invalid, shard_index, shard_count
-    )
-    pairs = []
+    loaded, rows, stats = _load_shard(source, kind, split, skip_invalid, shard_index, shard_count)
+    items = []
     for row in rows:
-        pair = chat.tokenize_preference(row, tokenizer)
-        pair, status = chat.fit_preference(pair, seq_len, max_prompt_length, overflow)
+        item, status = chat.fit_preference(tokenize(row, tokenizer), seq_len, max_prompt_length,
+                                           overflow, sides=sides)
         if _count(stats, status):
-            pairs.append({key: np.asarray(value) for key, value in pair.items()})
-            for side in ("chosen", "rejected"):
-                stats.tokens += len(pair["prompt_ids"]) + len(pair[f"{side}_ids"])
-                stats.target_tokens += int(np.sum(pair[f"{side}_mask"]))
-    dataset = _epochs(pairs, loaded.source, seed, shuffle, num_epochs)
-    row_fn = functools.partial(features.preference_row, seq_len=seq_len)
-    return _finish(dataset.map(row_fn).to_iter_dataset(), batch_size, num_workers, stats, loaded)
+            items.append({key: np.asarray(value) for key, value in item.items()})
+            for side in sides:
+                stats.tokens += len(item["prompt_ids"]) + len(item[f"{side}_ids"])
+                stats.target_tokens += int(np.sum(item[f"{side}_mask"]))
+    dataset = _epochs(items, loaded.source, seed, shuffle, num_epochs)
+    row_fn = functools.partial(row_map, seq_len=seq_len)
+    return _finish(dataset.map(row_fn).to_iter_dataset(), batch_size, num_workers, stats, loaded,
+                   batch_map=batch_map)
 
 
 def eval_batches(pipeline: Pipeline, num_batches: int | None = None) -> list[dict]:
@@ -254,10 +286,13 @@ def _finish(
     num_workers: int,
     stats: DataStats,
     loaded: LoadedExamples,
+    batch_map: Callable[[dict], dict] | None = None,
 ) -> Pipeline:
     # A short last batch (finite epochs only) is padded with zero rows to keep shapes fixed.
     batch_fn: Callable = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
     iter_dataset = iter_dataset.batch(batch_size, batch_fn=batch_fn)
+    if batch_map is not None:
+        iter_dataset = iter_dataset.map(batch_map)
     if num_workers > 0:
         _use_default_absl_flags()
         iter_dataset = iter_dataset.mp_prefetch(

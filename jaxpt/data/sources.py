@@ -10,12 +10,17 @@ Preference               {"prompt", "chosen", "rejected"}: all plain strings, or
                          responses; optional "margin" number (absent -> 0.0).
 Prompt (RL)              {"prompt": str | [messages]} plus any other columns (e.g. "answer"),
                          which are kept and passed to reward functions.
+Unpaired (KTO)           {"prompt", "completion", "label"}: prompt and completion as for
+                         preference responses, label true (desirable) or false (undesirable);
+                         a preference row is read as two unpaired rows (chosen: true,
+                         rejected: false).
 
 Validated rows are normalised to one of:
     {"messages": [{"role", "content"}], "train_from": int}   # loss only on messages[train_from:]
     {"prompt": str, "completion": str}
     {"prompt": str | messages, "chosen": str | messages, "rejected": ..., "margin": float}
     {"prompt": str | messages, **other columns}
+    {"prompt": str | messages, "completion": str | messages, "label": bool}
 
 Every string in the fields a row kind reads (every column of a prompt row) must be clean
 text: a lone surrogate or a NUL character rejects the row, as does a preference pair whose
@@ -32,7 +37,7 @@ from typing import Any, Literal
 
 ROLES = ("system", "user", "assistant", "tool")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-RowKind = Literal["sft", "preference", "prompt"]
+RowKind = Literal["sft", "preference", "prompt", "unpaired"]
 
 
 class DataError(ValueError):
@@ -69,6 +74,7 @@ def load_examples(
         "sft": normalize_sft_row,
         "preference": normalize_preference_row,
         "prompt": normalize_prompt_row,
+        "unpaired": normalize_unpaired_row,
     }[kind]
     name = "<memory>" if isinstance(source, list) else str(source)
     rows, reasons, num_read = [], [], 0
@@ -79,9 +85,14 @@ def load_examples(
                 raise row
             normalized = normalize(row)
             check_text(_fields_read(kind, row))
-            if kind == "preference" and normalized["chosen"] == normalized["rejected"]:
+            if kind in ("preference", "unpaired") and "chosen" in row and (
+                row["chosen"] == row["rejected"]
+            ):
                 raise RowProblem("'chosen' and 'rejected' are identical: nothing to prefer")
-            rows.append(normalized)
+            if kind == "unpaired":  # a preference row gives two
+                rows.extend(normalized)
+            else:
+                rows.append(normalized)
         except RowProblem as problem:
             message = f"{name}: row {index}{where}: {problem}"
             if not skip_invalid:
@@ -202,6 +213,35 @@ def normalize_preference_row(row: Any) -> dict:
     return out
 
 
+def normalize_unpaired_row(row: Any) -> list[dict]:
+    """Validate one unpaired row (or a preference row, split in two) and return the
+    normalised rows; raise RowProblem if it is bad."""
+    _require_dict(row)
+    if "chosen" in row or "rejected" in row:
+        pair = normalize_preference_row(row)
+        return [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+                for side in ("chosen", "rejected")]
+    missing = [k for k in ("prompt", "completion", "label") if k not in row]
+    if missing:
+        raise RowProblem(f"missing field(s) {', '.join(map(repr, missing))} (or a "
+                         "preference row's 'chosen' and 'rejected')")
+    prompt, completion, label = row["prompt"], row["completion"], row["label"]
+    if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
+        label = bool(label)
+    else:
+        raise RowProblem(f"'label' must be true (desirable) or false (undesirable), got {label!r}")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"prompt": prompt, "completion": completion, "label": label}]
+    if isinstance(prompt, list) and isinstance(completion, list):
+        completion = _messages(completion, "completion")
+        _require_assistant(completion, "completion")
+        return [{"prompt": _messages(prompt, "prompt"), "completion": completion, "label": label}]
+    raise RowProblem(
+        "'prompt' and 'completion' must both be strings or both be message lists, got "
+        f"{type(prompt).__name__} and {type(completion).__name__}"
+    )
+
+
 def normalize_prompt_row(row: Any) -> dict:
     """Validate one RL prompt row (other columns kept for reward functions)."""
     _require_dict(row)
@@ -222,7 +262,7 @@ def _fields_read(kind: RowKind, row: dict) -> dict:
     columns go to reward functions."""
     if kind == "prompt":
         return row
-    if kind == "sft":
+    if kind == "sft" or (kind == "unpaired" and "chosen" not in row):
         keys = ("messages",) if "messages" in row else ("prompt", "completion")
     else:
         keys = ("prompt", "chosen", "rejected")

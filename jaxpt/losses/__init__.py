@@ -12,6 +12,7 @@ from jaxpt.losses.policy import (
     estimate_advantages,
     group_advantages,
     has_reward_spread,
+    importance_weights,
     k3_kl,
     policy_gradient_loss,
     reinforce_pp_advantages,
@@ -28,7 +29,15 @@ from jaxpt.losses.ppo import (
     token_rewards,
     whiten,
 )
-from jaxpt.losses.preference import DPO_LOSS_TYPES, bradley_terry_loss, dpo_loss
+from jaxpt.losses.preference import (
+    DPO_LOSS_TYPES,
+    REFERENCE_FREE_LOSS_TYPES,
+    bradley_terry_loss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -36,6 +45,7 @@ __all__ = [
     "KL_CONTROLLERS",
     "KL_ESTIMATORS",
     "LOSS_TYPES",
+    "REFERENCE_FREE_LOSS_TYPES",
     "adaptive_kl_update",
     "aggregate_token_loss",
     "bradley_terry_loss",
@@ -48,11 +58,15 @@ __all__ = [
     "gae_advantages",
     "group_advantages",
     "has_reward_spread",
+    "importance_weights",
     "k3_kl",
+    "kto_loss",
+    "orpo_loss",
     "policy_gradient_loss",
     "reinforce_pp_advantages",
     "rloo_advantages",
     "sequence_logprob",
+    "simpo_loss",
     "token_logprobs",
     "token_rewards",
     "whiten",

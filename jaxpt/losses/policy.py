@@ -9,8 +9,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+# How token losses reduce (see aggregate_token_loss); cispo also changes the objective.
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_LEVELS = ("token", "sequence")
+IMPORTANCE_CORRECTIONS = ("none", "tis", "mis")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
 
@@ -119,7 +121,7 @@ def aggregate_token_loss(loss_bt, mask_bt, loss_type: str, max_completion_length
 
     grpo: mean over each sequence's tokens, then mean over sequences;
     dr_grpo: sum over tokens / max_completion_length, mean over sequences;
-    dapo: mean over all tokens of the batch.
+    dapo, cispo: mean over all tokens of the batch.
     The pair form keeps gradient accumulation exact: micro-batch numerators and
     denominators add up to the full batch's.
     """
@@ -131,7 +133,7 @@ def aggregate_token_loss(loss_bt, mask_bt, loss_type: str, max_completion_length
         return jnp.sum(token_sum_b / jnp.maximum(tokens_b, 1.0)), jnp.sum(has_tokens_b)
     if loss_type == "dr_grpo":
         return jnp.sum(token_sum_b) / max_completion_length, jnp.float32(loss_bt.shape[0])
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return jnp.sum(token_sum_b), jnp.sum(tokens_b)
     raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
 
@@ -147,6 +149,8 @@ def policy_gradient_loss(
     importance_level: str = "token",
     ref_logp_bt=None,
     beta: float = 0.0,
+    objective: str = "clip",
+    weights_bt=None,
 ):
     """Clipped-ratio surrogate per token [B, T] (to minimise) and per-token metrics.
 
@@ -155,6 +159,11 @@ def policy_gradient_loss(
     ``ratio = exp(logp - old_logp)`` per token, or GSPO's sequence-level
     ``exp(mean_t(logp - old_logp))`` broadcast over the sequence's tokens;
     ``loss = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta k3``.
+    ``objective="cispo"`` (MiniMax-M1): the clipped ratio weighs the log-prob's gradient
+    and is not differentiated, so no token's gradient is dropped by the clip:
+    ``loss = -sg(clip(ratio, 1 - eps_low, 1 + eps_high)) A logp + beta k3``.
+    ``weights_bt`` (not differentiated) multiply each token's policy term: the importance
+    weights of a sampler/trainer mismatch (``importance_weights``).
     """
     if importance_level not in IMPORTANCE_LEVELS:
         raise ValueError(
@@ -173,13 +182,54 @@ def policy_gradient_loss(
     advantages = advantages_b.astype(jnp.float32)
     adv_b1 = advantages[:, None] if advantages.ndim == 1 else advantages
     clipped_bt = jnp.clip(ratio_bt, 1 - epsilon_low, 1 + epsilon_high)
-    loss_bt = -jnp.minimum(ratio_bt * adv_b1, clipped_bt * adv_b1)
-    metrics = {
-        "clip_low": ((ratio_bt < 1 - epsilon_low) & (adv_b1 < 0)).astype(jnp.float32),
-        "clip_high": ((ratio_bt > 1 + epsilon_high) & (adv_b1 > 0)).astype(jnp.float32),
-    }
+    if objective == "cispo":
+        loss_bt = -jax.lax.stop_gradient(clipped_bt) * adv_b1 * logp_bt
+        metrics = {
+            "clip_low": (ratio_bt < 1 - epsilon_low).astype(jnp.float32),
+            "clip_high": (ratio_bt > 1 + epsilon_high).astype(jnp.float32),
+        }
+    elif objective == "clip":
+        loss_bt = -jnp.minimum(ratio_bt * adv_b1, clipped_bt * adv_b1)
+        metrics = {
+            "clip_low": ((ratio_bt < 1 - epsilon_low) & (adv_b1 < 0)).astype(jnp.float32),
+            "clip_high": ((ratio_bt > 1 + epsilon_high) & (adv_b1 > 0)).astype(jnp.float32),
+        }
+    else:
+        raise ValueError(f"unknown policy objective {objective!r}; choose clip or cispo")
+    if weights_bt is not None:
+        loss_bt = loss_bt * jax.lax.stop_gradient(weights_bt)
     if ref_logp_bt is not None and beta:
         kl_bt = k3_kl(logp_bt, ref_logp_bt)
         loss_bt = loss_bt + beta * kl_bt
         metrics["kl"] = jax.lax.stop_gradient(kl_bt)
     return loss_bt, metrics
+
+
+def importance_weights(trainer_logp_bt, sampler_logp_bt, mask_bt, correction: str,
+                       cap: float):
+    """Per-token weights [B, T] correcting the gap between the sampler's log-probs and the
+    trainer's recomputed ones for the same policy, ``w = exp(trainer - sampler)``:
+    ``tis`` truncates them at ``cap`` (``min(w, cap)``), ``mis`` masks tokens whose weight
+    exceeds ``cap`` (``w``, or 0 above the cap). Metrics per token: ``mismatch_kl`` (the k3
+    estimate of KL(sampler || trainer) on the sampled tokens), ``is_weight`` (the raw w),
+    ``is_capped`` (tokens over the cap). Masked positions weigh 1 and count nothing."""
+    if correction not in IMPORTANCE_CORRECTIONS[1:]:
+        raise ValueError(
+            f"unknown importance correction {correction!r}; choose from "
+            f"{IMPORTANCE_CORRECTIONS}"
+        )
+    mask_bt = mask_bt.astype(bool)
+    log_w_bt = jnp.where(mask_bt, trainer_logp_bt - sampler_logp_bt, 0.0)
+    w_bt = jnp.exp(log_w_bt)
+    capped_bt = w_bt > cap
+    if correction == "tis":
+        weights_bt = jnp.minimum(w_bt, cap)
+    else:
+        weights_bt = jnp.where(capped_bt, 0.0, w_bt)
+    metrics = {
+        # k3 of KL(pi || ref) with pi = the sampler (its tokens) and ref = the trainer.
+        "mismatch_kl": jnp.where(mask_bt, k3_kl(sampler_logp_bt, trainer_logp_bt), 0.0),
+        "is_weight": w_bt,
+        "is_capped": capped_bt.astype(jnp.float32),
+    }
+    return weights_bt, metrics

@@ -278,7 +278,7 @@ def suggestions(config) -> list[tuple[str, list[str]]]:
         out.append(("recompute activations in the backward pass (remat)",
                     ["model.remat=full"]))
     train = config.train
-    if train.logits_chunk_size == 0 and config.task in ("sft", "dpo", "grpo"):
+    if train.logits_chunk_size == 0 and config.task in ("sft", "dpo", "kto", "grpo"):
         # The float32 logits and their gradient are [rows, seq, vocab]: with a 150k
         # vocabulary they outweigh a layer's activations many times over.
         out.append(("run the LM head 512 positions at a time (chunked logits)",

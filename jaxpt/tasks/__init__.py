@@ -26,6 +26,7 @@ TASKS: dict[str, str | Task] = {
     "sft": "jaxpt.tasks.sft",
     "rm": "jaxpt.tasks.rm",
     "dpo": "jaxpt.tasks.dpo",
+    "kto": "jaxpt.tasks.kto",
     "grpo": "jaxpt.tasks.grpo",
     "ppo": "jaxpt.tasks.ppo",
 }

@@ -1,5 +1,6 @@
-"""What reward modeling and DPO share: preference pipelines, the
-chosen+rejected batch in one forward pass, and per-pair sums under the loss contract."""
+"""What reward modeling, DPO and KTO share: preference pipelines, the
+chosen+rejected batch in one forward pass, sequence log-probs of rows, and per-pair sums
+under the loss contract."""
 
 from __future__ import annotations
 
@@ -42,6 +43,29 @@ def stack_pairs(batch: dict) -> dict:
         key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
         for key in ROW_FIELDS
     }
+
+
+def row_logps(model, rows: dict, logits_chunk_size: int = 0):
+    """Sequence log-probs [B] (summed over the trained tokens, ``loss_mask``) of ``rows``
+    (``ROW_FIELDS`` [B, S]); the LM head runs ``logits_chunk_size`` positions at a time
+    (0: all at once)."""
+    from jaxpt.losses import sequence_logprob, token_logprobs
+    from jaxpt.losses.chunked import token_stats
+
+    if logits_chunk_size:
+        hidden_btd = model(
+            rows["input_ids"], positions=rows["positions"], segment_ids=rows["segment_ids"],
+            return_hidden=True,
+        )
+        logp_bt = token_stats(
+            model.logits, hidden_btd, rows["target_ids"], logits_chunk_size
+        ).logprobs
+    else:
+        logits_btv = model(
+            rows["input_ids"], positions=rows["positions"], segment_ids=rows["segment_ids"]
+        )
+        logp_bt = token_logprobs(logits_btv, rows["target_ids"])
+    return sequence_logprob(logp_bt, rows["loss_mask"])
 
 
 def split_pairs(values_2b):

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 ARITHMETIC = "arithmetic"  # data.train / data.eval: the shipped, generated arithmetic task
 
 # Row kinds as `jaxpt.data.load_examples` names them, and the arithmetic generator of each.
-_ARITHMETIC_FILES = {"sft": "arithmetic", "prompt": "arithmetic", "preference": "arithmetic_pref"}
+_ARITHMETIC_FILES = {"sft": "arithmetic", "prompt": "arithmetic", "preference": "arithmetic_pref",
+                     "unpaired": "arithmetic_pref"}
 
 
 # ------------------------------------------------------------------------ model, tokenizer
@@ -248,7 +249,9 @@ def arithmetic_rows(ctx: RunContext, split: str, kind: str) -> list[dict]:
     from jaxpt.data import generate_examples, generate_preference_pairs, write_jsonl
 
     a = ctx.config.data.arithmetic
-    generator = generate_preference_pairs if kind == "preference" else generate_examples
+    # KTO's unpaired rows: the pairs, each read as a desirable and an undesirable example.
+    pairs = kind in ("preference", "unpaired")
+    generator = generate_preference_pairs if pairs else generate_examples
     n = a.num_train if split == "train" else a.num_test
     try:
         task = a.task()

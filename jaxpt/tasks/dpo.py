@@ -1,4 +1,6 @@
-"""Direct preference optimization (sigmoid / cDPO, IPO, hinge) against a frozen reference.
+"""Direct preference optimization (sigmoid / cDPO, IPO, hinge) against a frozen reference,
+and the reference-free SimPO and ORPO (``dpo.loss_type: simpo | orpo``: no reference is kept
+or computed).
 
 The reference starts as a copy of the policy's initial weights (or ``dpo.ref_model``) and
 lives in ``TrainState.ref_params``: sharded like the policy, never differentiated, without
@@ -17,12 +19,18 @@ import hashlib
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxpt.config import ConfigError
-from jaxpt.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logprob, token_logprobs
-from jaxpt.losses.chunked import token_stats
+from jaxpt.losses import (
+    DPO_LOSS_TYPES,
+    REFERENCE_FREE_LOSS_TYPES,
+    dpo_loss,
+    orpo_loss,
+    simpo_loss,
+)
 from jaxpt.state import reference_model
 from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import _preference as pref
@@ -37,9 +45,12 @@ _TABLE_KEY = "dpo_reference_logps"  # in RunContext.cache: build -> sources/eval
 
 @dataclasses.dataclass(frozen=True)
 class DpoConfig:
-    beta: float = 0.1  # scale of the implicit reward beta * (log pi - log ref)
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
-    label_smoothing: float = 0.0  # sigmoid only: cDPO's assumed label-flip rate, in [0, 0.5)
+    # scale of the implicit reward beta * (log pi - log ref); simpo: of beta * logp / tokens
+    # (the paper uses 2 to 2.5); orpo: the weight of the odds-ratio term (the paper's lambda)
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | simpo | orpo
+    label_smoothing: float = 0.0  # sigmoid, simpo: the assumed label-flip rate, in [0, 0.5)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin
     ref_model: str | None = None  # None: the policy's initial weights
     precompute_ref: bool = False  # reference logprobs once per dataset, no reference model
     max_prompt_length: int | None = None  # prompt tokens kept when cutting; None: seq_len // 2
@@ -55,27 +66,22 @@ class DpoConfig:
             raise ConfigError(
                 f"config key 'dpo.label_smoothing' must be in [0, 0.5), got {self.label_smoothing}"
             )
+        if self.loss_type in REFERENCE_FREE_LOSS_TYPES and self.ref_model is not None:
+            raise ConfigError(
+                f"config key 'dpo.ref_model' is set, but dpo.loss_type {self.loss_type!r} "
+                "uses no reference model"
+            )
+
+
+def reference_free(cfg: DpoConfig) -> bool:
+    return cfg.loss_type in REFERENCE_FREE_LOSS_TYPES
 
 
 def pair_logps(model, batch: dict, logits_chunk_size: int = 0):
     """Sequence log-probs (summed over response tokens, i.e. ``loss_mask``) of the chosen and
     rejected responses [B] each, from one forward pass over the stacked [2B, S] batch; the
     LM head runs ``logits_chunk_size`` positions at a time (0: all at once)."""
-    rows = pref.stack_pairs(batch)
-    if logits_chunk_size:
-        hidden_btd = model(
-            rows["input_ids"], positions=rows["positions"], segment_ids=rows["segment_ids"],
-            return_hidden=True,
-        )
-        logp_bt = token_stats(
-            model.logits, hidden_btd, rows["target_ids"], logits_chunk_size
-        ).logprobs
-    else:
-        logits_btv = model(
-            rows["input_ids"], positions=rows["positions"], segment_ids=rows["segment_ids"]
-        )
-        logp_bt = token_logprobs(logits_btv, rows["target_ids"])
-    return pref.split_pairs(sequence_logprob(logp_bt, rows["loss_mask"]))
+    return pref.split_pairs(pref.row_logps(model, pref.stack_pairs(batch), logits_chunk_size))
 
 
 def dpo_task_loss(
@@ -86,11 +92,23 @@ def dpo_task_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
     logits_chunk_size: int = 0,
 ) -> LossOutput:
     """DPO summed over real pairs / number of real pairs. Reference log-probs come from the
-    batch (precomputed) or from a forward pass with the reference params ``ctx.ref_params``."""
+    batch (precomputed) or from a forward pass with the reference params ``ctx.ref_params``;
+    SimPO and ORPO use none, but each side's response length."""
     policy_chosen_b, policy_rejected_b = pair_logps(model, batch, logits_chunk_size)
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:
+        tokens = (jnp.sum(batch[f"{side}_loss_mask"], axis=-1) for side in pref.SIDES)
+        if loss_type == "simpo":
+            loss_b, metrics_b = simpo_loss(policy_chosen_b, policy_rejected_b, *tokens,
+                                           beta=beta, gamma=simpo_gamma,
+                                           label_smoothing=label_smoothing)
+        else:
+            loss_b, metrics_b = orpo_loss(policy_chosen_b, policy_rejected_b, *tokens,
+                                          beta=beta)
+        return pref.pair_sums(loss_b, metrics_b, batch["pair_mask"])
     if REF_KEYS[0] in batch:
         ref_chosen_b, ref_rejected_b = batch[REF_KEYS[0]], batch[REF_KEYS[1]]
     else:
@@ -185,8 +203,13 @@ class ReferenceSource(common.PipelineSource):
 
 
 def uses_reference(config) -> bool:
-    """Whether the train step runs the reference (else its log-probs are precomputed)."""
-    return not config.dpo.precompute_ref
+    """Whether the train step runs the reference (else its log-probs are precomputed, or
+    the loss is reference-free)."""
+    return not config.dpo.precompute_ref and not reference_free(config.dpo)
+
+
+def precomputes_reference(config) -> bool:
+    return config.dpo.precompute_ref and not reference_free(config.dpo)
 
 
 def build(ctx: RunContext) -> BuiltModel:
@@ -194,6 +217,8 @@ def build(ctx: RunContext) -> BuiltModel:
     the reference log-prob table (in ``ctx.cache``) and no reference params."""
     cfg = ctx.task_config
     model = common.build_causal_lm(ctx)
+    if reference_free(cfg):
+        return BuiltModel(model)
     if uses_reference(ctx.config):
         ref_params = common.reference_params(ctx, model, cfg.ref_model, "dpo.ref_model")
         return BuiltModel(model, ref_params=ref_params)
@@ -215,7 +240,7 @@ def build(ctx: RunContext) -> BuiltModel:
 
 
 def _table(ctx: RunContext):
-    return ctx.cache.get(_TABLE_KEY) if ctx.task_config.precompute_ref else None
+    return ctx.cache.get(_TABLE_KEY) if precomputes_reference(ctx.config) else None
 
 
 def make_train_source(ctx: RunContext):
@@ -242,6 +267,7 @@ def make_loss(ctx: RunContext):
         beta=cfg.beta,
         loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing,
+        simpo_gamma=cfg.simpo_gamma,
         logits_chunk_size=ctx.config.train.logits_chunk_size,
     )
 
@@ -250,14 +276,15 @@ def batch_spec(config) -> dict:
     """A preference batch (``_preference.batch_spec``), with ``precompute_ref`` also the
     pairs' reference log-probs (``REF_KEYS``, [B] each)."""
     spec = pref.batch_spec(config)
-    if config.dpo.precompute_ref:
+    if precomputes_reference(config):
         spec.update({key: ((config.train.batch_size,), np.float32) for key in REF_KEYS})
     return spec
 
 
 TASK = Task(
     name="dpo",
-    description="direct preference optimization (sigmoid/cDPO, ipo, hinge) vs a frozen reference",
+    description="direct preference optimization (sigmoid/cDPO, ipo, hinge) vs a frozen "
+    "reference; reference-free simpo, orpo",
     config_cls=DpoConfig,
     build=build,
     make_loss=make_loss,

@@ -1,4 +1,4 @@
-"""GRPO with verifiable rewards (and its variants: Dr. GRPO, DAPO, GSPO).
+"""GRPO with verifiable rewards (and its variants: Dr. GRPO, DAPO, GSPO, CISPO).
 
 Rollouts come from ``jaxpt.tasks.rl.source.RolloutSource``: ``num_generations`` completions
 per prompt sampled on the training mesh with the current weights and scored by the reward
@@ -29,7 +29,7 @@ from jaxpt.losses import (
     token_logprobs,
 )
 from jaxpt.losses.chunked import token_stats
-from jaxpt.losses.policy import IMPORTANCE_LEVELS
+from jaxpt.losses.policy import IMPORTANCE_LEVELS, importance_weights
 from jaxpt.sampling.api import SAMPLERS
 from jaxpt.state import reference_model
 from jaxpt.step import LossOutput, StepContext
@@ -165,7 +165,8 @@ def reference_logprobs(model, ref_params, batch: dict, cfg: GrpoConfig,
 
 
 def grpo_loss(
-    model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig, logits_chunk_size: int = 0
+    model, batch: dict, ctx: StepContext, *, cfg: GrpoConfig, logits_chunk_size: int = 0,
+    importance_correction: str = "none", importance_cap: float = 2.0,
 ) -> LossOutput:
     """Clipped policy-gradient loss (+ beta * k3 KL) aggregated per ``cfg.loss_type``.
 
@@ -176,15 +177,25 @@ def grpo_loss(
     top-k, top-p, min-p and a repetition penalty only choose which tokens are drawn; they
     are no part of the trained policy (as in TRL and verl) and that gap is not
     importance-corrected.
+    With ``importance_correction`` (``rl.importance_correction``: tis or mis) the batch also
+    carries the trainer's own log-probs of the rollout before any update
+    (``trainer_logprobs``, ``LogprobFinisher``): they are the ratio's old side, and each
+    token's loss is weighed by ``importance_weights`` of the trainer over the sampler.
     ``logits_chunk_size`` > 0 runs the LM head that many positions at a time (same values).
     The reference log-probs come with the batch when a rollout is reused
-    (``ReferenceFinisher``), else the reference forward runs here.
+    (``LogprobFinisher``), else the reference forward runs here.
     """
     window = completion_window(batch["input_ids"].shape[1], cfg.max_completion_length)
     logp_bt, entropy_bt = completion_logprobs(
         model, batch, cfg, logits_chunk_size, with_entropy=True
     )
     mask_bt = batch["completion_mask"][:, window]
+    old_logp_bt, weights_bt, correction_metrics = batch["old_logprobs"][:, window], None, {}
+    if importance_correction != "none":
+        sampler_logp_bt, old_logp_bt = old_logp_bt, batch["trainer_logprobs"]
+        weights_bt, correction_metrics = importance_weights(
+            old_logp_bt, sampler_logp_bt, mask_bt, importance_correction, importance_cap
+        )
     ref_logp_bt = None
     if cfg.beta:
         ref_logp_bt = batch.get("ref_logprobs")
@@ -193,11 +204,13 @@ def grpo_loss(
                 model, ctx.ref_params, batch, cfg, logits_chunk_size
             )
     loss_bt, token_metrics = policy_gradient_loss(
-        logp_bt, batch["old_logprobs"][:, window], batch["advantages"], mask_bt,
+        logp_bt, old_logp_bt, batch["advantages"], mask_bt,
         epsilon_low=cfg.epsilon_low,
         epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon_low,
         importance_level=cfg.importance_level, ref_logp_bt=ref_logp_bt, beta=cfg.beta,
+        objective="cispo" if cfg.loss_type == "cispo" else "clip", weights_bt=weights_bt,
     )
+    token_metrics.update(correction_metrics)
     aggregate = functools.partial(
         aggregate_token_loss, mask_bt=mask_bt, loss_type=cfg.loss_type,
         max_completion_length=cfg.max_completion_length,
@@ -215,8 +228,10 @@ def grpo_loss(
 
 
 def make_loss(ctx: RunContext):
+    rl = ctx.config.rl
     return functools.partial(
-        grpo_loss, cfg=ctx.task_config, logits_chunk_size=ctx.config.train.logits_chunk_size
+        grpo_loss, cfg=ctx.task_config, logits_chunk_size=ctx.config.train.logits_chunk_size,
+        importance_correction=rl.importance_correction, importance_cap=rl.importance_cap,
     )
 
 
@@ -291,25 +306,42 @@ def make_batch(rollout: Rollout, cfg: GrpoConfig):
 
 
 def carries_reference_logprobs(cfg: GrpoConfig) -> bool:
-    """Whether each rollout's batch carries its reference log-probs (``ReferenceFinisher``):
+    """Whether each rollout's batch carries its reference log-probs (``LogprobFinisher``):
     when a KL term meets a rollout reused for several optimizer steps."""
     return cfg.num_iterations > 1 and cfg.beta > 0
 
 
-class ReferenceFinisher:
-    """Adds a rollout's reference log-probs (``ref_logprobs`` [B, Lc]) to its batch, once,
-    on device and without gradients. With ``num_iterations`` > 1 the batch trains that many
-    optimizer steps against the same frozen reference, so computing them inside every
-    update would repeat one forward per reuse."""
+def carries_trainer_logprobs(config) -> bool:
+    """Whether each rollout's batch carries the trainer's log-probs of it
+    (``rl.importance_correction``)."""
+    return config.rl.importance_correction != "none"
+
+
+class LogprobFinisher:
+    """Adds log-probs of a rollout's completions [B, Lc] to its batch, once per rollout, on
+    device, without gradients, with the weights that sampled it: the reference's
+    (``ref_logprobs``: with ``num_iterations`` > 1 the batch trains that many optimizer steps
+    against the same frozen reference, so computing them inside every update would repeat
+    one forward per reuse) and the trainer's own (``trainer_logprobs``: the old policy of an
+    importance-corrected loss, as the trainer computes it)."""
 
     def __init__(self, ctx: RunContext, cfg: GrpoConfig):
         chunk = ctx.config.train.logits_chunk_size
-        self._reference = RolloutProgram(
-            ctx,
-            lambda state, device_batch: reference_logprobs(
-                state.model(), state.ref_params, device_batch, cfg, chunk
-            ),
-        )
+        reference, trainer = carries_reference_logprobs(cfg), carries_trainer_logprobs(ctx.config)
+
+        def logprobs(state, device_batch):
+            out = {}
+            if reference:
+                out["ref_logprobs"] = reference_logprobs(
+                    state.model(), state.ref_params, device_batch, cfg, chunk
+                )
+            if trainer:
+                out["trainer_logprobs"] = completion_logprobs(
+                    state.model(), device_batch, cfg, chunk
+                )[0]
+            return out
+
+        self._logprobs = RolloutProgram(ctx, logprobs)
 
     def get_state(self) -> dict:
         return {}
@@ -318,8 +350,7 @@ class ReferenceFinisher:
         pass
 
     def __call__(self, state, batch: dict):
-        ref_logp_bt = self._reference(state, batch)
-        return {**batch, "ref_logprobs": ref_logp_bt}, {}, batch["advantages"]
+        return {**batch, **self._logprobs(state, batch)}, {}, batch["advantages"]
 
 
 def make_train_source(ctx: RunContext) -> RolloutSource:
@@ -335,7 +366,9 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
         group_filter=(functools.partial(groups_with_spread, cfg=cfg)
                       if cfg.dynamic_sampling and cfg.max_sampling_rounds > 1 else None),
         max_rounds=cfg.max_sampling_rounds,
-        finish=ReferenceFinisher(ctx, cfg) if carries_reference_logprobs(cfg) else None,
+        finish=(LogprobFinisher(ctx, cfg)
+                if carries_reference_logprobs(cfg) or carries_trainer_logprobs(ctx.config)
+                else None),
         max_reward_error_frac=cfg.max_reward_error_frac,
     )
 
@@ -348,8 +381,8 @@ def make_evaluator(ctx: RunContext):
 def batch_spec(config) -> dict:
     """A train batch (``train_batch`` of a rollout): ``train.batch_size`` completions, each row
     its prompt left-padded to ``max_prompt_length`` then ``max_completion_length`` tokens;
-    with a reused rollout and a KL term also the reference's completion log-probs
-    (``ReferenceFinisher``)."""
+    with a reused rollout and a KL term also the reference's completion log-probs, with an
+    importance correction the trainer's (``LogprobFinisher``)."""
     cfg = config.grpo
     b, lc = config.train.batch_size, cfg.max_completion_length
     rows = (b, cfg.max_prompt_length + lc)
@@ -358,12 +391,15 @@ def batch_spec(config) -> dict:
     spec["advantages"] = ((b,), np.float32)
     if carries_reference_logprobs(cfg):  # then the step runs no reference forward
         spec["ref_logprobs"] = ((b, lc), np.float32)
+    if carries_trainer_logprobs(config):
+        spec["trainer_logprobs"] = ((b, lc), np.float32)
     return spec
 
 
 TASK = Task(
     name="grpo",
-    description="GRPO / Dr. GRPO / DAPO / GSPO with verifiable rewards (on-policy rollouts)",
+    description="GRPO / Dr. GRPO / DAPO / GSPO / CISPO with verifiable rewards (on-policy "
+    "rollouts)",
     config_cls=GrpoConfig,
     build=build,
     make_loss=make_loss,

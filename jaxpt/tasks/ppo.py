@@ -26,7 +26,7 @@ import numpy as np
 from jaxpt.config import ConfigError
 from jaxpt.losses import aggregate_token_loss
 from jaxpt.losses.chunked import token_stats
-from jaxpt.losses.policy import policy_gradient_loss
+from jaxpt.losses.policy import importance_weights, policy_gradient_loss
 from jaxpt.losses.ppo import (
     KL_CONTROLLERS,
     KL_ESTIMATORS,
@@ -237,22 +237,32 @@ def _policy_stats(policy, batch: dict, cfg: PpoConfig, chunk: int, with_entropy:
 
 
 def ppo_loss(
-    model, batch: dict, ctx: StepContext, *, cfg: PpoConfig, logits_chunk_size: int = 0
+    model, batch: dict, ctx: StepContext, *, cfg: PpoConfig, logits_chunk_size: int = 0,
+    importance_correction: str = "none", importance_cap: float = 2.0,
 ) -> LossOutput:
     """Clipped policy loss + ``vf_coef`` x clipped value loss (+ ``kl_coef`` x k3 KL with
-    ``kl_penalty: loss``), aggregated per ``loss_aggregation`` over the completion tokens."""
+    ``kl_penalty: loss``), aggregated per ``loss_aggregation`` over the completion tokens.
+    With an ``importance_correction`` the old policy is the trainer's own log-probs of the
+    rollout and each token's policy loss is weighed as in GRPO (``importance_weights``)."""
     window = completion_window(batch["input_ids"].shape[1], cfg.max_completion_length)
     hidden_btd, stats = _policy_stats(model.policy, batch, cfg, logits_chunk_size, True)
     logp_bt = stats.logprobs
     old_logp_bt = batch["old_logprobs"][:, window]
     mask_bt = batch["completion_mask"][:, window]
+    weights_bt, correction_metrics = None, {}
+    if importance_correction != "none":
+        sampler_logp_bt, old_logp_bt = old_logp_bt, batch["trainer_logprobs"]
+        weights_bt, correction_metrics = importance_weights(
+            old_logp_bt, sampler_logp_bt, mask_bt, importance_correction, importance_cap
+        )
     in_loss = cfg.kl_penalty == "loss"
     policy_bt, token_metrics = policy_gradient_loss(
         logp_bt, old_logp_bt, batch["advantages"], mask_bt,
         epsilon_low=cfg.cliprange, epsilon_high=cfg.cliprange,
         ref_logp_bt=batch["ref_logprobs"] if in_loss else None,
-        beta=cfg.kl_coef if in_loss else 0.0,
+        beta=cfg.kl_coef if in_loss else 0.0, weights_bt=weights_bt,
     )
+    token_metrics.update(correction_metrics)
     values_bt = model.values(batch, window, hidden_btd)
     value_bt, value_clipped_bt = clipped_value_loss(
         values_bt, batch["old_values"], batch["returns"], mask_bt, cfg.cliprange_value
@@ -285,8 +295,10 @@ def ppo_loss(
 
 
 def make_loss(ctx: RunContext):
+    rl = ctx.config.rl
     return functools.partial(
-        ppo_loss, cfg=ctx.task_config, logits_chunk_size=ctx.config.train.logits_chunk_size
+        ppo_loss, cfg=ctx.task_config, logits_chunk_size=ctx.config.train.logits_chunk_size,
+        importance_correction=rl.importance_correction, importance_cap=rl.importance_cap,
     )
 
 
@@ -313,15 +325,22 @@ def make_batch(rollout: Rollout, cfg: PpoConfig):
 
 
 def finish_arrays(
-    model, ref_params, batch: dict, kl_coef, *, cfg: PpoConfig, logits_chunk_size: int = 0
+    model, ref_params, batch: dict, kl_coef, *, cfg: PpoConfig, logits_chunk_size: int = 0,
+    trainer_logprobs: bool = False,
 ):
     """Reference log-probs, values, KL-penalised token rewards, GAE advantages and returns
-    [B, Lc] of a rollout batch, and its metrics (all on device, no gradients)."""
+    [B, Lc] of a rollout batch, and its metrics (all on device, no gradients). With
+    ``trainer_logprobs`` (an importance correction) also the policy's log-probs as the
+    trainer computes them, which then stand for the old policy in the KL penalty too."""
     lc = cfg.max_completion_length
     window = completion_window(batch["input_ids"].shape[1], lc)
     group = cfg.samples_per_prompt
     mask_bt = batch["completion_mask"][:, window]
     old_logp_bt = batch["old_logprobs"][:, window]
+    extra = {}
+    if trainer_logprobs:
+        old_logp_bt = _policy_stats(model.policy, batch, cfg, logits_chunk_size, False)[1].logprobs
+        extra["trainer_logprobs"] = jnp.where(mask_bt > 0, old_logp_bt, 0.0)
     ref_policy = reference_model(model.policy, ref_params)
     ref_logp_bt = _policy_stats(ref_policy, batch, cfg, logits_chunk_size, False)[1].logprobs
     policy_hidden_btd = (
@@ -341,7 +360,7 @@ def finish_arrays(
     kl_b = jnp.sum(kl_bt, -1)
     arrays = {
         "advantages": advantages_bt, "returns": returns_bt, "old_values": values_bt,
-        "ref_logprobs": jnp.where(valid_bt, ref_logp_bt, 0.0),
+        "ref_logprobs": jnp.where(valid_bt, ref_logp_bt, 0.0), **extra,
     }
     metrics = {
         "kl": jnp.mean(kl_b),  # per sequence, summed over its tokens
@@ -366,6 +385,7 @@ class PpoFinisher:
             return finish_arrays(
                 state.model(), state.ref_params, device_batch, kl_coef, cfg=cfg,
                 logits_chunk_size=ctx.config.train.logits_chunk_size,
+                trainer_logprobs=ctx.config.rl.importance_correction != "none",
             )
 
         self._finish = RolloutProgram(ctx, finish)
@@ -444,6 +464,8 @@ def batch_spec(config) -> dict:
     spec.update({k: (rows, np.float32) for k in ("completion_mask", "old_logprobs")})
     for key in ("advantages", "returns", "old_values", "ref_logprobs"):
         spec[key] = ((b, lc), np.float32)
+    if config.rl.importance_correction != "none":
+        spec["trainer_logprobs"] = ((b, lc), np.float32)
     return spec
 
 
