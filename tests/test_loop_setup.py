@@ -58,6 +58,9 @@ RUN_SHAPES = {
     "grpo_lora": {"task": "grpo", "grpo.beta": 0.1, "lora.rank": 4},
     "dpo": {"task": "dpo", "dpo.precompute_ref": "false"},
     "kto": {"task": "kto"},
+    # The teacher is another model: kept under LoRA too.
+    "distill_lora": {"task": "distill", "lora.rank": 4, "distill.max_prompt_length": 16,
+                     "distill.max_completion_length": 8, "distill.eval_prompts": 0},
     "rm": {"task": "rm"},
     "ppo": {"task": "ppo", "ppo.rewards": "[{name: math}]", "ppo.critic_lr_scale": 2.0},
 }
@@ -68,6 +71,8 @@ RL = {"eval_prompts": 0, "num_generations": 2, "samples_per_prompt": 2,
 def run_config(output_dir, tiny_dir, name):
     extra = dict(RUN_SHAPES[name])
     task = extra.get("task", "sft")
+    if task == "distill":
+        extra.update({"distill.teacher": tiny_dir, "data.eval": "null"})
     if task in ("grpo", "ppo"):
         keys = {k: v for k, v in RL.items() if k != ("num_generations" if task == "ppo"
                                                      else "samples_per_prompt")}
@@ -98,7 +103,7 @@ def test_the_described_run_is_the_one_setup_creates(tmp_path, tiny_dir, mesh1, n
         state = run.state
         assert isinstance(state.opt_state, NonFiniteCounts)
         assert (state.ref_params is not None) == keeps_reference(config)
-        assert keeps_reference(config) == (name in ("grpo", "dpo", "kto", "ppo"))
+        assert keeps_reference(config) == (name in ("grpo", "dpo", "kto", "ppo", "distill_lora"))
         for field in ("params", "rest", "opt_state", "step", "rng", "ref_params"):
             concrete, abstract = getattr(state, field), getattr(described.state, field)
             assert jax.tree.structure(concrete) == jax.tree.structure(abstract), field

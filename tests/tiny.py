@@ -56,9 +56,10 @@ def train_rows(output_dir: str) -> list[dict]:
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
-def make_tiny_dir(path: str, seed: int = 0) -> str:
-    """A tiny random causal-LM HF checkpoint with the shipped tokenizer."""
-    save_pretrained(init_model(TINY, seed=seed), path)
+def make_tiny_dir(path: str, seed: int = 0, config: dict | None = None) -> str:
+    """A tiny random causal-LM HF checkpoint (``TINY``, or ``config``) with the shipped
+    tokenizer."""
+    save_pretrained(init_model(config or TINY, seed=seed), path)
     load_tokenizer().save_pretrained(path)
     return path
 

@@ -61,35 +61,45 @@ def token_stats(
     padded and the padding dropped.
     """
     targets_bt = jnp.asarray(targets_bt, jnp.int32)
-    b, t = targets_bt.shape
+    return map_chunks(
+        lambda hidden_bcd, targets_bc: _stats_of_logits(
+            logits_fn(hidden_bcd), targets_bc, with_entropy, with_top
+        ),
+        chunk_size, hidden_btd, targets_bt,
+    )
+
+
+def map_chunks(fn: Callable, chunk_size: int, *arrays_bt):
+    """``fn`` over ``chunk_size`` positions of every row at a time: ``arrays_bt`` are
+    [B, T, ...] and ``fn`` maps their [B, C, ...] chunks to a pytree of [B, C] results, which
+    come back as [B, T]. A ``lax.scan`` whose body is rematerialized (``jax.checkpoint``):
+    the backward recomputes one chunk's intermediates (its logits) instead of storing
+    them. T need not be a multiple of ``chunk_size``: the last chunk is padded and the
+    padding dropped (``None`` results stay None). ``chunk_size`` 0 (or >= T): ``fn`` on
+    the whole arrays."""
+    b, t = arrays_bt[0].shape[:2]
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0, got {chunk_size}")
     if chunk_size == 0 or chunk_size >= t:
-        return _stats_of_logits(logits_fn(hidden_btd), targets_bt, with_entropy, with_top)
-
+        return fn(*arrays_bt)
     n_chunks = -(-t // chunk_size)
     pad = n_chunks * chunk_size - t
-    hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
-    targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
-    # [B, N*C, ...] -> [N, B, C, ...]: the batch axis (and its sharding) stays inside a chunk.
-    hidden_nbcd = jnp.moveaxis(hidden_btd.reshape(b, n_chunks, chunk_size, -1), 1, 0)
-    targets_nbc = jnp.moveaxis(targets_bt.reshape(b, n_chunks, chunk_size), 1, 0)
 
-    @jax.checkpoint  # the backward recomputes this chunk's logits instead of storing them
-    def chunk(hidden_bcd, targets_bc):
-        return _stats_of_logits(logits_fn(hidden_bcd), targets_bc, with_entropy, with_top)
+    def split(x_bt):  # [B, N*C, ...] -> [N, B, C, ...]: the batch axis stays inside a chunk
+        x_bt = jnp.pad(x_bt, [(0, 0), (0, pad)] + [(0, 0)] * (x_bt.ndim - 2))
+        return jnp.moveaxis(x_bt.reshape(b, n_chunks, chunk_size, *x_bt.shape[2:]), 1, 0)
+
+    chunk = jax.checkpoint(fn)
 
     def body(carry, xs):
         return carry, chunk(*xs)
 
-    _, stats_n = jax.lax.scan(body, None, (hidden_nbcd, targets_nbc))
+    _, results_n = jax.lax.scan(body, None, tuple(split(x) for x in arrays_bt))
 
     def unchunk(x_nbc):
-        if x_nbc is None:
-            return None
         return jnp.moveaxis(x_nbc, 0, 1).reshape(b, n_chunks * chunk_size)[:, :t]
 
-    return TokenStats(*(unchunk(x) for x in stats_n))
+    return jax.tree.map(unchunk, results_n)
 
 
 def model_token_logprobs(

@@ -27,6 +27,7 @@ TASKS: dict[str, str | Task] = {
     "rm": "jaxpt.tasks.rm",
     "dpo": "jaxpt.tasks.dpo",
     "kto": "jaxpt.tasks.kto",
+    "distill": "jaxpt.tasks.distill",
     "grpo": "jaxpt.tasks.grpo",
     "ppo": "jaxpt.tasks.ppo",
 }

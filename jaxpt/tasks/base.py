@@ -99,6 +99,9 @@ class Task:
     # Whether the loss compares against a frozen reference model for this root config
     # (config -> bool); None: never. ``common.keeps_reference`` adds the LoRA rule.
     uses_reference: Callable[[Any], bool] | None = None
+    # Whether that reference is the policy's own starting point (then under LoRA the base
+    # with its adapters off stands in for it); False for another model, such as a teacher.
+    reference_is_policy: bool = True
     # The arrays of one global train batch as the batch source makes them: root config ->
     # {name: (shape, numpy dtype)}. With ``build_abstract`` it lets memory plans and
     # benchmarks compile the train step without data (``jaxpt.run_spec``); None: not planned.

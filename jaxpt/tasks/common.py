@@ -151,12 +151,16 @@ def attach_lora(ctx: RunContext, model) -> None:
 def keeps_reference(config) -> bool:
     """Whether a run of ``config`` keeps a frozen copy of the weights as its reference
     (``TrainState.ref_params``): its task's loss uses a reference (``Task.uses_reference``)
-    and LoRA is off (under LoRA the reference is the base with its adapters off). The one
+    and LoRA is off (under LoRA the reference is the base with its adapters off), or the
+    reference is another model (``Task.reference_is_policy`` False: a teacher). The one
     rule that task builds, memory plans and benchmarks follow."""
     from jaxpt.tasks import get_task
 
-    uses = get_task(config.task).uses_reference
-    return uses is not None and bool(uses(config)) and not lora_enabled(config)
+    task = get_task(config.task)
+    uses = task.uses_reference
+    if uses is None or not uses(config):
+        return False
+    return not lora_enabled(config) or not task.reference_is_policy
 
 
 def hf_config_dict(path: str, key: str = "model.path") -> dict:
@@ -200,9 +204,11 @@ def abstract_reference(config, policy):
 def reference_source(config) -> str:
     """Where a run (re-)reads its frozen weights from, for messages: the task's
     ``ref_model`` when set, else ``model.path`` (the policy's initial weights, the base)."""
-    ref_model = getattr(getattr(config, config.task, None), "ref_model", None)
-    if ref_model is not None:
-        return f"config key '{config.task}.ref_model' ({ref_model})"
+    section = getattr(config, config.task, None)
+    for key in ("ref_model", "teacher"):  # distillation's teacher sits in the reference's place
+        value = getattr(section, key, None)
+        if value is not None:
+            return f"config key '{config.task}.{key}' ({value})"
     return f"config key 'model.path' ({config.model.path})"
 
 

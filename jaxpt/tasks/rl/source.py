@@ -74,6 +74,11 @@ class RolloutSource:
 
     A reward function that fails on more than ``max_reward_error_frac`` of a rollout's
     completions stops the run (``jaxpt.rewards.RewardError``) instead of scoring them 0.
+
+    With ``on_policy_frac`` < 1 (GKD's lambda) each rollout is sampled with that
+    probability (a coin seeded by the run's seed and the rollout count, so a resumed run
+    draws the same) and is otherwise the rows' own ``completion`` text, laid out as a
+    sampled one would be (``dataset_rollout``).
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class RolloutSource:
         finish: BatchFinisher | None = None,
         policy_view: PolicyView = whole_model,
         max_reward_error_frac: float | None = 0.5,
+        on_policy_frac: float = 1.0,
     ):
         from jaxpt.rewards import RewardRunner, build_reward_fns
         from jaxpt.sampling import PromptSampler
@@ -109,7 +115,7 @@ class RolloutSource:
         self.samples_per_prompt, self.reuse = samples_per_prompt, reuse
         self.group_filter, self.max_rounds = group_filter, max_rounds
         self.minibatches, self.finish, self.policy_view = minibatches, finish, policy_view
-        self.log_completions = log_completions
+        self.log_completions, self.on_policy_frac = log_completions, on_policy_frac
         self.tokenizer = common.resolve_tokenizer(ctx)
         self.runner = RewardRunner(
             build_reward_fns(list(rewards)), max_error_frac=max_reward_error_frac
@@ -191,7 +197,11 @@ class RolloutSource:
         if self._last_return is not None:  # the previous update ran while we were away
             jax.block_until_ready(state.params)
             timings["time/update_s"] = time.perf_counter() - self._last_return
-        rollout, rollout_metrics = self.sample(state, self._next_prompt_indices())
+        indices = self._next_prompt_indices()
+        if self._samples_this_rollout():
+            rollout, rollout_metrics = self.sample(state, indices)
+        else:
+            rollout, rollout_metrics = self.dataset_rollout(indices)
         if self.group_filter is not None:
             rollout, fill_metrics = self._fill_with_passing_groups(state, rollout, rollout_metrics)
             rollout_metrics.update(fill_metrics)
@@ -206,6 +216,55 @@ class RolloutSource:
         self._last_return = time.perf_counter()
         return (self._local_rows(self._minibatch(batch, 0)),
                 {**rollout_metrics, **metrics, **timings})
+
+    def _samples_this_rollout(self) -> bool:
+        if self.on_policy_frac >= 1:
+            return True
+        coin = np.random.default_rng((self.ctx.config.seed, self.rollouts, 0x6B64)).random()
+        return bool(coin < self.on_policy_frac)
+
+    def dataset_rollout(self, indices: list[int]) -> tuple[Rollout, dict]:
+        """The rows ``indices`` with their own ``completion`` text instead of samples: its
+        tokens (as the chat template renders an assistant turn, or the text and eos),
+        cut at the completion budget, in a rollout's layout (log-probs 0: nothing sampled
+        them), scored by the reward functions for the metrics."""
+        from jaxpt.data.chat import encode_text, eos_id, tokenize_unpaired
+
+        g, lc = self.samples_per_prompt, self.sampler.sampling.max_new_tokens
+        lp = self.sampler.max_prompt_length
+        n = len(indices) * g
+        prompt_ids, prompt_mask = np.zeros((n, lp), np.int32), np.zeros((n, lp), np.int32)
+        tokens, lengths = np.zeros((n, lc), np.int32), np.zeros(n, np.int32)
+        truncated = np.zeros(n, bool)
+        for k, i in enumerate(indices):
+            row, prompt = self.rows[i], self._prompt_ids(i)
+            if row.get("completion") is None:
+                raise ValueError(f"prompt row {i} has no 'completion' text to train on")
+            if self.sampler.chat and getattr(self.tokenizer, "chat_template", None):
+                messages = row["prompt"]
+                if isinstance(messages, str):
+                    messages = [{"role": "user", "content": messages}]
+                reply = [{"role": "assistant", "content": row["completion"]}]
+                ids = tokenize_unpaired({"prompt": messages, "completion": reply, "label": True},
+                                        self.tokenizer)["completion_ids"]
+            else:
+                ids = encode_text(self.tokenizer, row["completion"]) + [eos_id(self.tokenizer)]
+            for r in range(k * g, (k + 1) * g):
+                prompt_ids[r, lp - len(prompt):], prompt_mask[r, lp - len(prompt):] = prompt, 1
+                tokens[r, : min(len(ids), lc)] = ids[:lc]
+                lengths[r], truncated[r] = min(len(ids), lc), len(ids) > lc
+        texts = [self.tokenizer.decode(tokens[r, : lengths[r]]) for r in range(n)]
+        rows = [self.rows[i] for i in indices]
+        start = time.perf_counter()
+        rewards = score_completions(self.runner, rows, texts, g)
+        rollout = Rollout(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=tokens, lengths=lengths,
+            logprobs=np.zeros((n, lc), np.float32), truncated=truncated, texts=texts,
+            rows=[row for row in rows for _ in range(g)], rewards=rewards,
+            num_prompts=len(indices),
+        )
+        return rollout, {**self._metrics(rollout), "on_policy": 0.0, "time/generate_s": 0.0,
+                         "time/reward_s": time.perf_counter() - start}
 
     def _minibatch(self, batch: dict, iteration: int) -> dict:
         """The rows optimizer step ``iteration`` of the current rollout trains on."""
@@ -293,9 +352,11 @@ class RolloutSource:
             rows=[row for row in rows for _ in range(g)], rewards=rewards,
             num_prompts=len(indices),
         )
-        return rollout, {
-            **self._metrics(rollout), "time/generate_s": generate_s, "time/reward_s": reward_s
-        }
+        metrics = {**self._metrics(rollout), "time/generate_s": generate_s,
+                   "time/reward_s": reward_s}
+        if self.on_policy_frac < 1:
+            metrics["on_policy"] = 1.0
+        return rollout, metrics
 
     def _metrics(self, rollout: Rollout) -> dict:
         rewards = rollout.rewards
