@@ -61,6 +61,9 @@ RUN_SHAPES = {
     # The teacher is another model: kept under LoRA too.
     "distill_lora": {"task": "distill", "lora.rank": 4, "distill.max_prompt_length": 16,
                      "distill.max_completion_length": 8, "distill.eval_prompts": 0},
+    "online_dpo": {"task": "online_dpo", "online_dpo.rewards": "[{name: math}]",
+                   "online_dpo.max_prompt_length": 16, "online_dpo.max_completion_length": 8,
+                   "online_dpo.eval_prompts": 0, "data.eval": "null"},
     "rm": {"task": "rm"},
     "ppo": {"task": "ppo", "ppo.rewards": "[{name: math}]", "ppo.critic_lr_scale": 2.0},
 }
@@ -103,7 +106,8 @@ def test_the_described_run_is_the_one_setup_creates(tmp_path, tiny_dir, mesh1, n
         state = run.state
         assert isinstance(state.opt_state, NonFiniteCounts)
         assert (state.ref_params is not None) == keeps_reference(config)
-        assert keeps_reference(config) == (name in ("grpo", "dpo", "kto", "ppo", "distill_lora"))
+        assert keeps_reference(config) == (
+            name in ("grpo", "dpo", "kto", "ppo", "distill_lora", "online_dpo"))
         for field in ("params", "rest", "opt_state", "step", "rng", "ref_params"):
             concrete, abstract = getattr(state, field), getattr(described.state, field)
             assert jax.tree.structure(concrete) == jax.tree.structure(abstract), field

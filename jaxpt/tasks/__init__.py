@@ -28,6 +28,7 @@ TASKS: dict[str, str | Task] = {
     "dpo": "jaxpt.tasks.dpo",
     "kto": "jaxpt.tasks.kto",
     "distill": "jaxpt.tasks.distill",
+    "online_dpo": "jaxpt.tasks.online_dpo",
     "grpo": "jaxpt.tasks.grpo",
     "ppo": "jaxpt.tasks.ppo",
 }

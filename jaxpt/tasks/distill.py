@@ -29,7 +29,7 @@ from jaxpt.sampling.api import SAMPLERS
 from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import common
 from jaxpt.tasks.base import BuiltModel, RunContext, Task
-from jaxpt.tasks.rl.batch import Rollout, completion_window, train_batch
+from jaxpt.tasks.rl.batch import Rollout, completion_window, sequence_rows
 from jaxpt.tasks.rl.evaluator import accuracy_evaluator
 from jaxpt.tasks.rl.forward import completion_hidden
 from jaxpt.tasks.rl.rewards import RewardSpec, check_reward_settings, reward_specs
@@ -194,11 +194,7 @@ def _last_assistant(messages: list) -> str | None:
 
 def make_batch(rollout: Rollout, cfg: DistillConfig):
     """A rollout's train rows (no advantages: the loss is the divergence alone)."""
-    rows = len(rollout.lengths)
-    batch = train_batch(rollout, np.zeros(rows, np.float32), np.ones(rows, bool))
-    for key in ("advantages", "old_logprobs"):
-        del batch[key]
-    return batch, {}, np.zeros(rows, np.float32)
+    return sequence_rows(rollout), {}, np.zeros(len(rollout.lengths), np.float32)
 
 
 def make_train_source(ctx: RunContext) -> RolloutSource:

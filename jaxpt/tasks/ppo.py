@@ -44,7 +44,12 @@ from jaxpt.tasks.rl.batch import Rollout, completion_window, train_batch
 from jaxpt.tasks.rl.evaluator import accuracy_evaluator
 from jaxpt.tasks.rl.forward import completion_hidden
 from jaxpt.tasks.rl.program import RolloutProgram
-from jaxpt.tasks.rl.rewards import RewardSpec, check_reward_settings, reward_specs
+from jaxpt.tasks.rl.rewards import (
+    RewardSpec,
+    check_reward_settings,
+    reward_model_spec,
+    reward_specs,
+)
 from jaxpt.tasks.rl.source import RolloutSource, prompt_rows
 
 CRITIC_KINDS = ("separate", "shared")
@@ -415,18 +420,7 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
     cfg = ctx.task_config
     rewards = reward_specs(cfg)
     if cfg.reward_model is not None:
-        from jaxpt.rewards import load_reward_model
-
-        scorer = load_reward_model(
-            cfg.reward_model, mesh=ctx.mesh, rules=ctx.rules,
-            tokenizer=common.resolve_tokenizer(ctx),
-        )
-
-        def reward_model(prompts, completions, **_):
-            return [float(s) for s in scorer.score(prompts, completions)]
-
-        rewards.append({"name": "reward_model", "fn": reward_model,
-                        "weight": cfg.reward_model_weight})
+        rewards.append(reward_model_spec(ctx, cfg.reward_model, cfg.reward_model_weight))
     return RolloutSource(
         ctx, prompt_rows(ctx, "train"), make_batch=functools.partial(make_batch, cfg=cfg),
         samples_per_prompt=cfg.samples_per_prompt, max_prompt_length=cfg.max_prompt_length,

@@ -87,6 +87,15 @@ def train_batch(rollout: Rollout, advantages_b: np.ndarray, keep_b: np.ndarray) 
     }
 
 
+def sequence_rows(rollout: Rollout) -> dict:
+    """Every row of ``train_batch`` without the policy-gradient fields (``old_logprobs``,
+    ``advantages``): for losses over whole completions (distillation, online DPO)."""
+    rows = len(rollout.lengths)
+    batch = train_batch(rollout, np.zeros(rows, np.float32), np.ones(rows, bool))
+    del batch["old_logprobs"], batch["advantages"]
+    return batch
+
+
 def completion_window(row_length: int, max_completion_length: int) -> slice:
     """The positions of a ``train_batch`` row whose targets are completion tokens: the
     completion buffer is the last ``max_completion_length`` ids, each predicted by the

@@ -28,6 +28,21 @@ def reward_specs(cfg) -> list[dict]:
     ]
 
 
+def reward_model_spec(ctx, path: str, weight: float = 1.0) -> dict:
+    """A reward-function entry (``reward_model``) scoring completions with the reward
+    model at ``path`` (what ``task: rm`` exports), on the run's mesh and tokenizer."""
+    from jaxpt.rewards import load_reward_model
+    from jaxpt.tasks import common
+
+    scorer = load_reward_model(path, mesh=ctx.mesh, rules=ctx.rules,
+                               tokenizer=common.resolve_tokenizer(ctx))
+
+    def reward_model(prompts, completions, **_):
+        return [float(s) for s in scorer.score(prompts, completions)]
+
+    return {"name": "reward_model", "fn": reward_model, "weight": weight}
+
+
 def check_reward_settings(section: str, cfg) -> None:
     """A ConfigError naming ``<section>.rewards`` or ``<section>.eval_reward`` when a reward
     function cannot be built (an RL task's load-time check)."""
