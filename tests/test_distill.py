@@ -85,14 +85,25 @@ def _jsd_numpy(student_logits, teacher_logits, beta):
     return beta * np.sum(t * (lt - np.log(m)), -1) + (1 - beta) * np.sum(s * (ls - np.log(m)), -1)
 
 
-def test_the_task_loss_is_the_jsd_over_completion_tokens(tmp_path, tiny_dir, teacher_dir, mesh1):
-    config = load_config(DISTILL_TINY, _overrides(str(tmp_path), tiny_dir, teacher_dir,
-                                                  **{"distill.lmbda": 0.0,
-                                                     "distill.beta": 0.5,
-                                                     "distill.temperature": 0.7}))
+def _token_logp_numpy(logits, targets):
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+
+
+# The divergence on the data's own solutions (lmbda 0), and the dense reward on the
+# student's samples (lmbda 1).
+@pytest.mark.parametrize("objective", ["divergence", "dense_reward"])
+def test_the_task_loss_over_completion_tokens_matches_numpy(objective, tmp_path, tiny_dir,
+                                                            teacher_dir, mesh1):
+    lmbda = 0.0 if objective == "divergence" else 1.0
+    config = load_config(DISTILL_TINY, _overrides(
+        str(tmp_path), tiny_dir, teacher_dir, **{"distill.lmbda": lmbda, "distill.beta": 0.5,
+                                                 "distill.temperature": 0.7,
+                                                 "distill.objective": objective}))
     with setup(config, mesh=mesh1) as prepared:
         batch, metrics = prepared.source.next(prepared.state)
-        assert metrics["on_policy"] == 0.0  # lmbda 0: the data's own solutions
+        assert metrics.get("on_policy", 1.0) == lmbda
         loss_fn = prepared.task.make_loss(prepared.ctx)
         with prepared.activate():
             out = jax.jit(lambda s, b: loss_fn(s.model(), b, StepContext(
@@ -105,14 +116,18 @@ def test_the_task_loss_is_the_jsd_over_completion_tokens(tmp_path, tiny_dir, tea
         ids, pos, seg = batch["input_ids"], batch["positions"], batch["segment_ids"]
         s_logits = np.asarray(student(ids, pos, seg), np.float64) / 0.7
         t_logits = np.asarray(teacher(ids, pos, seg), np.float64) / 0.7
-    jsd = _jsd_numpy(s_logits, t_logits, 0.5)
     mask = batch["completion_mask"]
-    np.testing.assert_allclose(float(out.numerator), np.sum(jsd * mask), rtol=2e-4)
+    if objective == "divergence":
+        per_token = _jsd_numpy(s_logits, t_logits, 0.5)
+    else:  # -(log pi_teacher - log pi_student) * log pi_student of each sampled token
+        ls = _token_logp_numpy(s_logits, batch["target_ids"])
+        lt = _token_logp_numpy(t_logits, batch["target_ids"])
+        per_token = -(lt - ls) * ls
+    np.testing.assert_allclose(float(out.numerator), np.sum(per_token * mask), rtol=2e-4)
     assert float(out.denominator) == mask.sum() > 0
-    # The off-policy rows are the data's solutions: the sloppy teacher's worked answer.
-    with open(tmp_path / "data" / "arithmetic_train.jsonl") as f:
-        first = json.loads(f.readline())
-    assert "messages" in first
+    if objective == "divergence":  # the off-policy rows: the sloppy teacher's solutions
+        with open(tmp_path / "data" / "arithmetic_train.jsonl") as f:
+            assert "messages" in json.loads(f.readline())
 
 
 def test_steps_mix_on_and_off_policy_and_resume_exactly(tmp_path, tiny_dir, teacher_dir):
@@ -142,3 +157,17 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_dir):
     check_tokenizers(student, load_tokenizer(), "teacher-dir")
     with pytest.raises(ConfigError, match="distill.teacher' is required"):
         load_config(DISTILL_TINY, _overrides(str(tmp_path), tiny_dir, "null"))
+
+
+def test_dense_reward_gradient_is_the_reverse_kl_reward_times_the_score():
+    from jaxpt.losses.distill import dense_reward_loss
+
+    student, teacher = jnp.array([-0.5, -2.0]), jnp.array([-1.0, -0.5])
+    loss = dense_reward_loss(student, teacher)
+    # reward = teacher - student = [-0.5, 1.5]; loss = -reward * log pi_student.
+    np.testing.assert_allclose(np.asarray(loss), [-0.25, 3.0], rtol=1e-6)
+    grad = jax.grad(lambda s: dense_reward_loss(s, teacher).sum())(student)
+    np.testing.assert_allclose(np.asarray(grad), [0.5, -1.5], rtol=1e-6)  # -reward
+    with pytest.raises(ConfigError, match="dense_reward .* needs 'distill.lmbda' 1"):
+        load_config(DISTILL_TINY, ["distill.objective=dense_reward", "distill.lmbda=0.5",
+                                   "distill.teacher=x", "output_dir=x"])

@@ -1,4 +1,5 @@
-"""Distillation divergences between a student's and a teacher's next-token distributions.
+"""Distillation divergences between a student's and a teacher's next-token distributions,
+and the per-token reward form of on-policy distillation.
 
 ``generalized_jsd`` is GKD's divergence (Agarwal et al. 2024) per position, summed over the
 vocabulary: ``beta`` 0 is the forward KL(teacher || student) of classic logit
@@ -37,3 +38,12 @@ def generalized_jsd(student_logits, teacher_logits, beta: float, temperature: fl
     mixture_logp = jnp.logaddexp(student_logp + math.log(1 - beta),
                                  teacher_logp + math.log(beta))
     return beta * _kl(teacher_logp, mixture_logp) + (1 - beta) * _kl(student_logp, mixture_logp)
+
+
+def dense_reward_loss(student_logp, teacher_logp):
+    """On-policy distillation as a dense reward: each sampled token's reward is
+    ``log pi_teacher(y_t) - log pi_student(y_t)`` (not differentiated), and the per-token
+    REINFORCE loss ``-reward * log pi_student(y_t)``. On the student's own samples its
+    expected gradient is the reverse KL's, from the sampled tokens' log-probs alone."""
+    reward = jax.lax.stop_gradient(teacher_logp - student_logp)
+    return -reward * student_logp

@@ -7,7 +7,8 @@ the rows' own reference completions (off-policy: the SFT data). At every complet
 position the student's next-token distribution is pulled toward the teacher's by
 ``generalized_jsd`` over the whole vocabulary: ``beta`` 0 is forward KL (classic logit
 distillation: ``lmbda`` 0, ``beta`` 0), 1 reverse KL (on-policy distillation: ``lmbda``
-1, ``beta`` 1). The teacher, any causal LM with the student's tokenizer, runs frozen on
+1, ``beta`` 1). ``objective: dense_reward`` trains on-policy distillation as a per-token
+reward instead (``dense_reward_loss``: the sampled tokens' log-probs alone). The teacher, any causal LM with the student's tokenizer, runs frozen on
 the same mesh in its own dtype; like a reference it is kept out of checkpoints and read
 again from ``distill.teacher`` on resume (its fingerprint checked).
 """
@@ -23,8 +24,8 @@ import numpy as np
 from flax import nnx
 
 from jaxpt.config import ConfigError
-from jaxpt.losses.chunked import map_chunks
-from jaxpt.losses.distill import generalized_jsd
+from jaxpt.losses.chunked import map_chunks, token_stats
+from jaxpt.losses.distill import dense_reward_loss, generalized_jsd
 from jaxpt.sampling.api import SAMPLERS
 from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import common
@@ -36,12 +37,16 @@ from jaxpt.tasks.rl.rewards import RewardSpec, check_reward_settings, reward_spe
 from jaxpt.tasks.rl.source import RolloutSource
 
 _TEACHER = "distill_teacher_graphdef"  # in RunContext.cache: build -> loss
+OBJECTIVES = ("divergence", "dense_reward")
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
     teacher: str | None = None  # the teacher model (required): a dir, hub name, GGUF, preset
     teacher_dtype: str | None = None  # its weights and compute dtype; None: model.dtype
+    # divergence: generalized JSD over the vocabulary | dense_reward: per-token reward
+    # log pi_teacher - log pi_student of the sampled tokens (on-policy only, lmbda 1)
+    objective: str = "divergence"
     beta: float = 0.5  # generalized JSD: 0 forward KL, 1 reverse KL
     lmbda: float = 0.5  # share of steps on the student's own samples (the rest on the data's)
     temperature: float = 0.9  # sampling, and both distributions in the divergence
@@ -59,6 +64,11 @@ class DistillConfig:
         def fail(key, why):
             raise ConfigError(f"config key 'distill.{key}' {why}")
 
+        if self.objective not in OBJECTIVES:
+            fail("objective", f"must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "dense_reward" and self.lmbda != 1:
+            fail("objective", "dense_reward is a policy gradient on the student's own samples: "
+                 f"it needs 'distill.lmbda' 1, got {self.lmbda}")
         if not 0 <= self.beta <= 1:
             fail("beta", f"must be in [0, 1], got {self.beta}")
         if not 0 <= self.lmbda <= 1:
@@ -85,18 +95,30 @@ def distill_loss(model, batch: dict, ctx: StepContext, *, cfg: DistillConfig, te
     student_hidden_btd = completion_hidden(model, batch, lc)
     teacher_hidden_btd = jax.lax.stop_gradient(completion_hidden(teacher, batch, lc))
     vocab = min(model.config.vocab_size, teacher.config.vocab_size)
-
-    def divergence(student_bcd, teacher_bcd):
-        return generalized_jsd(model.logits(student_bcd)[..., :vocab],
-                               teacher.logits(teacher_bcd)[..., :vocab], cfg.beta,
-                               cfg.temperature)
-
-    jsd_bt = map_chunks(divergence, logits_chunk_size, student_hidden_btd, teacher_hidden_btd)
-    mask_bt = batch["completion_mask"][:, completion_window(batch["input_ids"].shape[1], lc)]
+    window = completion_window(batch["input_ids"].shape[1], lc)
+    mask_bt = batch["completion_mask"][:, window]
     tokens = jnp.sum(mask_bt)
-    total = jnp.sum(jsd_bt * mask_bt)
+    if cfg.objective == "dense_reward":
+        targets_bt = batch["target_ids"][:, window]
+        logp = lambda logits_fn, hidden: token_stats(
+            lambda h: logits_fn(h)[..., :vocab] / cfg.temperature, hidden, targets_bt,
+            logits_chunk_size).logprobs
+        student_bt = logp(model.logits, student_hidden_btd)
+        teacher_bt = jax.lax.stop_gradient(logp(teacher.logits, teacher_hidden_btd))
+        total = jnp.sum(dense_reward_loss(student_bt, teacher_bt) * mask_bt)
+        # The sampled estimate of the reverse KL: the reward's negated mean.
+        divergence = jnp.sum((student_bt - teacher_bt) * mask_bt)
+    else:
+        def per_position(student_bcd, teacher_bcd):
+            return generalized_jsd(model.logits(student_bcd)[..., :vocab],
+                                   teacher.logits(teacher_bcd)[..., :vocab], cfg.beta,
+                                   cfg.temperature)
+
+        jsd_bt = map_chunks(per_position, logits_chunk_size, student_hidden_btd,
+                            teacher_hidden_btd)
+        total = divergence = jnp.sum(jsd_bt * mask_bt)
     return LossOutput(numerator=total, denominator=tokens,
-                      metrics={"divergence": jax.lax.stop_gradient(total)},
+                      metrics={"divergence": jax.lax.stop_gradient(divergence)},
                       totals={"completion_tokens": tokens})
 
 
