@@ -34,7 +34,7 @@ from jaxpt.tasks.rl.batch import Rollout, completion_window, sequence_rows
 from jaxpt.tasks.rl.evaluator import accuracy_evaluator
 from jaxpt.tasks.rl.forward import completion_hidden
 from jaxpt.tasks.rl.rewards import RewardSpec, check_reward_settings, reward_specs
-from jaxpt.tasks.rl.source import RolloutSource
+from jaxpt.tasks.rl.source import RolloutSource, prompt_rows
 
 _TEACHER = "distill_teacher_graphdef"  # in RunContext.cache: build -> loss
 OBJECTIVES = ("divergence", "dense_reward")
@@ -189,31 +189,6 @@ def build_abstract(ctx: RunContext, hf_config: dict) -> BuiltModel:
     return BuiltModel(built.model, ref_params=params)
 
 
-def distill_rows(ctx: RunContext, split: str) -> list[dict]:
-    """The prompt rows with their reference completion as ``completion`` text: a row's own
-    ``completion`` (text, or the content of its last assistant message), else the last
-    assistant turn of its ``messages``."""
-    train, evaluation = common.data_sources(ctx, "prompt")
-    d = ctx.config.data
-    source, data_split = (train, d.train_split) if split == "train" else (evaluation, d.eval_split)
-    rows = []
-    for row in common.load_rows(ctx, source, "prompt", data_split):
-        completion = row.get("completion")
-        if isinstance(completion, list):
-            completion = _last_assistant(completion)
-        if completion is None and isinstance(row.get("messages"), list):
-            completion = _last_assistant(row["messages"])
-        kept = {k: v for k, v in row.items() if k not in ("messages", "id", "completion")}
-        rows.append({**kept, **({"completion": completion} if completion is not None else {})})
-    return rows
-
-
-def _last_assistant(messages: list) -> str | None:
-    replies = [m.get("content") for m in messages if isinstance(m, dict)
-               and m.get("role") == "assistant" and isinstance(m.get("content"), str)]
-    return replies[-1] if replies else None
-
-
 def make_batch(rollout: Rollout, cfg: DistillConfig):
     """A rollout's train rows (no advantages: the loss is the divergence alone)."""
     return sequence_rows(rollout), {}, np.zeros(len(rollout.lengths), np.float32)
@@ -221,7 +196,7 @@ def make_batch(rollout: Rollout, cfg: DistillConfig):
 
 def make_train_source(ctx: RunContext) -> RolloutSource:
     cfg = ctx.task_config
-    rows = distill_rows(ctx, "train")
+    rows = prompt_rows(ctx, "train", reference_completions=True)
     if cfg.lmbda < 1:
         missing = [i for i, r in enumerate(rows) if "completion" not in r]
         if missing:

@@ -32,14 +32,36 @@ from jaxpt.tasks.rl.rewards import score_completions
 log = logging.getLogger(__name__)
 
 
-def prompt_rows(ctx: RunContext, split: str) -> list[dict]:
+def prompt_rows(ctx: RunContext, split: str, reference_completions: bool = False) -> list[dict]:
     """The run's RL prompts (rows with ``prompt`` and any reward columns) for ``split``
-    (``train`` or ``eval``)."""
+    (``train`` or ``eval``). With ``reference_completions`` each row's own completion, where
+    it has one, becomes its ``completion`` text (what ``dataset_rollout`` trains on): its
+    ``completion`` (text, or its last assistant message's), else the last assistant turn of
+    its ``messages``."""
     train, evaluation = common.data_sources(ctx, "prompt")
     d = ctx.config.data
     source, data_split = (train, d.train_split) if split == "train" else (evaluation, d.eval_split)
     rows = common.load_rows(ctx, source, "prompt", data_split)
-    return [{k: v for k, v in r.items() if k not in ("messages", "id")} for r in rows]
+    out = []
+    for row in rows:
+        kept = {k: v for k, v in row.items() if k not in ("messages", "id")}
+        if reference_completions:
+            completion = row.get("completion")
+            if isinstance(completion, list):
+                completion = _last_assistant(completion)
+            if completion is None and isinstance(row.get("messages"), list):
+                completion = _last_assistant(row["messages"])
+            kept.pop("completion", None)
+            if completion is not None:
+                kept["completion"] = completion
+        out.append(kept)
+    return out
+
+
+def _last_assistant(messages: list) -> str | None:
+    replies = [m.get("content") for m in messages if isinstance(m, dict)
+               and m.get("role") == "assistant" and isinstance(m.get("content"), str)]
+    return replies[-1] if replies else None
 
 
 # A rollout's hook: (rollout) -> (train batch, metrics, per-row advantage for the log).
