@@ -76,13 +76,24 @@ class ArithmeticSection:
     test_fraction: float = 0.1  # share of problems (by hash) that are held out
     dropped_carry_rate: float = 0.0  # train solutions that forget a carry (a sloppy teacher)
     near_duplicate_rate: float = 0.0  # train rows that get a reworded copy (noise to curate)
+    step_error_rate: float = 0.5  # step-labelled solutions (task: prm) with a mistake
+    step_mistakes: list[str] = dataclasses.field(  # their kinds: drop_carry | slip
+        default_factory=lambda: ["drop_carry"])
     seed: int = 0
 
     def __post_init__(self):
+        from jaxpt.data.arithmetic import STEP_MISTAKES
+
         try:
             self.task()
         except ValueError as error:
             raise ConfigError(f"config section 'data.arithmetic': {error}") from None
+        if not 0 <= self.step_error_rate <= 1:
+            raise ConfigError("config key 'data.arithmetic.step_error_rate' must be in [0, 1], "
+                              f"got {self.step_error_rate}")
+        if not self.step_mistakes or not set(self.step_mistakes) <= set(STEP_MISTAKES):
+            raise ConfigError(f"config key 'data.arithmetic.step_mistakes' must be a non-empty "
+                              f"subset of {list(STEP_MISTAKES)}, got {list(self.step_mistakes)}")
 
     def task(self):
         """The ``jaxpt.data.ArithmeticTask`` these keys describe."""

@@ -65,6 +65,7 @@ RUN_SHAPES = {
                    "online_dpo.max_prompt_length": 16, "online_dpo.max_completion_length": 8,
                    "online_dpo.eval_prompts": 0, "data.eval": "null"},
     "rm": {"task": "rm"},
+    "prm": {"task": "prm"},
     "ppo": {"task": "ppo", "ppo.rewards": "[{name: math}]", "ppo.critic_lr_scale": 2.0},
 }
 RL = {"eval_prompts": 0, "num_generations": 2, "samples_per_prompt": 2,
@@ -112,7 +113,7 @@ def test_the_described_run_is_the_one_setup_creates(tmp_path, tiny_dir, mesh1, n
             concrete, abstract = getattr(state, field), getattr(described.state, field)
             assert jax.tree.structure(concrete) == jax.tree.structure(abstract), field
             assert layout(concrete) == layout(abstract), field
-        if config.task in ("sft", "dpo", "kto", "rm"):
+        if config.task in ("sft", "dpo", "kto", "rm", "prm"):
             batch, _ = run.source.next(state)
             assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
                 k: (v.shape, v.dtype) for k, v in described.batch.items()}

@@ -162,7 +162,7 @@ def test_bad_topologies_and_tasks_are_clear_errors(tiny_config_dir, monkeypatch)
     monkeypatch.setattr(run_spec, "get_task",
                         lambda name: unplanned if name == "rm" else get_task(name))
     config = load_config(str(tiny_config_dir / "sft.yaml"), ["task=rm"])
-    with pytest.raises(ConfigError, match="memory plans cover distill, dpo, grpo, kto, online_dpo, ppo, sft, not 'rm'"):
+    with pytest.raises(ConfigError, match="memory plans cover distill, dpo, grpo, kto, online_dpo, ppo, prm, sft, not 'rm'"):
         plan_memory(config, get_topology("cpu:8"))
     missing = load_config(str(tiny_config_dir / "sft.yaml"), ["model.path=/nonexistent"])
     with pytest.raises(ConfigError, match="model.path"):

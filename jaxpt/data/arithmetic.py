@@ -22,7 +22,7 @@ in training, whatever the seeds.
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -373,6 +373,78 @@ def generate_preference_pairs(
                 "answer": problem.answer,
             }
         )
+    return rows
+
+
+def solution_steps(solution: str) -> list[str]:
+    """A worked solution's steps: its non-empty lines, in order (the answer line last)."""
+    return [line for line in solution.split("\n") if line.strip()]
+
+
+def step_labels(problem: Problem, steps: Sequence[str]) -> list[bool]:
+    """Whether each step of a worked solution of ``problem`` is right: step ``i`` is good
+    when the first ``i + 1`` steps equal the reference solution's (whitespace aside). The
+    first step that differs is the first bad one, and every step after it is bad too: a
+    solution that went wrong cannot reach the answer from there."""
+    reference = [s.strip() for s in solution_steps(worked_solution(problem))]
+    labels, right = [], True
+    for i, step in enumerate(steps):
+        right = right and i < len(reference) and step.strip() == reference[i]
+        labels.append(right)
+    return labels
+
+
+STEP_MISTAKES = ("drop_carry", "slip")
+
+
+def generate_step_rows(
+    n: int,
+    seed: int = 0,
+    split: Split = "train",
+    *,
+    error_rate: float = 0.5,
+    mistakes: Sequence[str] = ("drop_carry",),
+    task: ArithmeticTask | None = None,
+    **task_kwargs,
+) -> list[dict]:
+    """Step-labelled worked solutions for process reward models, one per problem, in the
+    stepwise format ``{"prompt", "completions": [steps], "labels": [bool per step]}`` plus
+    ``answer``, ``problem`` and ``id``.
+
+    With probability ``error_rate`` a solution is a sloppy one, with one mistake of a kind
+    drawn from ``mistakes``: ``drop_carry`` is the sloppy teacher's habit (a carry or borrow
+    into the next column forgotten, as ``dropped_carry_rate`` writes SFT data), ``slip`` a
+    column's result off by one. A problem without such a mistake to make keeps its right
+    solution. The solutions label themselves (``step_labels``): the first wrong column is
+    the first bad step.
+    """
+    task = _task(task, **task_kwargs)
+    if task.style != "worked":
+        raise ValueError("step-labelled rows need style 'worked' (one step per column)")
+    if not 0 <= error_rate <= 1:
+        raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
+    mistakes = tuple(mistakes)
+    if not mistakes or not set(mistakes) <= set(STEP_MISTAKES):
+        raise ValueError(f"mistakes must be a non-empty subset of {STEP_MISTAKES}, got {mistakes}")
+    problems = _problems(n, seed, split, task)
+    rng = np.random.default_rng([seed, 5])
+    rows = []
+    for i, problem in enumerate(problems):
+        solution = worked_solution(problem)
+        if rng.random() < error_rate:
+            kind = mistakes[int(rng.integers(len(mistakes)))]
+            wrong = _wrong_solutions(problem, kind, into_next_column=kind == "drop_carry")
+            if wrong:
+                solution = wrong[int(rng.integers(len(wrong)))]
+        steps = solution_steps(solution)
+        rows.append({
+            "id": f"arith-steps-{split}-{seed}-{i}",
+            "prompt": task.ask(problem),
+            "completions": steps,
+            "labels": step_labels(problem, steps),
+            "answer": problem.answer,
+            "problem": f"{problem.a}{problem.op}{problem.b}",
+        })
     return rows
 
 

@@ -198,6 +198,28 @@ def tokenize_unpaired(row: dict, tokenizer) -> dict:
     return _tokenize_responses(row, tokenizer, ("completion",), {"label": row["label"]})
 
 
+def tokenize_steps(row: dict, tokenizer, separator: str = "\n") -> dict:
+    """prompt_ids, completion_ids, completion_mask and completion_labels of a step-labelled
+    row: each step is encoded with ``separator`` after it and concatenated; the mask is 1 on
+    each step's last token (where its label is read: the model has seen the whole step) and
+    the labels hold that step's label there. A message-list prompt goes through the chat
+    template with the assistant generation prompt, so the steps sit where a sampled reply
+    does; a text prompt is encoded as is."""
+    prompt = row["prompt"]
+    out = {"prompt_ids": (render_prompt(tokenizer, prompt) if isinstance(prompt, list)
+                          else encode_text(tokenizer, prompt))}
+    ids, mask, labels = [], [], []
+    for step, label in zip(row["completions"], row["labels"]):
+        step_ids = encode_text(tokenizer, step + separator)
+        if not step_ids:
+            continue
+        ids += step_ids
+        mask += [0] * (len(step_ids) - 1) + [1]
+        labels += [0] * (len(step_ids) - 1) + [int(label)]
+    out.update(completion_ids=ids, completion_mask=mask, completion_labels=labels)
+    return out
+
+
 def _tokenize_responses(row: dict, tokenizer, sides, out: dict) -> dict:
     if isinstance(row["prompt"], str):
         out["prompt_ids"] = encode_text(tokenizer, row["prompt"])
@@ -243,9 +265,8 @@ def fit_preference(
         keep = min(len(prompt), max(max_length - longest, max_prompt_length))
         budget = max_length - keep
         pair = dict(pair, prompt_ids=prompt[len(prompt) - keep :])
-        for side in sides:
-            pair[f"{side}_ids"] = pair[f"{side}_ids"][:budget]
-            pair[f"{side}_mask"] = pair[f"{side}_mask"][:budget]
+        for key in [k for k in pair if k.startswith(tuple(f"{side}_" for side in sides))]:
+            pair[key] = pair[key][:budget]  # ids, mask and any per-token fields alike
         status = "truncated"
     if not (all(any(pair[f"{side}_mask"]) for side in sides) and pair["prompt_ids"]):
         return pair, "dropped_no_target"

@@ -113,6 +113,23 @@ def unpaired_row(example: dict, seq_len: int) -> dict:
     return row
 
 
+def step_row(example: dict, seq_len: int) -> dict:
+    """Grain map: a stored step-labelled example to its row (prompt + steps) with
+    ``step_labels`` [seq_len] (1 good / 0 bad on each step's last token, -1 elsewhere),
+    ``response_mask`` [seq_len] (1.0 on the steps' tokens) and ``example_mask`` (1.0; 0 on
+    padded rows)."""
+    prompt_ids = example["prompt_ids"]
+    ids_l = np.concatenate([prompt_ids, example["completion_ids"]]).astype(np.int32)
+    row = pad_row({"input_ids": ids_l}, seq_len)
+    labels_l = np.where(example["completion_mask"], example["completion_labels"], -1)
+    labels_l = np.concatenate([np.full(len(prompt_ids), -1), labels_l]).astype(np.int32)
+    row["step_labels"] = np.pad(labels_l, (0, seq_len - len(labels_l)), constant_values=-1)
+    row["response_mask"] = _pad(np.arange(len(ids_l)) >= len(prompt_ids), seq_len).astype(
+        np.float32)
+    row["example_mask"] = np.float32(1.0)
+    return row
+
+
 def mismatched_rows(batch: dict) -> dict:
     """KTO's reference point rows: row i's prompt followed by row (i + 1)'s completion, as
     ``kl_{input_ids,target_ids,loss_mask,positions,segment_ids}`` [B, S] (cut at S; a row

@@ -5,6 +5,10 @@ SFT batch (all [batch, seq_len]; row fields are described in `jaxpt.data.feature
 Preference batch (one pair per row, never packed):
     {chosen,rejected}_{input_ids,target_ids,loss_mask,positions,segment_ids}: [batch, seq_len]
     margin, pair_mask: float32 [batch]   (pair_mask is 0 on padding rows of a short last batch)
+Step batch (process reward models; one example per row, never packed):
+    input_ids, positions, segment_ids, step_labels (1/0 at each step's end, -1 elsewhere):
+    int32 [batch, seq_len];  response_mask (1 on the steps' tokens): float32 [batch, seq_len];
+    example_mask: float32 [batch]
 Unpaired batch (KTO; one example per row, never packed):
     the SFT fields, and kl_<field> (row i's prompt with row i+1's completion): [batch, seq_len]
     label, example_mask: float32 [batch];  prompt_length: int32 [batch]
@@ -169,21 +173,37 @@ def build_unpaired_pipeline(
     return _prompt_response_pipeline("unpaired", source, tokenizer, **options)
 
 
+def build_step_pipeline(
+    source: str | Path | list[dict] | LoadedExamples,
+    tokenizer: Any = None,
+    *,
+    separator: str = "\n",
+    **options,
+) -> Pipeline:
+    """Step-labelled examples (process reward models), one per row padded to seq_len, each
+    step followed by ``separator`` (the same keyword options as
+    ``build_preference_pipeline``; too-long examples lose their last steps)."""
+    return _prompt_response_pipeline("steps", source, tokenizer,
+                                     tokenize_options={"separator": separator}, **options)
+
+
 # What each prompt + response(s) kind tokenizes, which responses it fits, its row and batch maps.
 _RESPONSE_KINDS = {
     "preference": (chat.tokenize_preference, ("chosen", "rejected"), features.preference_row,
                    None),
     "unpaired": (chat.tokenize_unpaired, ("completion",), features.unpaired_row,
                  lambda batch: {**batch, **features.mismatched_rows(batch)}),
+    "steps": (chat.tokenize_steps, ("completion",), features.step_row, None),
 }
 
 
 def _prompt_response_pipeline(
     kind, source, tokenizer=None, *, seq_len, batch_size, seed=0, split="train",
     max_prompt_length=None, overflow="truncate", skip_invalid=False, num_epochs=None,
-    shuffle=True, num_workers=0, shard_index=None, shard_count=None,
+    shuffle=True, num_workers=0, shard_index=None, shard_count=None, tokenize_options=None,
 ) -> Pipeline:
     tokenize, sides, row_map, batch_map = _RESPONSE_KINDS[kind]
+    tokenize = functools.partial(tokenize, **(tokenize_options or {}))
     _check_overflow(overflow)
     max_prompt_length = seq_len // 2 if max_prompt_length is None else max_prompt_length
     tokenizer = _tokenizer(tokenizer)

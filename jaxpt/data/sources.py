@@ -14,6 +14,8 @@ Unpaired (KTO)           {"prompt", "completion", "label"}: prompt and completio
                          preference responses, label true (desirable) or false (undesirable);
                          a preference row is read as two unpaired rows (chosen: true,
                          rejected: false).
+Step-labelled (PRM)      {"prompt": str | [messages], "completions": [str, ...] (the steps of
+                         one response), "labels": [bool, ...] (one per step: is it right)}
 
 Validated rows are normalised to one of:
     {"messages": [{"role", "content"}], "train_from": int}   # loss only on messages[train_from:]
@@ -21,6 +23,7 @@ Validated rows are normalised to one of:
     {"prompt": str | messages, "chosen": str | messages, "rejected": ..., "margin": float}
     {"prompt": str | messages, **other columns}
     {"prompt": str | messages, "completion": str | messages, "label": bool}
+    {"prompt": str | messages, "completions": [str], "labels": [bool]}
 
 Every string in the fields a row kind reads (every column of a prompt row) must be clean
 text: a lone surrogate or a NUL character rejects the row, as does a preference pair whose
@@ -37,7 +40,7 @@ from typing import Any, Literal
 
 ROLES = ("system", "user", "assistant", "tool")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-RowKind = Literal["sft", "preference", "prompt", "unpaired"]
+RowKind = Literal["sft", "preference", "prompt", "unpaired", "steps"]
 
 
 class DataError(ValueError):
@@ -75,6 +78,7 @@ def load_examples(
         "preference": normalize_preference_row,
         "prompt": normalize_prompt_row,
         "unpaired": normalize_unpaired_row,
+        "steps": normalize_step_row,
     }[kind]
     name = "<memory>" if isinstance(source, list) else str(source)
     rows, reasons, num_read = [], [], 0
@@ -242,6 +246,29 @@ def normalize_unpaired_row(row: Any) -> list[dict]:
     )
 
 
+def normalize_step_row(row: Any) -> dict:
+    """Validate one step-labelled row (a response as its steps, one label each)."""
+    _require_dict(row)
+    missing = [k for k in ("prompt", "completions", "labels") if k not in row]
+    if missing:
+        raise RowProblem(f"missing field(s) {', '.join(map(repr, missing))}")
+    prompt, steps, labels = row["prompt"], row["completions"], row["labels"]
+    if isinstance(prompt, list):
+        prompt = _messages(prompt, "prompt")
+    elif not isinstance(prompt, str):
+        raise RowProblem(f"'prompt' must be a string or a message list, got {type(prompt).__name__}")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+        raise RowProblem("'completions' must be a non-empty list of step strings")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        count = len(labels) if isinstance(labels, list) else type(labels).__name__
+        raise RowProblem(f"'labels' must be a list of one label per step ({len(steps)}), "
+                         f"got {count}")
+    for i, label in enumerate(labels):
+        if not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
+            raise RowProblem(f"'labels[{i}]' must be true (a right step) or false, got {label!r}")
+    return {"prompt": prompt, "completions": list(steps), "labels": [bool(x) for x in labels]}
+
+
 def normalize_prompt_row(row: Any) -> dict:
     """Validate one RL prompt row (other columns kept for reward functions)."""
     _require_dict(row)
@@ -262,7 +289,9 @@ def _fields_read(kind: RowKind, row: dict) -> dict:
     columns go to reward functions."""
     if kind == "prompt":
         return row
-    if kind == "sft" or (kind == "unpaired" and "chosen" not in row):
+    if kind == "steps":
+        keys = ("prompt", "completions")
+    elif kind == "sft" or (kind == "unpaired" and "chosen" not in row):
         keys = ("messages",) if "messages" in row else ("prompt", "completion")
     else:
         keys = ("prompt", "chosen", "rejected")

@@ -3,7 +3,8 @@ metrics; write ``results.json`` and ``samples.jsonl``; print a table.
 
 Metrics of one task: ``accuracy`` (greedy; mean@1 of the samples when the task turns the
 greedy pass off), ``n`` (problems) and, with ``num_samples`` > 1 at a temperature,
-``pass@k``, ``mean@k`` and (for scorers that extract an answer) ``maj@k`` for each ``k``.
+``pass@k``, ``mean@k``, (for scorers that extract an answer) ``maj@k`` and, for each reward
+model in the task's ``rerank``, ``best@k/<name>`` (best-of-k by that model) for each ``k``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxpt.evals.sampled import sampled_metrics
+from jaxpt.evals.sampled import best_at_k, sampled_metrics
 from jaxpt.evals.scorers import get_scorer
 from jaxpt.evals.tasks import EvalExample, EvalTask, load_task_examples
 
@@ -143,10 +144,33 @@ def evaluate_task(
         sampled = sampled_metrics(scores, answers, task.k)
         metrics.setdefault("accuracy", sampled.get("mean@1", float(np.mean(scores))))
         metrics.update(sampled)
+        sample_prompts = [e.prompt for e in examples for _ in range(n)]
+        for name, path in task.rerank.items():
+            ranks = reranker(path).score(sample_prompts, texts)
+            for sample, rank in zip(samples[-len(texts):], ranks):
+                sample.setdefault("rerank", {})[name] = float(rank)
+            for k in task.k:
+                metrics[f"best@{k}/{name}"] = float(np.mean([
+                    best_at_k(scores[p], ranks[p * n : (p + 1) * n], k)
+                    for p in range(len(examples))]))
     metrics["n"] = len(examples)
     metrics["mean_completion_tokens"] = float(np.mean(lengths))
     metrics["eval_s"] = round(time.perf_counter() - start, 3)
     return TaskResult(task.name, metrics, samples)
+
+
+_RERANKERS: dict = {}
+
+
+def reranker(path: str):
+    """The reward model (``rm`` or ``prm`` export) at ``path``, loaded once per process."""
+    if path not in _RERANKERS:
+        from jaxpt.rewards import load_reward_model
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"rerank: no reward model dir at {path}")
+        _RERANKERS[path] = load_reward_model(path, batch_size=64)
+    return _RERANKERS[path]
 
 
 def evaluate_tasks(model, tokenizer, tasks: Sequence[EvalTask], **kwargs) -> list[TaskResult]:

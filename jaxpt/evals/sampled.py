@@ -1,4 +1,4 @@
-"""Metrics over several samples per problem: pass@k, maj@k and mean@k.
+"""Metrics over several samples per problem: pass@k, maj@k, mean@k and best@k (reranking).
 
 Each problem contributes a list of per-sample scores (1.0 = correct) in sampling order and,
 for maj@k, the answer extracted from each sample (None where none could be read). Every
@@ -62,6 +62,16 @@ def maj_at_k(answers: Sequence[str | None], scores: Sequence[float], k: int) -> 
         raise ValueError(f"{len(answers)} answers but {len(scores)} scores")
     winner = majority_answer(answers[:k])
     return 0.0 if winner is None else float(scores[winner] >= 1.0)
+
+
+def best_at_k(scores: Sequence[float], ranks: Sequence[float], k: int) -> float:
+    """1.0 when the sample that ``ranks`` (a reranker's scores) puts highest among the first
+    ``k`` is correct (the first on ties), else 0.0."""
+    _check_k(len(scores), k)
+    if len(ranks) != len(scores):
+        raise ValueError(f"{len(ranks)} reranker scores but {len(scores)} scores")
+    best = max(range(k), key=lambda i: (ranks[i], -i))
+    return float(scores[best] >= 1.0)
 
 
 def mean_at_k(scores: Sequence[float], k: int) -> float:

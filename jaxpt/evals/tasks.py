@@ -18,6 +18,7 @@ A task is one mapping (a YAML entry under ``tasks:`` of an eval config, or under
     temperature: 1.0
     top_p: null
     k: [1, 8]                    # pass@k / maj@k / mean@k (default: 1 and num_samples)
+    rerank: {orm: runs/rm_tiny/hf, prm: runs/prm_tiny/hf}   # best@k/<name> per reward model
 
 Built-in tasks (a ``name`` or ``preset``): ``arithmetic`` (the shipped task's held-out
 split; options under ``arithmetic:``), ``humaneval`` (the 164 problems of the installed
@@ -77,6 +78,9 @@ class EvalTaskSpec:
     stop: list[str] | None = None  # completions are cut before the first of these strings
     seed: int = 0
     arithmetic: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Best-of-n reranking: name -> a reward model dir (an ``rm`` or ``prm`` export); with
+    # samples, ``best@k/<name>`` is the accuracy of the sample it scores highest of the first k.
+    rerank: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,7 @@ class EvalTask:
     stop: tuple[str, ...]
     seed: int
     arithmetic: dict
+    rerank: dict = dataclasses.field(default_factory=dict)
 
     @property
     def sampled(self) -> bool:
@@ -213,6 +218,13 @@ def parse_task(entry: Any, where: str = "tasks[0]") -> EvalTask:
         raise TaskConfigError(f"{where}: key 'k' values must be in [1, num_samples={n}], got {bad}")
     values["k"] = ks
     values["stop"] = tuple(values["stop"] or ())
+    if values["rerank"] and not values["temperature"] > 0:
+        raise TaskConfigError(f"{where}: key 'rerank' picks among samples: set 'num_samples' "
+                              "> 1 and a 'temperature' > 0")
+    for name, path in values["rerank"].items():
+        if not isinstance(path, str) or not path:
+            raise TaskConfigError(f"{where}: key 'rerank.{name}' must be a reward model dir, "
+                                  f"got {path!r}")
     try:
         get_scorer(values["scorer"])
     except ValueError as error:

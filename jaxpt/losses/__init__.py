@@ -38,6 +38,7 @@ from jaxpt.losses.preference import (
     orpo_loss,
     simpo_loss,
 )
+from jaxpt.losses.process import first_bad_step, step_label_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -54,6 +55,7 @@ __all__ = [
     "entropy_from_logits",
     "estimate_advantages",
     "explained_variance",
+    "first_bad_step",
     "fixed_kl_update",
     "gae_advantages",
     "group_advantages",
@@ -67,6 +69,7 @@ __all__ = [
     "rloo_advantages",
     "sequence_logprob",
     "simpo_loss",
+    "step_label_loss",
     "token_logprobs",
     "token_rewards",
     "whiten",

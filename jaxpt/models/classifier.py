@@ -1,11 +1,14 @@
-"""Sequence classification (reward models): the decoder plus a linear ``score`` head read at
-the last non-pad token, in transformers' ``...ForSequenceClassification`` layout.
+"""Sequence and token classification (reward models, process reward models): the decoder
+plus a linear ``score`` head, in transformers' ``...ForSequenceClassification`` and
+``...ForTokenClassification`` layouts.
 
 Parameters are ``model.*`` (the decoder, as in ``CausalLM``) and ``score.weight``
-[num_labels, hidden] with no bias, so checkpoints load in
-``transformers.AutoModelForSequenceClassification`` by name. The read position follows
-transformers: the rightmost token that is not ``pad_token_id`` (with right padding, the last
-real token).
+[num_labels, hidden]: without bias for sequence classification, with ``score.bias`` for
+token classification (transformers' default, ``token_classification_bias``), so checkpoints
+load in ``transformers.AutoModelFor{Sequence,Token}Classification`` by name. A sequence
+classifier reads its score where transformers does: the rightmost token that is not
+``pad_token_id`` (with right padding, the last real token). A token classifier scores every
+position.
 """
 
 from __future__ import annotations
@@ -37,25 +40,33 @@ from jaxpt.sharding import make_mesh
 log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "score."
+# The head's kind -> the HF architecture suffix that replaces "ForCausalLM".
+KINDS = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
 
 
 class ScoreHead(nnx.Module):
-    """``score``: a bias-free Linear hidden -> num_labels, weight in HF layout [out, in]."""
+    """``score``: a Linear hidden -> num_labels (with ``bias`` or none), weight in HF layout
+    [out, in]."""
 
-    def __init__(self, hidden_size, num_labels, *, rngs, std, dtype, param_dtype):
+    def __init__(self, hidden_size, num_labels, *, rngs, std, dtype, param_dtype, bias=False):
         self.weight = nnx.Param(
             std * jax.random.normal(rngs.params(), (num_labels, hidden_size), param_dtype),
             logical_axes=(None, "embed"),
         )
+        self.bias = (nnx.Param(jnp.zeros((num_labels,), param_dtype), logical_axes=(None,))
+                     if bias else None)
         self.dtype = dtype
 
     def __call__(self, h_bd):
-        return jnp.einsum("bd,ld->bl", h_bd, self.weight[...].astype(self.dtype))
+        return self.per_token(h_bd[:, None])[:, 0].astype(self.dtype)
 
     def per_token(self, h_btd):
         """Float32 scores [B, T, num_labels] of hidden states [B, T, D]."""
         weight = self.weight[...].astype(self.dtype)
-        return jnp.einsum("btd,ld->btl", h_btd, weight).astype(jnp.float32)
+        out_btl = jnp.einsum("btd,ld->btl", h_btd, weight)
+        if self.bias is not None:
+            out_btl = out_btl + self.bias[...].astype(self.dtype)[None, None, :]
+        return out_btl.astype(jnp.float32)
 
 
 def read_positions(input_ids_bt, real_bt=None, pad_token_id: int | None = None):
@@ -76,6 +87,8 @@ class SequenceClassifier(CausalLM):
     ``return_hidden=True``.
     """
 
+    kind = "sequence"
+
     def __init__(
         self,
         config,
@@ -88,6 +101,7 @@ class SequenceClassifier(CausalLM):
         remat: str = "none",
         attention_impl: str | None = None,
         scan_layers: bool | None = None,
+        head_bias: bool = False,
     ):
         super().__init__(
             config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
@@ -102,6 +116,7 @@ class SequenceClassifier(CausalLM):
             std=config.initializer_range,
             dtype=dtype,
             param_dtype=param_dtype,
+            bias=head_bias,
         )
 
     def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None):
@@ -120,27 +135,55 @@ class SequenceClassifier(CausalLM):
         return self.score.per_token(h_btd)
 
 
+class TokenClassifier(SequenceClassifier):
+    """Decoder + ``score`` head at every position: float32 scores [B, T, num_labels] (a
+    process reward model's per-step logits, read at each step's last token)."""
+
+    kind = "token"
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None):
+        real_bt = segment_ids if segment_ids is not None else attention_mask
+        return self.token_scores(input_ids, positions, real_bt)
+
+
 # ------------------------------------------------------------------- HF config and I/O
 
 
-def classifier_hf_config(hf_config, *, num_labels: int = 1, pad_token_id: int | None = None):
-    """A copy of a causal-LM (or classifier) HF config as ``...ForSequenceClassification``."""
+def classifier_hf_config(hf_config, *, num_labels: int = 1, pad_token_id: int | None = None,
+                         kind: str = "sequence", head_bias: bool | None = None):
+    """A copy of a causal-LM (or classifier) HF config as ``...ForSequenceClassification``
+    (``kind`` "sequence") or ``...ForTokenClassification`` ("token"; ``head_bias`` written as
+    ``token_classification_bias``)."""
     out = hf_config.__class__.from_dict(hf_config.to_dict())
-    arch = config_from_hf(out).architecture.replace("ForCausalLM", "ForSequenceClassification")
+    arch = config_from_hf(out).architecture.replace("ForCausalLM", KINDS[kind])
     out.architectures = [arch]
     out.num_labels = num_labels
     if pad_token_id is not None:
         out.pad_token_id = pad_token_id
+    if kind == "token" and head_bias is not None:
+        out.token_classification_bias = bool(head_bias)
     return out
 
 
-def _build_fn(config, num_labels, pad_token_id, kwargs):
+def classifier_kind(hf_config) -> str | None:
+    """"token" or "sequence" for a classifier checkpoint's config, None for another model."""
+    for arch in getattr(hf_config, "architectures", None) or ():
+        for kind, suffix in KINDS.items():
+            if arch.endswith(suffix):
+                return kind
+    return None
+
+
+def _build_fn(config, num_labels, pad_token_id, kwargs, kind="sequence", head_bias=False):
+    cls = TokenClassifier if kind == "token" else SequenceClassifier
+
     def build(seed):
-        return SequenceClassifier(
+        return cls(
             config,
             rngs=nnx.Rngs(seed),
             num_labels=num_labels,
             pad_token_id=pad_token_id,
+            head_bias=head_bias,
             **kwargs,
         )
 
@@ -196,17 +239,21 @@ def init_classifier(
     remat: str = "none",
     attention_impl: str | None = None,
     scan_layers: bool | None = None,
+    kind: str = "sequence",
 ) -> SequenceClassifier:
-    """A randomly initialized classifier (seeded) from an HF config (object or dict)."""
+    """A randomly initialized classifier (seeded) from an HF config (object or dict); ``kind``
+    "token" gives a ``TokenClassifier`` (its head with a bias, as transformers builds it)."""
     hf_config = config if not isinstance(config, dict) else hf_config_from_dict(config)
     pad_token_id = _pad_id(hf_config, pad_token_id)
     kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl, scan_layers)
     mesh = mesh if mesh is not None else make_mesh({}, devices=jax.devices()[:1])
-    build = _build_fn(config_from_hf(hf_config), num_labels, pad_token_id, kwargs)
+    head_bias = kind == "token"
+    build = _build_fn(config_from_hf(hf_config), num_labels, pad_token_id, kwargs, kind,
+                      head_bias)
     model = _materialize(build, seed, mesh, rules)
-    _attach_hf_config(
-        model, classifier_hf_config(hf_config, num_labels=num_labels, pad_token_id=pad_token_id)
-    )
+    _attach_hf_config(model, classifier_hf_config(
+        hf_config, num_labels=num_labels, pad_token_id=pad_token_id, kind=kind,
+        head_bias=head_bias))
     return model
 
 
@@ -223,25 +270,40 @@ def classifier_from_pretrained(
     remat: str = "none",
     attention_impl: str | None = None,
     scan_layers: bool | None = None,
+    kind: str | None = None,
 ) -> SequenceClassifier:
-    """Load a ``...ForSequenceClassification`` checkpoint, or a causal-LM checkpoint whose
-    ``lm_head`` is ignored and whose ``score`` head is initialized from ``seed``."""
+    """Load a ``...ForSequenceClassification`` or ``...ForTokenClassification`` checkpoint
+    (``kind`` None: the checkpoint's), or a causal-LM checkpoint whose ``lm_head`` is ignored
+    and whose ``score`` head (``kind`` "sequence" unless given) is initialized from
+    ``seed``."""
     model_dir = resolve_model_dir(name_or_path)
     hf_config = transformers.AutoConfig.from_pretrained(model_dir)
     tensors = _tensor_files(model_dir)
     has_head = any(name.startswith(HEAD_PREFIX) for name in tensors)
+    saved_kind = classifier_kind(hf_config) if has_head else None
+    if kind is not None and saved_kind is not None and kind != saved_kind:
+        raise ValueError(f"{model_dir}: a {saved_kind} classifier checkpoint "
+                         f"({hf_config.architectures[0]}), asked to load as a {kind} classifier")
+    kind = kind or saved_kind or "sequence"
+    if kind not in KINDS:
+        raise ValueError(f"classifier kind must be one of {list(KINDS)}, got {kind!r}")
     if num_labels is None:
         num_labels = int(getattr(hf_config, "num_labels", 1)) if has_head else 1
     pad_token_id = _pad_id(hf_config, pad_token_id)
     kwargs = _model_kwargs(dtype, param_dtype, remat, attention_impl, scan_layers)
     mesh = mesh if mesh is not None else make_mesh({}, devices=jax.devices()[:1])
-    build = _build_fn(config_from_hf(hf_config), num_labels, pad_token_id, kwargs)
+    head_bias = kind == "token" and (
+        f"{HEAD_PREFIX}bias" in tensors
+        or (not has_head and getattr(hf_config, "token_classification_bias", True))
+    )
+    build = _build_fn(config_from_hf(hf_config), num_labels, pad_token_id, kwargs, kind,
+                      head_bias)
     if not has_head:
         log.info("%s: no score head in the checkpoint; initializing it (seed %d)", model_dir, seed)
     model = _materialize(build, seed, mesh, rules, tensors, model_dir)
-    _attach_hf_config(
-        model, classifier_hf_config(hf_config, num_labels=num_labels, pad_token_id=pad_token_id)
-    )
+    _attach_hf_config(model, classifier_hf_config(
+        hf_config, num_labels=num_labels, pad_token_id=pad_token_id, kind=kind,
+        head_bias=head_bias))
     return model
 
 
@@ -254,12 +316,17 @@ def load_classifier(name_or_path: str, *, seed: int = 0, **kwargs) -> SequenceCl
     return classifier_from_pretrained(name_or_path, seed=seed, **kwargs)
 
 
-def save_classifier(model: SequenceClassifier, out_dir: str, *, dtype=None) -> str:
-    """Write the ``...ForSequenceClassification`` checkpoint (config with num_labels and
-    pad_token_id) that ``transformers.AutoModelForSequenceClassification`` loads."""
+def save_classifier(model: SequenceClassifier, out_dir: str, *, dtype=None,
+                    extra_config: dict | None = None) -> str:
+    """Write the ``...ForSequenceClassification`` (or ``...ForTokenClassification``)
+    checkpoint, its config with num_labels and pad_token_id (and ``extra_config``'s keys),
+    that ``transformers.AutoModelFor{Sequence,Token}Classification`` loads."""
     hf_config = classifier_hf_config(
-        hf_config_of(model), num_labels=model.num_labels, pad_token_id=model.pad_token_id
+        hf_config_of(model), num_labels=model.num_labels, pad_token_id=model.pad_token_id,
+        kind=model.kind, head_bias=model.score.bias is not None,
     )
+    for key, value in (extra_config or {}).items():
+        setattr(hf_config, key, value)
     return save_pretrained(model, out_dir, dtype=dtype, hf_config=hf_config)
 
 

@@ -17,7 +17,8 @@ Reading a config (``config_from_hf``) fills ``ModelConfig`` from the config.json
 every Llama-like family shares (sizes, ``rms_norm_eps``, ``attention_bias``,
 ``mlp_bias``, ``hidden_act``, rope parameters, sliding windows), then the family's flags,
 then whatever its ``read_config`` returns. A ``...ForSequenceClassification`` checkpoint
-(a reward model) belongs to the family of its ``...ForCausalLM``.
+(a reward model) or ``...ForTokenClassification`` one (a process reward model) belongs to
+the family of its ``...ForCausalLM``.
 
 WHAT A MODEL CLASS PROVIDES. ``ModelFamily.model_cls`` (default ``jaxpt.models.CausalLM``)
 is built as ``model_cls(config, rngs=..., dtype=..., param_dtype=..., remat=...,
@@ -142,8 +143,10 @@ def supported_architectures() -> tuple[str, ...]:
 
 def get_family(architecture: str) -> ModelFamily:
     """The family of an architecture name (``...ForCausalLM`` or
-    ``...ForSequenceClassification``)."""
-    base = architecture.replace("ForSequenceClassification", "ForCausalLM")
+    ``...ForSequenceClassification`` / ``...ForTokenClassification``)."""
+    base = architecture
+    for head in ("ForSequenceClassification", "ForTokenClassification"):
+        base = base.replace(head, "ForCausalLM")
     if base not in _FAMILIES:
         raise UnsupportedArchitectureError(
             f"architecture {architecture!r} is not supported; jaxpt supports "

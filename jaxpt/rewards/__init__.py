@@ -21,7 +21,9 @@ Built-ins, by config name (`BUILTIN_REWARDS`):
   code             `code_reward`: fraction of the `tests` column passed by the completion's
                    ```python block, run in the sandbox (`run_untrusted`).
 `load_reward_model(dir)` loads a trained reward model (`rm` task export) as a `RewardModel`
-that scores (prompt, response) pairs; it is imported lazily (it needs the model stack).
+that scores (prompt, response) pairs, or a process reward model (`prm` task export) as a
+`ProcessRewardModel` that scores each step and aggregates them; it is imported lazily (it
+needs the model stack).
 Any other callable is named by import path, "package.module:function". `build_reward_fns`
 turns config specs (names, weights, kwargs) into `RewardFn`s, and `RewardRunner` scores a batch
 with them: per-function float32 arrays (NaN = abstain or failure), the weighted total, counters;
@@ -76,7 +78,7 @@ __all__ = [
 
 def __getattr__(name):
     # The reward model pulls in jax and the models; plain reward functions do not need them.
-    if name in ("load_reward_model", "RewardModel"):
+    if name in ("load_reward_model", "RewardModel", "ProcessRewardModel"):
         from jaxpt.rewards import reward_model
 
         return getattr(reward_model, name)

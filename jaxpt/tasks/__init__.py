@@ -25,6 +25,7 @@ from jaxpt.tasks.base import BatchSource, BuiltModel, RunContext, Task
 TASKS: dict[str, str | Task] = {
     "sft": "jaxpt.tasks.sft",
     "rm": "jaxpt.tasks.rm",
+    "prm": "jaxpt.tasks.prm",
     "dpo": "jaxpt.tasks.dpo",
     "kto": "jaxpt.tasks.kto",
     "distill": "jaxpt.tasks.distill",

@@ -5,6 +5,7 @@ the HF export."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ ARITHMETIC = "arithmetic"  # data.train / data.eval: the shipped, generated arit
 
 # Row kinds as `jaxpt.data.load_examples` names them, and the arithmetic generator of each.
 _ARITHMETIC_FILES = {"sft": "arithmetic", "prompt": "arithmetic", "preference": "arithmetic_pref",
-                     "unpaired": "arithmetic_pref"}
+                     "unpaired": "arithmetic_pref", "steps": "arithmetic_steps"}
 
 
 # ------------------------------------------------------------------------ model, tokenizer
@@ -249,15 +250,23 @@ def reference_params(
 
 
 def arithmetic_rows(ctx: RunContext, split: str, kind: str) -> list[dict]:
-    """Rows of the shipped arithmetic task: examples (``sft``, ``prompt``) or preference
-    pairs, ``split`` train or test; also written to ``<output_dir>/data/<name>_<split>.jsonl``
-    for inspection."""
-    from jaxpt.data import generate_examples, generate_preference_pairs, write_jsonl
+    """Rows of the shipped arithmetic task: examples (``sft``, ``prompt``), preference
+    pairs or step-labelled solutions (``steps``), ``split`` train or test; also written to
+    ``<output_dir>/data/<name>_<split>.jsonl`` for inspection."""
+    from jaxpt.data import (
+        generate_examples,
+        generate_preference_pairs,
+        generate_step_rows,
+        write_jsonl,
+    )
 
     a = ctx.config.data.arithmetic
     # KTO's unpaired rows: the pairs, each read as a desirable and an undesirable example.
     pairs = kind in ("preference", "unpaired")
     generator = generate_preference_pairs if pairs else generate_examples
+    if kind == "steps":
+        generator = functools.partial(generate_step_rows, error_rate=a.step_error_rate,
+                                      mistakes=a.step_mistakes)
     n = a.num_train if split == "train" else a.num_test
     try:
         task = a.task()

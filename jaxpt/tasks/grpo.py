@@ -39,7 +39,12 @@ from jaxpt.tasks.rl.batch import Rollout, completion_window, shares_prompts, tra
 from jaxpt.tasks.rl.evaluator import accuracy_evaluator
 from jaxpt.tasks.rl.forward import completion_hidden
 from jaxpt.tasks.rl.program import RolloutProgram
-from jaxpt.tasks.rl.rewards import RewardSpec, check_reward_settings, reward_specs
+from jaxpt.tasks.rl.rewards import (
+    RewardSpec,
+    check_reward_settings,
+    reward_model_spec,
+    reward_specs,
+)
 from jaxpt.tasks.rl.source import RolloutSource, prompt_rows
 
 __all__ = ["TASK", "GrpoConfig", "RewardSpec", "grpo_loss", "make_batch", "reward_specs"]
@@ -78,6 +83,10 @@ class GrpoConfig:
     rewards: list[RewardSpec] = dataclasses.field(
         default_factory=lambda: [RewardSpec(name="math")]
     )
+    # A reward model dir (`task: rm` or `task: prm` exports) whose score is added to the
+    # total with this weight (a process reward model gives its steps' aggregate)
+    reward_model: str | None = None
+    reward_model_weight: float = 1.0
     # A reward function failing (raising, a wrong count, a non-number) on more than this
     # share of a rollout's completions stops the run; fewer failures score 0 and are counted.
     max_reward_error_frac: float = 0.5
@@ -128,8 +137,8 @@ class GrpoConfig:
         if self.max_sampling_rounds > 1 and not self.dynamic_sampling:
             fail("max_sampling_rounds", "fills the batch with groups that have reward spread: "
                  "it needs 'grpo.dynamic_sampling: true'")
-        if not self.rewards:
-            fail("rewards", "needs at least one reward function")
+        if not self.rewards and self.reward_model is None:
+            fail("rewards", "needs at least one reward function (or a 'grpo.reward_model')")
 
 
 # ------------------------------------------------------------------------------ the loss
@@ -247,6 +256,8 @@ def check_config(config) -> None:
             f"config key 'train.batch_size' ({config.train.batch_size}) counts completions and "
             f"must be divisible by 'grpo.num_generations' ({cfg.num_generations})"
         )
+    if cfg.reward_model is not None:
+        common.check_model_path("grpo.reward_model", cfg.reward_model)
     check_reward_settings("grpo", cfg)
 
 
@@ -355,12 +366,15 @@ class LogprobFinisher:
 
 def make_train_source(ctx: RunContext) -> RolloutSource:
     cfg = ctx.task_config
+    rewards = reward_specs(cfg)
+    if cfg.reward_model is not None:
+        rewards.append(reward_model_spec(ctx, cfg.reward_model, cfg.reward_model_weight))
     return RolloutSource(
         ctx, prompt_rows(ctx, "train"), make_batch=functools.partial(make_batch, cfg=cfg),
         samples_per_prompt=cfg.num_generations, max_prompt_length=cfg.max_prompt_length,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=cfg.top_k, sampler=cfg.sampler, serve_port=cfg.serve_port,
-        rewards=reward_specs(cfg),
+        rewards=rewards,
         reuse=cfg.num_iterations,
         log_completions=cfg.log_completions,
         group_filter=(functools.partial(groups_with_spread, cfg=cfg)

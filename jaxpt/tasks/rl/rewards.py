@@ -30,7 +30,8 @@ def reward_specs(cfg) -> list[dict]:
 
 def reward_model_spec(ctx, path: str, weight: float = 1.0) -> dict:
     """A reward-function entry (``reward_model``) scoring completions with the reward
-    model at ``path`` (what ``task: rm`` exports), on the run's mesh and tokenizer."""
+    model at ``path`` (what ``task: rm`` or ``task: prm`` exports), on the run's mesh and
+    tokenizer."""
     from jaxpt.rewards import load_reward_model
     from jaxpt.tasks import common
 
