@@ -24,6 +24,7 @@ from jaxpt.data import (
 )
 from jaxpt.data.arithmetic import Problem, solution_steps, step_labels, worked_solution
 from jaxpt.evals import evaluate_task, parse_task
+from jaxpt.evals.runner import reranker
 from jaxpt.loop import run
 from jaxpt.losses import first_bad_step, step_label_loss
 from jaxpt.models import from_pretrained
@@ -233,13 +234,14 @@ def test_prm_export_is_a_transformers_token_classifier_and_the_scorer_reads_it(p
         np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(scorer.score(prompts, replies), [w.min() for w in expected],
                                atol=1e-5)
-    prod = load_reward_model(hf_dir, aggregate="prod")
-    np.testing.assert_allclose(prod.score(prompts, replies), [w.prod() for w in expected],
+    assert load_reward_model(hf_dir, aggregate="prod").aggregate == "prod"
+    scorer.aggregate = "prod"  # the same compiled forward, another reduction
+    np.testing.assert_allclose(scorer.score(prompts, replies), [w.prod() for w in expected],
                                atol=1e-5)
-    last = load_reward_model(hf_dir, aggregate="last")
-    np.testing.assert_allclose(last.score(prompts, replies), [w[-1] for w in expected],
+    scorer.aggregate = "last"
+    np.testing.assert_allclose(scorer.score(prompts, replies), [w[-1] for w in expected],
                                atol=1e-5)
-    assert last.score(prompts[:1], ["\n \n"])[0] == 0.0  # no steps: no credit
+    assert scorer.score(prompts[:1], ["\n \n"])[0] == 0.0  # no steps: no credit
 
 
 def test_prm_resumes_exactly(prm_run, tmp_path, tiny_dir):
@@ -265,7 +267,8 @@ def test_prm_reranks_best_of_n_in_eval_and_rewards_grpo(prm_run, tmp_path, tiny_
     result = evaluate_task(from_pretrained(tiny_dir), load_tokenizer(tiny_dir), task)
     samples = result.samples
     assert len(samples) == 16 and all("prm" in s["rerank"] for s in samples)
-    scorer = load_reward_model(hf_dir)
+    scorer = reranker(hf_dir)  # what the eval scored with (loaded once per process)
+    assert scorer.aggregate == "min"
     np.testing.assert_allclose([s["rerank"]["prm"] for s in samples],
                                scorer.score([s["prompt"] for s in samples],
                                             [s["completion"] for s in samples]), atol=1e-6)
