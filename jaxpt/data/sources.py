@@ -195,10 +195,7 @@ def normalize_sft_row(row: Any) -> dict:
 
 def normalize_preference_row(row: Any) -> dict:
     """Validate one preference row and return its normalised form; raise RowProblem if bad."""
-    _require_dict(row)
-    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-    if missing:
-        raise RowProblem(f"missing field(s) {', '.join(map(repr, missing))}")
+    _require_fields(row, ("prompt", "chosen", "rejected"))
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -225,10 +222,8 @@ def normalize_unpaired_row(row: Any) -> list[dict]:
         pair = normalize_preference_row(row)
         return [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
                 for side in ("chosen", "rejected")]
-    missing = [k for k in ("prompt", "completion", "label") if k not in row]
-    if missing:
-        raise RowProblem(f"missing field(s) {', '.join(map(repr, missing))} (or a "
-                         "preference row's 'chosen' and 'rejected')")
+    _require_fields(row, ("prompt", "completion", "label"),
+                    " (or a preference row's 'chosen' and 'rejected')")
     prompt, completion, label = row["prompt"], row["completion"], row["label"]
     if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
         label = bool(label)
@@ -248,10 +243,7 @@ def normalize_unpaired_row(row: Any) -> list[dict]:
 
 def normalize_step_row(row: Any) -> dict:
     """Validate one step-labelled row (a response as its steps, one label each)."""
-    _require_dict(row)
-    missing = [k for k in ("prompt", "completions", "labels") if k not in row]
-    if missing:
-        raise RowProblem(f"missing field(s) {', '.join(map(repr, missing))}")
+    _require_fields(row, ("prompt", "completions", "labels"))
     prompt, steps, labels = row["prompt"], row["completions"], row["labels"]
     if isinstance(prompt, list):
         prompt = _messages(prompt, "prompt")
@@ -343,6 +335,14 @@ def text_problem(text: str) -> str | None:
 def _require_dict(row: Any) -> None:
     if not isinstance(row, dict):
         raise RowProblem(f"expected a JSON object, got {type(row).__name__}")
+
+
+def _require_fields(row: Any, keys: tuple[str, ...], hint: str = "") -> None:
+    """A RowProblem unless ``row`` is an object holding every key of ``keys``."""
+    _require_dict(row)
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise RowProblem(f"missing field(s) {', '.join(map(repr, missing))}{hint}")
 
 
 def _messages(value: Any, field: str) -> list[dict]:

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 READINGS = ("step_end", "token_product")
+# How a reply's step probabilities become one reward: the weakest, their product, the last.
+AGGREGATES = ("min", "prod", "last")
 
 
 def step_log_probs(logits_btl, response_bt=None, reading: str = "step_end"):

@@ -104,9 +104,6 @@ class RewardModel:
     __call__ = score
 
 
-STEP_AGGREGATES = ("min", "prod", "last")
-
-
 class ProcessRewardModel(RewardModel):
     """A jitted scorer around a process reward model (a two-label ``TokenClassifier``, what
     ``task: prm`` exports): a response is split into steps at ``separator``, each step's
@@ -118,10 +115,10 @@ class ProcessRewardModel(RewardModel):
     def __init__(self, model, tokenizer, *, mesh, separator: str = "\n",
                  aggregate: str = "min", reading: str = "step_end", batch_size: int = 16,
                  max_length=None):
-        from jaxpt.losses.process import READINGS
+        from jaxpt.losses.process import AGGREGATES, READINGS
 
-        if aggregate not in STEP_AGGREGATES:
-            raise ValueError(f"aggregate must be one of {STEP_AGGREGATES}, got {aggregate!r}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         if reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
         if not separator:

@@ -23,12 +23,11 @@ import numpy as np
 
 from jaxpt.config import ConfigError
 from jaxpt.losses import first_bad_step, step_label_loss
-from jaxpt.losses.process import READINGS
+from jaxpt.losses.process import AGGREGATES, READINGS
 from jaxpt.step import LossOutput, StepContext, safe_ratio
 from jaxpt.tasks import common
 from jaxpt.tasks.base import BuiltModel, RunContext, Task
 
-AGGREGATES = ("min", "prod", "last")
 NUM_LABELS = 2  # bad, good
 
 
