@@ -62,6 +62,11 @@ ARCHS = {  # test name -> (general.architecture, general.name, extra settings)
     "qwen2": ("qwen2", "tiny qwen2", {"qkv_bias": True}),
     # transformers ignores qwen3's key_length and uses Qwen3Config's head_dim, 128.
     "qwen3": ("qwen3", "tiny qwen3", {"head_dim": 128, "qk_norm": True}),
+    # Gemma: transformers reads no query_pre_attn_scalar from a GGUF (its default is 256)
+    # and llama.cpp scales by head_dim, so head_dim is 256; nor does it read Gemma 2's
+    # soft-capping keys (its defaults, 50 and 30, are written).
+    "gemma2": ("gemma2", "tiny gemma2", {"head_dim": 256, "gemma": True, "softcaps": (50.0, 30.0)}),
+    "gemma3": ("gemma3", "tiny gemma3", {"head_dim": 256, "gemma": True, "qk_norm": True}),
 }
 
 
@@ -119,10 +124,13 @@ def write_gguf(
     kv_heads: int = 2,
     write_vocab_size: bool = True,
     rope_theta: float = 10000.0,
+    sliding_window: int | None = None,
     edit=None,
 ) -> str:
     """A random GGUF of ``arch`` (a key of ARCHS) with every matrix in ``quant``;
-    ``edit(writer)`` adds keys or tensors of its own."""
+    ``edit(writer)`` adds keys or tensors of its own. Gemma files carry llama.cpp's four
+    norms a layer, each stored as 1 + w (``convert_hf_to_gguf.py`` adds the 1), and its
+    sliding window (default: none)."""
     gguf_arch, name, extra = ARCHS[arch]
     head_dim = extra.get("head_dim", hidden // heads)
     qtype = Q[quant]
@@ -144,6 +152,11 @@ def write_gguf(
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(rope_theta)
     writer.add_layer_norm_rms_eps(1e-5)
+    if sliding_window is not None:
+        writer.add_sliding_window(sliding_window)
+    if "softcaps" in extra:
+        writer.add_attn_logit_softcapping(extra["softcaps"][0])
+        writer.add_final_logit_softcapping(extra["softcaps"][1])
     if write_vocab_size:
         writer.add_vocab_size(vocab)
     writer.add_tokenizer_model("gpt2")
@@ -177,6 +190,9 @@ def write_gguf(
             vector(f"{blk}.attn_q_norm.weight", head_dim, 1.0)
             vector(f"{blk}.attn_k_norm.weight", head_dim, 1.0)
         matrix(f"{blk}.attn_output.weight", hidden, heads * head_dim)
+        if extra.get("gemma"):
+            vector(f"{blk}.post_attention_norm.weight", hidden, 1.0)
+            vector(f"{blk}.post_ffw_norm.weight", hidden, 1.0)
         vector(f"{blk}.ffn_norm.weight", hidden, 1.0)
         matrix(f"{blk}.ffn_gate.weight", ffn, hidden)
         matrix(f"{blk}.ffn_up.weight", ffn, hidden)

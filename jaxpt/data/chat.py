@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 
 from jaxpt.data.sources import DataError, RowProblem, check_text
+from jaxpt.data.tokenizer import end_of_turn_id
 
 Overflow = Literal["truncate", "drop"]
 # Outcome of fitting one example to max_length; the pipeline counts each kind.
@@ -92,21 +93,31 @@ def render_with_assistant_mask(tokenizer, messages: list[dict]) -> tuple[list[in
 
 
 def _assistant_char_spans(tokenizer, messages, text: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant message's content (plus a directly following EOS)."""
+    """Character spans of each assistant message's content plus a directly following end
+    of reply: the eos, or the special token the template ends a turn with (Gemma's
+    ``<end_of_turn>``, whose eos is another token)."""
+    turn_end = end_of_turn_id(tokenizer)
+    enders = [tokenizer.eos_token]
+    if turn_end is not None:
+        enders.append(tokenizer.convert_ids_to_tokens(turn_end))
+    enders = [str(e) for e in enders if e]
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prefix = _text_before_assistant(tokenizer, messages, i)
-        start = text.find(message["content"], len(prefix))
+        content = message["content"]
+        start = text.find(content, len(prefix))
+        if start < 0 and content.strip() != content:  # templates that trim (Gemma, Llama 3)
+            content = content.strip()
+            start = text.find(content, len(prefix))
         if not text.startswith(prefix) or start < 0:
             raise DataError(
                 "cannot locate assistant turns in this chat template's output; "
                 "add {% generation %} blocks to the template"
             )
-        end = start + len(message["content"])
-        if tokenizer.eos_token and text.startswith(tokenizer.eos_token, end):
-            end += len(tokenizer.eos_token)
+        end = start + len(content)
+        end += next((len(e) for e in enders if text.startswith(e, end)), 0)
         spans.append((start, end))
     return spans
 

@@ -48,18 +48,34 @@ class ModelConfig:
     initializer_range: float = 0.02
     max_position_embeddings: int = 4096
     hidden_act: str = "silu"  # the MLP's gate activation (a key of layers.ACTIVATIONS)
+    # Gemma
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w), in float32 when nonzero
+    embed_scale: float | None = None  # token embeddings times this (Gemma: sqrt(hidden))
+    query_pre_attn_scalar: float | None = None  # scores times this**-0.5 (None: head_dim)
+    attn_logit_softcap: float | None = None  # scores -> tanh(scores / cap) * cap
+    final_logit_softcap: float | None = None  # LM-head logits -> tanh(logits / cap) * cap
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs, one before the MLP
+    # The rope of sliding-window layers where it differs: (theta, sorted rope parameters).
+    sliding_rope: tuple | None = None
 
     @property
     def rope(self) -> dict:
         return dict(self.rope_scaling)
 
-    def inv_freq(self) -> np.ndarray:
-        """RoPE inverse frequencies [head_dim // 2], float32, as transformers computes them."""
-        params = self.rope
+    def uses_sliding_rope(self, window: int | None) -> bool:
+        """Whether a layer with this sliding ``window`` rotates by ``sliding_rope``."""
+        return self.sliding_rope is not None and window is not None
+
+    def inv_freq(self, sliding: bool = False) -> np.ndarray:
+        """RoPE inverse frequencies [head_dim // 2], float32, as transformers computes them;
+        ``sliding``: those of the sliding-window layers (``sliding_rope``)."""
+        theta, params = self.rope_theta, self.rope
+        if sliding and self.sliding_rope is not None:
+            theta, params = self.sliding_rope[0], dict(self.sliding_rope[1])
         rope_type = params.get("rope_type", params.get("type", "default"))
         dim = self.head_dim
         exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-        inv_freq = (1.0 / (np.float32(self.rope_theta) ** exponent)).astype(np.float32)
+        inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
         if rope_type == "default":
             return inv_freq
         if rope_type == "linear":
@@ -80,7 +96,10 @@ class ModelConfig:
         )
 
 
-def _rope_parameters(hf_config) -> tuple[float, tuple]:
+def _rope_parameters(hf_config, layer_type: str = "full_attention") -> tuple[float, tuple]:
+    """(theta, sorted rope parameters) of the layers of ``layer_type``: transformers 5
+    keeps them per layer type where they differ (Gemma 3: {"full_attention": {...},
+    "sliding_attention": {...}})."""
     if hasattr(hf_config, "standardize_rope_params"):
         hf_config.standardize_rope_params()
     params = getattr(hf_config, "rope_parameters", None)
@@ -88,7 +107,9 @@ def _rope_parameters(hf_config) -> tuple[float, tuple]:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     params = dict(params)
-    if "full_attention" in params and isinstance(params["full_attention"], dict):
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    elif isinstance(params.get("full_attention"), dict):
         params = dict(params["full_attention"])
     theta = float(params.pop("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
     if params.get("rope_type", params.get("type", "default")) == "default":
@@ -138,6 +159,7 @@ def config_from_hf(hf_config) -> ModelConfig:
     num_layers = hf_config.num_hidden_layers
     attention_bias = bool(getattr(hf_config, "attention_bias", False))
     theta, rope_scaling = _rope_parameters(hf_config)
+    sliding_rope = _rope_parameters(hf_config, "sliding_attention")
     config = ModelConfig(
         architecture=family.architecture,
         vocab_size=hf_config.vocab_size,
@@ -159,6 +181,7 @@ def config_from_hf(hf_config) -> ModelConfig:
         initializer_range=float(getattr(hf_config, "initializer_range", 0.02)),
         max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 4096)),
         hidden_act=family.hidden_act or getattr(hf_config, "hidden_act", None) or "silu",
+        sliding_rope=None if sliding_rope == (theta, rope_scaling) else sliding_rope,
     )
     if family.read_config is not None:
         config = dataclasses.replace(config, **family.read_config(hf_config))
@@ -168,7 +191,8 @@ def config_from_hf(hf_config) -> ModelConfig:
             f"num_attention_heads ({num_heads}) must be a multiple of "
             f"num_key_value_heads ({config.num_kv_heads})"
         )
-    config.inv_freq()  # fail early on an unsupported rope type
+    for sliding in (False, True):  # fail early on an unsupported rope type
+        config.inv_freq(sliding)
     return config
 
 

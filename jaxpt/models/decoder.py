@@ -146,14 +146,29 @@ class KVCache:
         )
 
 
+def _norm_kwargs(config, dtype, param_dtype) -> dict:
+    return {"eps": config.rms_norm_eps, "dtype": dtype, "param_dtype": param_dtype,
+            "offset": config.norm_offset}
+
+
 class DecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP blocks. With ``config.sandwich_norms`` (Gemma) the
+    attention output is normalized (``post_attention_layernorm``) before its residual and
+    the MLP sits between ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``;
+    without, ``post_attention_layernorm`` is the MLP's input norm (Llama)."""
+
     def __init__(self, config, *, rngs, dtype, param_dtype, attention_impl=None):
-        norm = {"eps": config.rms_norm_eps, "dtype": dtype, "param_dtype": param_dtype}
+        norm = _norm_kwargs(config, dtype, param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.self_attn = Attention(
             config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, implementation=attention_impl
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
         self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, h, cos, sin, mask, kv_cache=None, cache_index=None,
@@ -163,22 +178,33 @@ class DecoderLayer(nnx.Module):
         attn, kv_cache = self.self_attn(
             self.input_layernorm(h, axis), cos, sin, mask, kv_cache, cache_index, layout
         )
-        h = h + attn
-        h = h + self.mlp(self.post_attention_layernorm(h, axis), layout)
+        if self.pre_feedforward_layernorm is None:
+            h = h + attn
+            h = h + self.mlp(self.post_attention_layernorm(h, axis), layout)
+        else:
+            h = h + self.post_attention_layernorm(attn, axis)
+            mlp = self.mlp(self.pre_feedforward_layernorm(h, axis), layout)
+            h = h + self.post_feedforward_layernorm(mlp, axis)
         return layout.constrain(h, ("batch", "seq", "embed")), kv_cache
 
 
 class Embedding(nnx.Module):
-    def __init__(self, vocab_size, dim, *, rngs, std, dtype, param_dtype):
+    """Token embeddings (looked up times ``scale`` where given: Gemma's sqrt(hidden), in
+    the weights' dtype as transformers multiplies) and, through ``attend``, an LM head."""
+
+    def __init__(self, vocab_size, dim, *, rngs, std, dtype, param_dtype, scale=None):
         self.weight = nnx.Param(
             std * jax.random.normal(rngs.params(), (vocab_size, dim), param_dtype),
             logical_axes=("vocab", "embed"),
         )
         self.dtype = dtype
+        self.scale = scale
 
     def __call__(self, ids_bt, layout: Layout = BATCH_MAJOR):
-        x_btd = jnp.take(self.weight[...], ids_bt, axis=0).astype(self.dtype)
-        return layout.from_batch_major(x_btd)
+        x_btd = jnp.take(self.weight[...], ids_bt, axis=0)
+        if self.scale is not None:
+            x_btd = x_btd * jnp.asarray(self.scale, x_btd.dtype)
+        return layout.from_batch_major(x_btd.astype(self.dtype))
 
     def attend(self, h, layout: Layout = BATCH_MAJOR):
         return project(h, self.weight[...].astype(self.dtype), layout)
@@ -194,6 +220,7 @@ class Decoder(nnx.Module):
             std=c.initializer_range,
             dtype=dtype,
             param_dtype=param_dtype,
+            scale=c.embed_scale,
         )
         self.layers = stacked_init(
             lambda rngs: DecoderLayer(
@@ -203,7 +230,7 @@ class Decoder(nnx.Module):
             c.num_layers,
         )
         self.num_layers = c.num_layers
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm = RMSNorm(c.hidden_size, **_norm_kwargs(c, dtype, param_dtype))
 
     def unstacked(self) -> list[DecoderLayer]:
         """Each layer as a ``DecoderLayer`` of its own, sliced from the stacked weights (for
@@ -282,10 +309,19 @@ class CausalLM(nnx.Module):
         windows = self.config.sliding_windows
         return [windows[i] if windows else None for i in range(self.config.num_layers)]
 
+    def layer_kinds(self) -> list[tuple[int | None, bool]]:
+        """Each layer's (sliding window, whether it rotates by ``config.sliding_rope``):
+        layers of one kind share their mask and rotary tables."""
+        return [(w, self.config.uses_sliding_rope(w)) for w in self.layer_windows()]
+
     def logits(self, h, layout: Layout = BATCH_MAJOR):
-        """LM-head logits (float32) from final hidden states in ``layout``."""
+        """LM-head logits (float32) from final hidden states in ``layout``, soft-capped
+        where the config says (``final_logit_softcap``: Gemma 2)."""
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         logits = head.attend(h, layout).astype(jnp.float32)
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
         return layout.constrain(logits, ("batch", "seq", "vocab"))
 
     def __call__(
@@ -338,18 +374,23 @@ class CausalLM(nnx.Module):
                 windows, segment_bt, q_slot_t, positions_bt, k_segment_bs, k_slot_s, k_pos_bs
             )
 
-        cos, sin = rotary_cos_sin(positions_bt, jnp.asarray(self.config.inv_freq()))
+        kinds = self.layer_kinds()
+        rotary = {
+            sliding: rotary_cos_sin(positions_bt, jnp.asarray(self.config.inv_freq(sliding)))
+            for sliding in dict.fromkeys(s for _, s in kinds)
+        }
+        # What each kind of layer reads: its rotary (cos, sin) and its mask.
+        inputs = {kind: (*rotary[kind[1]], masks[kind[0]]) for kind in dict.fromkeys(kinds)}
         h = layout.constrain(self.model.embed_tokens(ids_bt, layout), ("batch", "seq", "embed"))
         policy = REMAT_POLICIES[self.remat]
         if cache is None and self._scans():
-            h = _scan_layers(self.model.layers, h, cos, sin, masks, windows, policy)
+            h = _scan_layers(self.model.layers, h, inputs, kinds, policy)
         else:
             # Multi-token forwards through a cache (GRPO's shared-prompt training forward,
             # a sampler's prefill) remat too; single-token decode steps run inside the
             # sampler's loop, where nothing is differentiated.
             h, new_k, new_v = self._layers_one_by_one(
-                h, cos, sin, masks, windows, cache, policy if t > 1 or cache is None else None,
-                layout,
+                h, inputs, kinds, cache, policy if t > 1 or cache is None else None, layout
             )
         h = self.model.norm(h, layout.feature_axis)
         out = h if return_hidden else self.logits(h, layout)
@@ -366,11 +407,13 @@ class CausalLM(nnx.Module):
         )
         return out, new_cache
 
-    def _layers_one_by_one(self, h, cos, sin, masks, windows, cache, remat_policy, layout):
+    def _layers_one_by_one(self, h, inputs, kinds, cache, remat_policy, layout):
         """The layers unrolled, each sliced from the stacked weights, through ``cache``
-        when there is one: the hidden states and each layer's new keys and values."""
+        when there is one: the hidden states and each layer's new keys and values.
+        ``inputs`` holds (cos, sin, mask) per kind of layer, ``kinds`` each layer's."""
 
-        def run_layer(layer, h, mask, kv, index):
+        def run_layer(layer, h, layer_inputs, kv, index):
+            cos, sin, mask = layer_inputs
             return layer(h, cos, sin, mask, kv, index, layout)
 
         if remat_policy is not None:
@@ -382,7 +425,7 @@ class CausalLM(nnx.Module):
             else:
                 kv = None if cache is None else (cache.k[i], cache.v[i])
                 index = None if cache is None else cache.index
-            h, kv = run_layer(layer, h, masks[windows[i]], kv, index)
+            h, kv = run_layer(layer, h, inputs[kinds[i]], kv, index)
             if isinstance(kv, LayerPages):  # one entry per layer: its pages
                 new_k.append(kv.pages)
             elif kv is not None:
@@ -413,25 +456,24 @@ def cached_keys(cache: KVCache, segment_bt, positions_bt):
     return q_slot_t, k_slot_s, k_segment_bs, k_pos_bs
 
 
-def _scan_layers(layers, h_btd, cos, sin, masks, windows, remat_policy):
+def _scan_layers(layers, h_btd, inputs, kinds, remat_policy):
     """Run the stacked decoder ``layers`` as one ``lax.scan`` over their weights as stored:
     the compiled program is the same size for 2 layers or 80, and no weight is copied.
 
-    ``masks`` holds one ``AttentionMask`` per distinct window of ``windows`` (one per
-    layer); where the layers differ (Qwen2's ``max_window_layers``) each layer's window
-    index is scanned along and a ``lax.switch`` picks its mask, each branch with a static
+    ``inputs`` holds (cos, sin, ``AttentionMask``) per distinct kind of ``kinds`` (one per
+    layer: its window and rope, see ``CausalLM.layer_kinds``); where the layers differ
+    (Qwen2's ``max_window_layers``, Gemma's local and global layers) each layer's kind
+    index is scanned along and a ``lax.switch`` picks its inputs, each branch with a static
     window as fused kernels need.
     """
     graphdef, state = nnx.split(layers)
-    distinct = list(dict.fromkeys(windows))
-    which_l = jnp.asarray([distinct.index(w) for w in windows], jnp.int32)
+    distinct = list(dict.fromkeys(kinds))
+    which_l = jnp.asarray([distinct.index(k) for k in kinds], jnp.int32)
 
     def body(h, xs):
         state, which = xs
         layer = nnx.merge(graphdef, state)
-        branches = [
-            lambda h, window=window: layer(h, cos, sin, masks[window])[0] for window in distinct
-        ]
+        branches = [lambda h, kind=kind: layer(h, *inputs[kind])[0] for kind in distinct]
         h = branches[0](h) if len(branches) == 1 else jax.lax.switch(which, branches, h)
         return h, None
 

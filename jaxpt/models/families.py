@@ -4,8 +4,8 @@ A ``ModelFamily`` says how a Hugging Face checkpoint of one architecture maps on
 decoder: its ``architectures`` / ``model_type`` names, the transformers config class
 (for a ``model_type`` transformers does not know), the flags a config.json does not
 state (Qwen2's q/k/v biases, Qwen3's q/k norms, a fixed activation), and the tensor
-names where they differ from Llama's. Llama, Qwen2, Qwen3 and Mistral are registered
-below through the same ``register_family`` a user's module calls::
+names where they differ from Llama's. Llama, Qwen2, Qwen3, Mistral, Gemma 2 and Gemma 3
+(text) are registered below through the same ``register_family`` a user's module calls::
 
     # mypkg/arch.py, imported by a run through the config key ``imports: [mypkg.arch]``
     from jaxpt.models import ModelFamily, register_family
@@ -213,3 +213,39 @@ QWEN3 = register_family(
     ModelFamily("Qwen3ForCausalLM", "qwen3", qk_norm=True, description="Qwen3: q/k RMSNorm")
 )
 MISTRAL = register_family(ModelFamily("MistralForCausalLM", "mistral", description="Mistral"))
+
+
+def _gemma_config(hf_config) -> dict:
+    """What Gemma 2 and 3 compute beyond Llama (transformers' Gemma2/Gemma3 modeling)."""
+    if getattr(hf_config, "use_bidirectional_attention", False):
+        raise UnsupportedArchitectureError("Gemma with use_bidirectional_attention is not supported")
+    final_cap = getattr(hf_config, "final_logit_softcapping", None)
+    return {
+        "hidden_act": getattr(hf_config, "hidden_activation", None) or "gelu_pytorch_tanh",
+        "norm_offset": 1.0,
+        "embed_scale": hf_config.hidden_size**0.5,
+        "query_pre_attn_scalar": float(hf_config.query_pre_attn_scalar),
+        "final_logit_softcap": None if final_cap is None else float(final_cap),
+        "sandwich_norms": True,
+    }
+
+
+def _gemma2_config(hf_config) -> dict:
+    attn_cap = getattr(hf_config, "attn_logit_softcapping", None)
+    return {**_gemma_config(hf_config),
+            "attn_logit_softcap": None if attn_cap is None else float(attn_cap)}
+
+
+GEMMA2 = register_family(
+    ModelFamily(
+        "Gemma2ForCausalLM", "gemma2", read_config=_gemma2_config,
+        description="Gemma 2: Gemma norms, GeGLU, attention and final logit soft-capping",
+    )
+)
+# Gemma 3 keeps attn_logit_softcapping in its config but transformers never applies it.
+GEMMA3 = register_family(
+    ModelFamily(
+        "Gemma3ForCausalLM", "gemma3_text", qk_norm=True, read_config=_gemma_config,
+        description="Gemma 3 (text): Gemma 2's layer with q/k norms, local and global rope",
+    )
+)

@@ -2,7 +2,8 @@
 
 gguf-py parses the file and dequantizes its blocks with numpy (F32, F16, BF16, Q8_0, Q4_0,
 Q4_1, Q4_K, Q6_K, ...). We give the tensors transformers' names, undo the row order
-llama.cpp writes Llama's Q/K projections in, and rebuild the config and the tokenizer as
+llama.cpp writes Llama's Q/K projections in (and the 1 it adds to Gemma's norm weights),
+and rebuild the config and the tokenizer as
 transformers does for a GGUF file, so a model loads as
 ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` loads it. transformers' own
 loader needs torch; this one only reads metadata up front and dequantizes a tensor when it
@@ -26,8 +27,12 @@ from jaxpt.models.config import UnsupportedArchitectureError, config_from_hf, hf
 log = logging.getLogger(__name__)
 
 # GGUF general.architecture -> transformers model_type (Mistral files say "llama").
-_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-SUPPORTED_GGUF_ARCHITECTURES = ("llama (and Mistral)", "qwen2", "qwen3")
+_MODEL_TYPES = {
+    "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
+SUPPORTED_GGUF_ARCHITECTURES = ("llama (and Mistral)", "qwen2", "qwen3", "gemma2", "gemma3")
+_GEMMA = ("gemma2", "gemma3")
 
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
@@ -47,6 +52,13 @@ _LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma's four norms a layer: llama.cpp's ffn_norm is the pre-feedforward one there.
+_GEMMA_LAYER_TENSORS = {
+    **_LAYER_TENSORS,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 # llama.cpp stores Llama 3's rope scaling only as per-frequency factors (`rope_freqs`);
@@ -58,15 +70,17 @@ _LLAMA3_ROPE = {
 }
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """transformers' name of a GGUF tensor (``blk.3.attn_q.weight`` ->
-    ``model.layers.3.self_attn.q_proj.weight``); None for tensors it has no place for."""
+    ``model.layers.3.self_attn.q_proj.weight``) in a file of ``architecture``; None for
+    tensors it has no place for."""
     base, _, suffix = gguf_name.rpartition(".")
     if base in _GLOBAL_TENSORS:
         return f"{_GLOBAL_TENSORS[base]}.{suffix}"
+    layer_tensors = _GEMMA_LAYER_TENSORS if architecture in _GEMMA else _LAYER_TENSORS
     match = _LAYER_NAME.fullmatch(gguf_name)
-    if match and match[2] in _LAYER_TENSORS:
-        return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
+    if match and match[2] in layer_tensors:
+        return f"model.layers.{match[1]}.{layer_tensors[match[2]]}.{match[3]}"
     return None
 
 
@@ -101,7 +115,7 @@ class GGUFCheckpoint:
         self.model_type = self._model_type()
         self._tensors, self.unmapped = {}, []
         for tensor in reader.tensors:
-            name = hf_tensor_name(tensor.name)
+            name = hf_tensor_name(tensor.name, self.architecture)
             if name is None:
                 self.unmapped.append(tensor.name)
             else:
@@ -168,6 +182,8 @@ class GGUFCheckpoint:
             config["mlp_bias"] = "model.layers.0.mlp.up_proj.bias" in self._tensors
         if self.model_type == "mistral":
             config["sliding_window"] = None  # llama.cpp runs "llama" files with full attention
+        if self.architecture in _GEMMA:
+            config.update(self._gemma_config(head_dim))
         rope_scaling = self._rope_scaling()
         if rope_scaling:
             config["rope_scaling"] = rope_scaling
@@ -175,6 +191,33 @@ class GGUFCheckpoint:
             token_id = meta.get(f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id")
             if token_id is not None:
                 config[f"{name}_token_id"] = token_id
+        return config
+
+    def _gemma_config(self, head_dim: int) -> dict:
+        """Gemma's keys as llama.cpp reads them (its defaults where a file has none)."""
+        key, gemma2 = self._key, self.architecture == "gemma2"
+        layers, hidden = key("block_count"), key("embedding_length")
+        # llama.cpp scales queries by 1/sqrt(hidden / heads) in the 27B models (46 layers
+        # in Gemma 2, 62 in Gemma 3), by 1/sqrt(head_dim) in the others.
+        is_27b = layers == (46 if gemma2 else 62)
+        # Sliding-window layers: all but every n-th (Gemma 2: every other one), or a
+        # per-layer list where the file has one.
+        pattern = key("attention.sliding_window_pattern")
+        if isinstance(pattern, list):
+            sliding = [bool(p) for p in pattern]
+        else:
+            every = pattern or (2 if gemma2 else 6)
+            sliding = [i % every < every - 1 for i in range(layers)]
+        config = {
+            "query_pre_attn_scalar": hidden // key("attention.head_count") if is_27b else head_dim,
+            "sliding_window": key("attention.sliding_window"),
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "final_logit_softcapping": key("final_logit_softcapping", 30.0 if gemma2 else None),
+        }
+        if gemma2:
+            config["attn_logit_softcapping"] = key("attn_logit_softcapping", 50.0)
+        else:  # the local layers' rope base: llama.cpp's 10000 unless the file says
+            config["rope_local_base_freq"] = key("rope.freq_base_swa", 10000.0)
         return config
 
     def _rope_scaling(self) -> dict | None:
@@ -215,6 +258,8 @@ class GGUFCheckpoint:
         # The reader's data is [rows, bytes per row]; dequantize gives [out, in] as in HF.
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         weight = weight.astype(np.float32, copy=False)
+        if self.architecture in _GEMMA and name.endswith("norm.weight"):
+            weight = weight - 1.0  # llama.cpp stores Gemma's norm weights as 1 + w
         if self.architecture == "llama":
             config = self.hf_config
             if ".self_attn.q_proj." in name:

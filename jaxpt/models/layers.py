@@ -142,18 +142,26 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32, as transformers does, then cast back."""
+    """RMSNorm computed in float32, as transformers does, then cast back.
 
-    def __init__(self, dim, *, eps, axes=("norm",), dtype, param_dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=axes)
+    With ``offset`` (Gemma's 1) it scales by ``offset + w`` in float32 before the cast, as
+    transformers' Gemma RMSNorm does, and ``w`` starts at zero; without, by ``w`` after it.
+    """
+
+    def __init__(self, dim, *, eps, axes=("norm",), dtype, param_dtype, offset: float = 0.0):
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype), logical_axes=axes)
         self.eps = eps
         self.dtype = dtype
+        self.offset = offset
 
     def __call__(self, x, axis: int = -1):
         """Normalize over ``axis`` (the features: ``layout.feature_axis``)."""
         axis = axis % x.ndim
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + self.eps)
+        if self.offset:
+            scale = self.offset + self.weight[...].astype(jnp.float32)
+            return (along(scale, axis, x.ndim) * x32).astype(self.dtype)
         return along(self.weight[...].astype(self.dtype), axis, x.ndim) * x32.astype(self.dtype)
 
 
@@ -228,7 +236,8 @@ def attention_mask(q_segment_bt, q_slot_t, q_pos_bt, k_segment_bs, k_slot_s, k_p
 DECODE_BLOCK = 128  # cache slots per block of length-aware decode attention
 
 
-def decode_attention(q_b1nh, k_bkhs, v_bksh, mask_b11s, filled=None):
+def decode_attention(q_b1nh, k_bkhs, v_bksh, mask_b11s, filled=None, *, scale=None,
+                     softcap=None):
     """One query per row against a KV cache stored kv-head major: keys [B, K, H, S],
     values [B, K, S, H].
 
@@ -239,15 +248,19 @@ def decode_attention(q_b1nh, k_bkhs, v_bksh, mask_b11s, filled=None):
     ``filled`` (traced: the number of slots written so far, a prefix of the cache), only
     the blocks of ``DECODE_BLOCK`` slots holding them are read, with an online softmax, so
     a step costs what the text so far costs, not the whole cache bucket. Skipped slots are
-    masked ones, whose weight is exactly 0 either way.
+    masked ones, whose weight is exactly 0 either way. ``scale`` multiplies the scores
+    (None: head_dim**-0.5) and ``softcap`` caps them (``paged.soft_cap``).
     """
     b, _, n, h = q_b1nh.shape
     k, s = k_bkhs.shape[1], k_bkhs.shape[3]
-    q_bkgh = q_b1nh.reshape(b, k, n // k, h).astype(jnp.float32) * (h**-0.5)
+    q_bkgh = q_b1nh.reshape(b, k, n // k, h).astype(jnp.float32) * (
+        h**-0.5 if scale is None else scale
+    )
     mask_bs = _dense(mask_b11s)[:, 0, 0, :]
     lowest = jnp.finfo(jnp.float32).min
     if filled is None or s < 2 * DECODE_BLOCK or s % DECODE_BLOCK:
         scores_bkgs = jnp.einsum("bkgh,bkhs->bkgs", q_bkgh, k_bkhs.astype(jnp.float32))
+        scores_bkgs = paged.soft_cap(scores_bkgs, softcap)
         scores_bkgs = jnp.where(mask_bs[:, None, None, :], scores_bkgs, lowest)
         probs_bkgs = jax.nn.softmax(scores_bkgs, axis=-1)
         out_bkgh = jnp.einsum("bkgs,bksh->bkgh", probs_bkgs, v_bksh.astype(jnp.float32))
@@ -261,7 +274,7 @@ def decode_attention(q_b1nh, k_bkhs, v_bksh, mask_b11s, filled=None):
             :, None, None, :
         ]
         return paged.online_softmax_block(carry, q_bkgh, k_blk.astype(jnp.float32),
-                                          v_blk.astype(jnp.float32), keep_b11c)
+                                          v_blk.astype(jnp.float32), keep_b11c, softcap)
 
     blocks = jnp.minimum((filled + DECODE_BLOCK - 1) // DECODE_BLOCK, s // DECODE_BLOCK)
     init = (
@@ -274,8 +287,9 @@ def decode_attention(q_b1nh, k_bkhs, v_bksh, mask_b11s, filled=None):
     return out_bkgh.reshape(b, 1, n, h).astype(q_b1nh.dtype)
 
 
-def grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts):
-    """Grouped-query attention as two einsums and a float32 softmax.
+def grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, *, scale=None, softcap=None):
+    """Grouped-query attention as two einsums and a float32 softmax; ``scale`` multiplies
+    the scores (None: head_dim**-0.5), ``softcap`` caps them (``paged.soft_cap``).
 
     Numerically the same as ``jax.nn.dot_product_attention``'s XLA path, but several
     times faster on CPU, where that path materializes the repeated kv heads and a
@@ -287,32 +301,39 @@ def grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts):
     kv = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
     mask_b11ts = _dense(mask_b1ts)[:, :, None, :, :]
-    out_btkgh = _attention_core(q_btkgh, k_bskh, v_bskh, mask_b11ts)
+    scale = h**-0.5 if scale is None else scale
+    out_btkgh = _attention_core(q_btkgh, k_bskh, v_bskh, mask_b11ts, scale, softcap)
     return out_btkgh.reshape(b, t, n, h)
 
 
-def _masked_scores(q_btkgh, k_bskh, mask_b11ts):
+def _masked_scores(q_btkgh, k_bskh, mask_b11ts, scale, softcap):
+    """The masked scores [B, K, G, T, S] and, soft-capped, the cap's tanh (its gradient)."""
     scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32)
-    scores_bkgts = scores_bkgts * (q_btkgh.shape[-1] ** -0.5)
-    return jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
+    scores_bkgts = scores_bkgts * scale
+    tanh_bkgts = None
+    if softcap is not None:
+        tanh_bkgts = jnp.tanh(scores_bkgts / softcap)
+        scores_bkgts = tanh_bkgts * softcap
+    return jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min), tanh_bkgts
 
 
-def _probabilities(q_btkgh, k_bskh, mask_b11ts, max_bkgt1, total_bkgt1):
+def _probabilities(q_btkgh, k_bskh, mask_b11ts, max_bkgt1, total_bkgt1, scale, softcap):
     # jax.nn.softmax's own arithmetic, so forward and backward see the same probabilities.
-    return jnp.exp(_masked_scores(q_btkgh, k_bskh, mask_b11ts) - max_bkgt1) / total_bkgt1
+    scores_bkgts, tanh_bkgts = _masked_scores(q_btkgh, k_bskh, mask_b11ts, scale, softcap)
+    return jnp.exp(scores_bkgts - max_bkgt1) / total_bkgt1, tanh_bkgts
 
 
-@jax.custom_vjp
-def _attention_core(q_btkgh, k_bskh, v_bskh, mask_b11ts):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention_core(q_btkgh, k_bskh, v_bskh, mask_b11ts, scale, softcap):
     """Masked softmax attention of query groups [B, T, K, G, H] on their kv head."""
-    return _attention_fwd(q_btkgh, k_bskh, v_bskh, mask_b11ts)[0]
+    return _attention_fwd(q_btkgh, k_bskh, v_bskh, mask_b11ts, scale, softcap)[0]
 
 
-def _attention_fwd(q_btkgh, k_bskh, v_bskh, mask_b11ts):
+def _attention_fwd(q_btkgh, k_bskh, v_bskh, mask_b11ts, scale, softcap):
     # Like flash attention's backward, keep the inputs and each row's softmax statistics
     # ([B, K, G, T, 1], the max and the sum of exponentials: a fully masked row's
     # uniform weights come back exactly), not the probabilities.
-    scores_bkgts = _masked_scores(q_btkgh, k_bskh, mask_b11ts)
+    scores_bkgts, _ = _masked_scores(q_btkgh, k_bskh, mask_b11ts, scale, softcap)
     max_bkgt1 = jax.lax.stop_gradient(jnp.max(scores_bkgts, axis=-1, keepdims=True))
     exp_bkgts = jnp.exp(scores_bkgts - max_bkgt1)
     total_bkgt1 = jnp.sum(exp_bkgts, axis=-1, keepdims=True)
@@ -321,16 +342,21 @@ def _attention_fwd(q_btkgh, k_bskh, v_bskh, mask_b11ts):
     return out_btkgh, (q_btkgh, k_bskh, v_bskh, mask_b11ts, max_bkgt1, total_bkgt1)
 
 
-def _attention_bwd(residuals, dout_btkgh):
+def _attention_bwd(scale, softcap, residuals, dout_btkgh):
     q_btkgh, k_bskh, v_bskh, mask_b11ts, max_bkgt1, total_bkgt1 = residuals
-    probs_bkgts = _probabilities(q_btkgh, k_bskh, mask_b11ts, max_bkgt1, total_bkgt1)
+    probs_bkgts, tanh_bkgts = _probabilities(
+        q_btkgh, k_bskh, mask_b11ts, max_bkgt1, total_bkgt1, scale, softcap
+    )
     dv_bskh = jnp.einsum("bkgts,btkgh->bskh", probs_bkgts.astype(v_bskh.dtype), dout_btkgh)
     dprobs_bkgts = jnp.einsum("btkgh,bskh->bkgts", dout_btkgh, v_bskh).astype(jnp.float32)
     # softmax's backward; masked scores (a constant where the mask is off) get none.
     dscores_bkgts = probs_bkgts * (
         dprobs_bkgts - jnp.sum(probs_bkgts * dprobs_bkgts, axis=-1, keepdims=True)
     )
-    dscores_bkgts = jnp.where(mask_b11ts, dscores_bkgts, 0.0) * (q_btkgh.shape[-1] ** -0.5)
+    dscores_bkgts = jnp.where(mask_b11ts, dscores_bkgts, 0.0)
+    if softcap is not None:  # d(tanh(s / cap) * cap) / ds
+        dscores_bkgts = dscores_bkgts * (1.0 - tanh_bkgts * tanh_bkgts)
+    dscores_bkgts = dscores_bkgts * scale
     dscores_bkgts = dscores_bkgts.astype(q_btkgh.dtype)
     dq_btkgh = jnp.einsum("bkgts,bskh->btkgh", dscores_bkgts, k_bskh)
     dk_bskh = jnp.einsum("bkgts,btkgh->bskh", dscores_bkgts, q_btkgh)
@@ -358,20 +384,28 @@ def _splash_fits(q_btnh, k_bskh, mask) -> bool:
     )
 
 
-def resolve_attention(implementation, q_btnh, k_bskh, mask) -> str:
+def resolve_attention(implementation, q_btnh, k_bskh, mask, softcap=None) -> str:
     """The implementation ``attend`` runs: ``auto`` (or None) is cuDNN on GPU when the
     shapes and dtype allow, splash on TPU for cache-free self-attention over multiples of
-    128 tokens, XLA otherwise, and the einsum path on CPU."""
+    128 tokens, XLA otherwise, and the einsum path on CPU. Soft-capped scores
+    (``softcap``) rule out XLA and cuDNN, which cannot cap: einsum takes their place."""
     if implementation not in (None, *ATTENTION_IMPLEMENTATIONS):
         raise ValueError(
             f"unknown attention implementation {implementation!r}; choose from "
             f"{ATTENTION_IMPLEMENTATIONS}"
         )
     if implementation not in (None, "auto"):
+        if softcap is not None and implementation in ("xla", "cudnn"):
+            raise ValueError(
+                f"attention implementation {implementation!r} cannot soft-cap attention "
+                "logits (this model's attn_logit_softcap); use auto, einsum or splash"
+            )
         return implementation
     backend = target_platform()
     if backend == "cpu":
         return "einsum"
+    if softcap is not None:
+        return "splash" if backend == "tpu" and _splash_fits(q_btnh, k_bskh, mask) else "einsum"
     if backend == "gpu" and _cudnn_fits(q_btnh):
         return "cudnn"
     if backend == "tpu" and _splash_fits(q_btnh, k_bskh, mask):
@@ -379,24 +413,28 @@ def resolve_attention(implementation, q_btnh, k_bskh, mask) -> str:
     return "xla"
 
 
-def attend(q_btnh, k_bskh, v_bskh, mask_b1ts, implementation=None):
+def attend(q_btnh, k_bskh, v_bskh, mask_b1ts, implementation=None, *, scale=None,
+           softcap=None):
     """Dispatch attention (see ``resolve_attention``). ``mask_b1ts`` is an
-    ``AttentionMask`` or a boolean [B, 1, T, S] array (splash needs the former)."""
-    implementation = resolve_attention(implementation, q_btnh, k_bskh, mask_b1ts)
+    ``AttentionMask`` or a boolean [B, 1, T, S] array (splash needs the former); ``scale``
+    multiplies the scores (None: head_dim**-0.5), ``softcap`` caps them (``paged.soft_cap``)."""
+    implementation = resolve_attention(implementation, q_btnh, k_bskh, mask_b1ts, softcap)
     if implementation == "einsum":
-        return grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
+        return grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, scale=scale, softcap=softcap)
     if implementation == "splash":
-        return splash_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
+        return splash_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, scale=scale, softcap=softcap)
     causal = isinstance(mask_b1ts, AttentionMask) and mask_b1ts.self_attention
     # The dense mask already holds causality; is_causal lets cuDNN skip masked blocks.
     return jax.nn.dot_product_attention(
         q_btnh, k_bskh, v_bskh, mask=_dense(mask_b1ts),
         is_causal=causal and implementation == "cudnn", implementation=implementation,
+        scale=scale,
     )
 
 
 @functools.lru_cache(maxsize=64)
-def _splash_kernel(t: int, group: int, window: int | None, interpret: bool):
+def _splash_kernel(t: int, group: int, window: int | None, interpret: bool,
+                   softcap: float | None = None):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     if window is None:
@@ -404,19 +442,21 @@ def _splash_kernel(t: int, group: int, window: int | None, interpret: bool):
     else:  # keys at most window - 1 slots back (slots = positions within a document)
         head_mask = splash.LocalMask((t, t), (window - 1, 0), offset=0)
     return splash.make_splash_mqa_single_device(
-        splash.MultiHeadMask([head_mask] * group), interpret=interpret
+        splash.MultiHeadMask([head_mask] * group), interpret=interpret,
+        attn_logits_soft_cap=softcap,
     )
 
 
-def _splash_local(q_btnh, k_bskh, v_bskh, q_segment_bt, k_segment_bs, *, window, interpret):
+def _splash_local(q_btnh, k_bskh, v_bskh, q_segment_bt, k_segment_bs, *, window, interpret,
+                  scale=None, softcap=None):
     """Splash on one device's rows and heads: each kv head with its query group (MQA)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
     b, t, n, h = q_btnh.shape
     kv = k_bskh.shape[2]
-    kernel = _splash_kernel(t, n // kv, window, interpret)
+    kernel = _splash_kernel(t, n // kv, window, interpret, softcap)
     # [B, K, G, T, H] queries against [B, K, S, H] keys; splash does not scale queries.
-    q_bkgth = (q_btnh * (h**-0.5)).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+    q_bkgth = (q_btnh * (h**-0.5 if scale is None else scale)).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
     k_bksh, v_bksh = k_bskh.transpose(0, 2, 1, 3), v_bskh.transpose(0, 2, 1, 3)
 
     def one_row(q_kgth, k_ksh, v_ksh, q_seg_t, k_seg_s):
@@ -429,7 +469,8 @@ def _splash_local(q_btnh, k_bskh, v_bskh, q_segment_bt, k_segment_bs, *, window,
     return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
-def splash_attention(q_btnh, k_bskh, v_bskh, mask: AttentionMask, interpret: bool = False):
+def splash_attention(q_btnh, k_bskh, v_bskh, mask: AttentionMask, interpret: bool = False,
+                     *, scale=None, softcap=None):
     """TPU splash attention (Pallas) with segment ids: causal (or sliding-window) in index
     order within each document, padding (segment 0) never attended from real tokens.
 
@@ -441,7 +482,8 @@ def splash_attention(q_btnh, k_bskh, v_bskh, mask: AttentionMask, interpret: boo
             "splash attention needs cache-free self-attention over a multiple of "
             f"{SPLASH_BLOCK} tokens (got queries {q_btnh.shape}, keys {k_bskh.shape})"
         )
-    local = functools.partial(_splash_local, window=mask.window, interpret=interpret)
+    local = functools.partial(_splash_local, window=mask.window, interpret=interpret,
+                              scale=scale, softcap=softcap)
     args = (q_btnh, k_bskh, v_bskh, mask.q_segment_bt, mask.k_segment_bs)
     mesh = current_mesh()
     if mesh is None:
@@ -476,6 +518,7 @@ class Attention(nnx.Module):
                 "axes": ("head_dim",),
                 "dtype": dtype,
                 "param_dtype": param_dtype,
+                "offset": c.norm_offset,
             }
             self.q_norm = RMSNorm(h, **norm)
             self.k_norm = RMSNorm(h, **norm)
@@ -483,6 +526,10 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.implementation = implementation
+        # None: head_dim**-0.5, computed where the scores are (today's families unchanged).
+        scalar = c.query_pre_attn_scalar
+        self.scale = None if scalar is None else scalar**-0.5
+        self.softcap = c.attn_logit_softcap
 
     def __call__(
         self, x, cos_bth, sin_bth, mask_b1ts, kv_cache=None, cache_index=None,
@@ -501,11 +548,12 @@ class Attention(nnx.Module):
         q = layout.constrain(apply_rotary(q, cos_bth, sin_bth), ("batch", "seq", "heads", None))
         k = layout.constrain(apply_rotary(k, cos_bth, sin_bth), ("batch", "seq", "kv_heads", None))
         v = layout.constrain(v, ("batch", "seq", "kv_heads", None))
+        scores = {"scale": self.scale, "softcap": self.softcap}
         if kv_cache is None:
-            out = attend(q, k, v, mask_b1ts, self.implementation)
+            out = attend(q, k, v, mask_b1ts, self.implementation, **scores)
         elif isinstance(kv_cache, paged.LayerPages):  # a paged pool: see jaxpt.models.paged
             kv_cache = paged.write(kv_cache, k, v, mask_b1ts)
-            out = paged.attend(q, kv_cache, mask_b1ts)
+            out = paged.attend(q, kv_cache, mask_b1ts, **scores)
         else:  # keys [B, K, H, S], values [B, K, S, H]: see decode_attention
             k_cache, v_cache = kv_cache
             k_bkhs = jax.lax.dynamic_update_slice(
@@ -518,11 +566,13 @@ class Attention(nnx.Module):
             kv_cache = (k_bkhs, v_bksh)
             # Feature-major is a CPU decode step, where decode_attention is the kernel.
             if t == 1 and (self.implementation in (None, "auto") or layout is FEATURE_MAJOR):
-                out = decode_attention(q, k_bkhs, v_bksh, mask_b1ts, filled=cache_index + 1)
+                out = decode_attention(
+                    q, k_bkhs, v_bksh, mask_b1ts, filled=cache_index + 1, **scores
+                )
             else:
                 k_all = jnp.transpose(k_bkhs, (0, 3, 1, 2)).astype(q.dtype)
                 v_all = jnp.swapaxes(v_bksh, 1, 2).astype(q.dtype)
-                out = attend(q, k_all, v_all, mask_b1ts, self.implementation)
+                out = attend(q, k_all, v_all, mask_b1ts, self.implementation, **scores)
         out = layout.from_batch_major(out.reshape(b, t, self.num_heads * self.head_dim))
         return self.o_proj(out, layout), kv_cache
 

@@ -164,31 +164,40 @@ def _keep(q_pos_bt1, k_pos, window):
     return keep
 
 
-def attend(q_btnh, layer: LayerPages, mask: PagedMask):
-    """Causal attention of each row's queries over its pages (positions up to its own)."""
+def attend(q_btnh, layer: LayerPages, mask: PagedMask, *, scale=None, softcap=None):
+    """Causal attention of each row's queries over its pages (positions up to its own);
+    ``scale`` multiplies the scores (None: head_dim**-0.5), ``softcap`` caps them as
+    ``tanh(scores / softcap) * softcap`` (Gemma 2)."""
     layer_pages, page_table_bp = layer.pages, layer.page_table_bp
     page_size, layout = layer.page_size, layer.layout
+    scores = {"scale": q_btnh.shape[-1] ** -0.5 if scale is None else scale, "softcap": softcap}
     if layout == COMBINED:
-        return _attend_combined(q_btnh, layer_pages, page_table_bp, mask)
+        return _attend_combined(q_btnh, layer_pages, page_table_bp, mask, **scores)
     k_pages, v_pages = layer_pages
     if layout == HEAD_MAJOR:
         if q_btnh.shape[1] == 1 and mask.window is None and target_platform() == "gpu":
-            return decode_head_major(q_btnh, k_pages, v_pages, page_table_bp, mask)
+            return decode_head_major(q_btnh, k_pages, v_pages, page_table_bp, mask, **scores)
         # The jnp path reads split pages: [K, P, page, H] -> [P, K, H, page] / [P, K, page, H].
         k_pages = jnp.transpose(k_pages, (1, 0, 3, 2))
         v_pages = jnp.transpose(v_pages, (1, 0, 2, 3))
     if q_btnh.shape[1] == 1:
-        return _decode_split(q_btnh, k_pages, v_pages, page_table_bp, mask, page_size)
-    return _prefill_split(q_btnh, k_pages, v_pages, page_table_bp, mask, page_size)
+        return _decode_split(q_btnh, k_pages, v_pages, page_table_bp, mask, page_size, **scores)
+    return _prefill_split(q_btnh, k_pages, v_pages, page_table_bp, mask, page_size, **scores)
 
 
-def online_softmax_block(carry, q_bkgh, k_bkhc, v_bkch, keep_b11c):
+def soft_cap(scores, cap: float | None):
+    """Attention logit soft-capping (Gemma 2): ``tanh(scores / cap) * cap``; None: none."""
+    return scores if cap is None else jnp.tanh(scores / cap) * cap
+
+
+def online_softmax_block(carry, q_bkgh, k_bkhc, v_bkch, keep_b11c, softcap=None):
     """One block of keys in a flash-style decode: ``carry`` (running max, sum of
     exponentials, weighted values) updated with keys [B, K, H, C] and values [B, K, C, H]
-    (float32) where ``keep`` allows. Masked keys weigh exactly 0."""
+    (float32) where ``keep`` allows, the scores capped by ``softcap``. Masked keys weigh
+    exactly 0."""
     max_bkg, total_bkg, acc_bkgh = carry
     lowest = jnp.finfo(jnp.float32).min
-    scores = jnp.einsum("bkgh,bkhc->bkgc", q_bkgh, k_bkhc)
+    scores = soft_cap(jnp.einsum("bkgh,bkhc->bkgc", q_bkgh, k_bkhc), softcap)
     scores = jnp.where(keep_b11c, scores, lowest)
     new_max_bkg = jnp.maximum(max_bkg, jnp.max(scores, axis=-1))
     rescale_bkg = jnp.exp(max_bkg - new_max_bkg)
@@ -198,13 +207,14 @@ def online_softmax_block(carry, q_bkgh, k_bkhc, v_bkch, keep_b11c):
     return new_max_bkg, total_bkg, acc_bkgh
 
 
-def _decode_split(q_b1nh, k_pages, v_pages, page_table_bp, mask, page_size):
+def _decode_split(q_b1nh, k_pages, v_pages, page_table_bp, mask, page_size, *, scale,
+                  softcap):
     """One query per row: an online softmax over the row's pages, one page per step of a
     loop that runs only as far as the longest row (``layers.decode_attention``'s blocks,
     gathered through the table)."""
     b, _, n, h = q_b1nh.shape
     k = k_pages.shape[1]
-    q_bkgh = q_b1nh.reshape(b, k, n // k, h).astype(jnp.float32) * (h**-0.5)
+    q_bkgh = q_b1nh.reshape(b, k, n // k, h).astype(jnp.float32) * scale
     q_pos_b = mask.positions_bt[:, 0]
     lowest = jnp.finfo(jnp.float32).min
 
@@ -214,7 +224,7 @@ def _decode_split(q_b1nh, k_pages, v_pages, page_table_bp, mask, page_size):
         v_blk = v_pages[pages_b].astype(jnp.float32)  # [B, K, page, H]
         k_pos_c = j * page_size + jnp.arange(page_size, dtype=jnp.int32)
         keep_b11c = _keep(q_pos_b[:, None], k_pos_c[None, :], mask.window)[:, None, None, :]
-        return online_softmax_block(carry, q_bkgh, k_blk, v_blk, keep_b11c)
+        return online_softmax_block(carry, q_bkgh, k_blk, v_blk, keep_b11c, softcap)
 
     first = 0
     if mask.window is not None:  # pages wholly before every row's window are skipped
@@ -230,17 +240,19 @@ def _decode_split(q_b1nh, k_pages, v_pages, page_table_bp, mask, page_size):
     return out_bkgh.reshape(b, 1, n, h).astype(q_b1nh.dtype)
 
 
-def _prefill_split(q_btnh, k_pages, v_pages, page_table_bp, mask, page_size):
+def _prefill_split(q_btnh, k_pages, v_pages, page_table_bp, mask, page_size, *, scale,
+                   softcap):
     """A chunk of queries per row against the row's pages, gathered: grouped-query
     attention with a float32 softmax (nothing here is differentiated)."""
     b, t, n, h = q_btnh.shape
     p, kv = page_table_bp.shape[1], k_pages.shape[1]
     k_bjkhc = k_pages[page_table_bp].astype(jnp.float32)  # [B, pages, K, H, page]
     v_bjkch = v_pages[page_table_bp].astype(jnp.float32)  # [B, pages, K, page, H]
-    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h).astype(jnp.float32) * (h**-0.5)
+    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h).astype(jnp.float32) * scale
     scores = jnp.einsum("btkgh,bjkhc->bkgtjc", q_btkgh, k_bjkhc).reshape(
         b, kv, n // kv, t, p * page_size
     )
+    scores = soft_cap(scores, softcap)
     k_pos_s = jnp.arange(p * page_size, dtype=jnp.int32)
     keep_b11ts = _keep(mask.positions_bt[:, :, None], k_pos_s[None, None, :], mask.window)
     scores = jnp.where(keep_b11ts[:, None, None], scores, jnp.finfo(jnp.float32).min)
@@ -249,7 +261,8 @@ def _prefill_split(q_btnh, k_pages, v_pages, page_table_bp, mask, page_size):
     return out_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
-def decode_head_major(q_b1nh, k_pages, v_pages, page_table_bp, mask, interpret=False):
+def decode_head_major(q_b1nh, k_pages, v_pages, page_table_bp, mask, interpret=False, *,
+                      scale=None, softcap=None):
     """One query per row through the GPU Pallas paged attention kernel
     (``jax.experimental.pallas.ops.gpu.paged_attention``), which reads head-major pages
     [K, P, page, H] up to each row's length; ``interpret`` runs it anywhere (tests)."""
@@ -258,11 +271,12 @@ def decode_head_major(q_b1nh, k_pages, v_pages, page_table_bp, mask, interpret=F
     h = q_b1nh.shape[-1]
     width = page_table_bp.shape[1]
     lengths_b = (mask.positions_bt[:, 0] + 1).astype(jnp.int32)
-    q_bnh = (q_b1nh[:, 0] * (h**-0.5)).astype(k_pages.dtype)  # the kernel does not scale
+    scale = h**-0.5 if scale is None else scale
+    q_bnh = (q_b1nh[:, 0] * scale).astype(k_pages.dtype)  # the kernel does not scale
     splits = min(16, width & -width)  # a power of two dividing the table's width
     call = functools.partial(paged_attention, k_splits=splits,
                              pages_per_compute_block=min(8, width // splits),
-                             interpret=interpret)
+                             attn_logits_soft_cap=softcap, interpret=interpret)
     args = (q_bnh, k_pages, v_pages, page_table_bp, lengths_b)
     mesh = current_mesh()
     if mesh is not None and not interpret:  # a Triton kernel runs per device
@@ -273,7 +287,7 @@ def decode_head_major(q_b1nh, k_pages, v_pages, page_table_bp, mask, interpret=F
     return out[:, None].astype(q_b1nh.dtype)
 
 
-def _attend_combined(q_btnh, kv_pages, page_table_bp, mask):
+def _attend_combined(q_btnh, kv_pages, page_table_bp, mask, *, scale, softcap):
     """The ragged paged attention kernel's contract: rows of ``T`` queries flattened into
     one token axis, each row's kv length ending at its last query (padding queries at a
     row's end see keys past the real ones; their outputs are dropped)."""
@@ -292,7 +306,8 @@ def _attend_combined(q_btnh, kv_pages, page_table_bp, mask):
     if on_tpu:  # block sizes given, not looked up for the local chip (AOT compiles)
         kwargs = {"num_kv_pages_per_block": min(page_table_bp.shape[1], 8),
                   "num_queries_per_block": min(b * t, 32)}
-    call = functools.partial(fn, sm_scale=h**-0.5, sliding_window=mask.window, **kwargs)
+    call = functools.partial(fn, sm_scale=scale, sliding_window=mask.window, soft_cap=softcap,
+                             **kwargs)
     args = (q_nh, kv_pages, kv_lens_b, page_table_bp, cu_q_lens, num_seqs)
     mesh = current_mesh()
     if on_tpu and mesh is not None:  # a Mosaic kernel runs per device: the pool is replicated
