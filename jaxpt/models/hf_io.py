@@ -278,7 +278,8 @@ def load_state(abstract_state: nnx.State, tensors: dict, mesh, rules, model_dir:
             grid[j] = source
         grid = grid.reshape(dims)  # the source of each (layer, expert) slice
 
-        def read_slice(index, grid=grid, dtype=dtype, lead=len(dims)):
+        def read_slice(index, grid=grid, dtype=dtype):
+            lead = grid.ndim
             if not lead:
                 return np.asarray(grid[()][index]).astype(dtype)
             picked, rest = grid[tuple(index[:lead])], tuple(index[lead:])
