@@ -135,15 +135,16 @@ def dispatch(x_nd, experts_nk, num_experts: int):
     return x_nd[order_m // k], group_sizes_e, order_m
 
 
-def grouped_matmul(x_mi, w_eoi, group_sizes_e):
+def grouped_matmul(x_mi, w_e, group_sizes_e, *, in_last: bool = True):
     """Rows of ``x`` grouped by expert (consecutive, ``group_sizes``) times their expert's
-    weight stored [out, in]: [M, out], one ``ragged_dot``."""
+    weight, stored [E, out, in] (``in_last``) or [E, in, out]: [M, out], one
+    ``ragged_dot``."""
     dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(([1], [2]), ([], [])),
+        dot_dimension_numbers=(([1], [2 if in_last else 1]), ([], [])),
         lhs_ragged_dimensions=[0],
         rhs_group_dimensions=[0],
     )
-    return jax.lax.ragged_dot_general(x_mi, w_eoi, group_sizes_e, dims)
+    return jax.lax.ragged_dot_general(x_mi, w_e, group_sizes_e, dims)
 
 
 def combine(y_md, order_m, weights_nk):
