@@ -245,9 +245,16 @@ class MoE(nnx.Module):
         y_btd = combine(y_md, order_m, weights_nk).reshape(b, t, d)
         if collecting() and layout is BATCH_MAJOR:
             valid_n = (jnp.ones((b, t), bool) if valid_bt is None else valid_bt).reshape(-1)
-            self.sow(nnx.Intermediate, "router_stats", router_stats(logits_ne, experts_nk, valid_n),
-                     reduce_fn=lambda _, new: new)
+            record_router_stats(self, router_stats(logits_ne, experts_nk, valid_n))
         return y_btd if layout is BATCH_MAJOR else y_btd[:, 0, :].T
+
+
+def record_router_stats(module: nnx.Module, stats: RouterStats) -> None:
+    """Keep ``stats`` on ``module`` (an ``nnx.Intermediate``), added to any it holds."""
+    held = getattr(module, "router_stats", None)
+    if isinstance(held, nnx.Intermediate):
+        stats = held.get_value() + stats
+    module.router_stats = nnx.Intermediate(stats)
 
 
 def pop_router_stats(module) -> RouterStats | None:
