@@ -150,7 +150,9 @@ def grouped_matmul(x_mi, w_e, group_sizes_e, *, in_last: bool = True):
 def combine(y_md, order_m, weights_nk):
     """Sorted expert outputs back to their tokens, weighted and summed over the picks."""
     n, k = weights_nk.shape
-    y_nkd = jnp.zeros_like(y_md).at[order_m].set(y_md).reshape(n, k, -1)
+    # A gather through the inverse permutation (a scatter of [M] ints, not of [M, D] rows).
+    inverse_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(n * k, dtype=order_m.dtype))
+    y_nkd = y_md[inverse_m].reshape(n, k, -1)
     return jnp.einsum("nkd,nk->nd", y_nkd, weights_nk.astype(y_md.dtype))
 
 
