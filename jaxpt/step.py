@@ -94,9 +94,9 @@ def with_router_losses(loss_fn: LossFn, aux_weight: float | None = None,
     tokens, averaged over layers). A dense model's loss is returned unchanged."""
 
     def loss_with_router_losses(model, batch: dict, ctx: StepContext) -> LossOutput:
-        with collect_router_stats():
+        with collect_router_stats() as sink:
             out = loss_fn(model, batch, ctx)
-        stats = take_router_stats(model)
+        stats = take_router_stats(model, sink)
         if stats is None:
             return out
         aux_w = _checkpoint_aux_coef(model) if aux_weight is None else aux_weight

@@ -197,9 +197,9 @@ def test_ragged_block_equals_dense_reference(pairs):
 
 @nnx.jit
 def _router_stats(model, ids, segment_ids):
-    with moe.collect_router_stats():
+    with moe.collect_router_stats() as sink:
         model(ids, segment_ids=segment_ids)
-    return moe.take_router_stats(model)
+    return moe.take_router_stats(model, sink)
 
 
 def test_aux_loss_matches_transformers(pairs):

@@ -29,7 +29,7 @@ from jaxpt.models.layers import (
     rotary_cos_sin,
     window_masks,
 )
-from jaxpt.models.moe import MoE, pop_router_stats, record_router_stats
+from jaxpt.models.moe import MoE, pop_router_stats, record_forward_stats
 from jaxpt.models.paged import LayerPages, PagedKVCache, PagedMask
 from jaxpt.sharding import constrain
 
@@ -363,7 +363,7 @@ class CausalLM(nnx.Module):
                 layout,
             )
         if router_stats is not None:  # per layer, see jaxpt.models.moe.take_router_stats
-            record_router_stats(self, router_stats)
+            record_forward_stats(self, router_stats)
         h = self.model.norm(h, layout.feature_axis)
         out = h if return_hidden else self.logits(h, layout)
         if cache is None:

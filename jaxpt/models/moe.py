@@ -19,7 +19,10 @@ ROUTER STATISTICS. Inside ``collect_router_stats()`` every MoE block also record
 the real tokens of its input (padding, segment id 0, excluded), how many of the top-k
 picks went to each expert, the summed router probabilities and the summed squared
 router log-normalizers (``RouterStats``); the decoder carries them out of its layer loop
-(scan included) and ``take_router_stats(model)`` returns them stacked per layer. The
+(scan included) and hands each forward's per-layer stack to the context's sink, where
+``take_router_stats(model, sink)`` sums those of ``model``'s own forwards (a reference
+or teacher model called in the same loss is left out). Nothing is kept on the modules
+beyond one layer call, so no traced value outlives its trace. The
 load-balancing loss (``load_balancing_loss``, transformers' ``load_balancing_loss_func``)
 and the router z-loss (``router_z_loss``) are computed from these sums, so micro-batches
 and several forwards add up before the nonlinear step.
@@ -38,21 +41,28 @@ from jaxpt.models.layers import BATCH_MAJOR, Layout, gated_activation
 
 EXPERT_AXIS = "expert"  # logical axis of the experts' stacked dimension
 
-_COLLECTING = contextvars.ContextVar("jaxpt_router_stats", default=False)
+_SINK = contextvars.ContextVar("jaxpt_router_stats", default=None)
 
 
 @contextlib.contextmanager
 def collect_router_stats():
-    """While tracing a loss inside this context, MoE models record ``RouterStats``."""
-    token = _COLLECTING.set(True)
+    """While tracing a loss inside this context, MoE models' forwards record their
+    per-layer ``RouterStats`` in the yielded sink (read it with ``take_router_stats``)."""
+    sink: list = []
+    token = _SINK.set(sink)
     try:
-        yield
+        yield sink
     finally:
-        _COLLECTING.reset(token)
+        _SINK.reset(token)
 
 
 def collecting() -> bool:
-    return _COLLECTING.get()
+    return _SINK.get() is not None
+
+
+def record_forward_stats(model, stats: RouterStats) -> None:
+    """A model's forward hands its per-layer stats to the active sink."""
+    _SINK.get().append((model, stats))
 
 
 @struct.dataclass
@@ -252,16 +262,14 @@ class MoE(nnx.Module):
 
 
 def record_router_stats(module: nnx.Module, stats: RouterStats) -> None:
-    """Keep ``stats`` on ``module`` (an ``nnx.Intermediate``), added to any it holds."""
-    held = getattr(module, "router_stats", None)
-    if isinstance(held, nnx.Intermediate):
-        stats = held.get_value() + stats
+    """Keep a block's ``stats`` on it (an ``nnx.Intermediate``) until its layer's caller
+    pops them (``pop_router_stats``), in the same trace."""
     module.router_stats = nnx.Intermediate(stats)
 
 
 def pop_router_stats(module) -> RouterStats | None:
-    """The ``RouterStats`` recorded in ``module``'s graph, removed from it: one block's, or
-    the sum of all recorded (several forwards); None when there are none."""
+    """The ``RouterStats`` recorded in ``module``'s graph, removed from it (summed when
+    several blocks recorded); None when there are none."""
     state = nnx.pop(module, nnx.Intermediate)
     variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     values = [v.get_value() if isinstance(v, nnx.Variable) else v for v in variables]
@@ -277,7 +285,15 @@ def pop_router_stats(module) -> RouterStats | None:
     return total
 
 
-def take_router_stats(model) -> RouterStats | None:
-    """Per-layer ``RouterStats`` ([L, E] ...) of every forward of ``model`` traced inside
-    ``collect_router_stats()`` since the last take, summed; None for a dense model."""
-    return pop_router_stats(model)
+def take_router_stats(model, sink: list) -> RouterStats | None:
+    """Per-layer ``RouterStats`` ([L, E] ...) of the forwards of ``model`` (or of a model
+    inside it, e.g. an actor-critic's policy) recorded in ``sink``, summed; None when there
+    are none (a dense model)."""
+    mine = {id(node) for _, node in nnx.iter_graph(model)}
+    found = [stats for module, stats in sink if id(module) in mine]
+    if not found:
+        return None
+    total = found[0]
+    for stats in found[1:]:
+        total = total + stats
+    return total
