@@ -20,7 +20,7 @@ from gguf_files import tokenizer_vocab, write_moe_gguf
 import jaxpt.models as jm
 from jaxpt.models import moe
 from jaxpt.models.decoder import KVCache
-from jaxpt.models.lora import LoRASpec, add_adapters, merge_adapters
+from jaxpt.models.lora import LoRAParam, LoRASpec, add_adapters, merge_adapters
 from jaxpt.models.peft_io import AdapterError, write_adapter
 from jaxpt.models.safetensors_io import write_safetensors
 from jaxpt.sampling import generate
@@ -263,6 +263,9 @@ def test_expert_lora(pairs, tmp_path):
     adapted = logits(model)
     assert np.abs(adapted - base).max() > 1e-4
     np.testing.assert_allclose(logits(merge_adapters(model)), adapted, atol=1e-5)
+    grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(IDS))), argnums=nnx.DiffState(0, LoRAParam))(model)
+    expert_b = grads["model"]["layers"]["mlp"]["experts"]["up_proj"]["lora"]["b"][...]
+    assert expert_b.shape == (2, 8, 2, 16) and float(jnp.abs(expert_b).max()) > 0
     with pytest.raises(AdapterError, match="MoE experts"):
         write_adapter(model, str(tmp_path / "adapter"), base_model=None, dropout=0.0)
 
