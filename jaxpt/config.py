@@ -48,6 +48,9 @@ class ModelSection:
     scan_layers: bool | None = None  # one lax.scan over layers (null: from 8 layers on)
     # auto: cuDNN on GPU, splash on TPU where shapes allow (else XLA), einsum on CPU
     attention_impl: str = "auto"  # auto | einsum | xla | cudnn | splash
+    # Mixture-of-experts models: weights of the router losses added to the task's loss.
+    moe_aux_loss_weight: float | None = None  # load balancing; null: router_aux_loss_coef
+    moe_z_loss_weight: float = 0.0  # router z-loss
 
 
 @dataclasses.dataclass(frozen=True)

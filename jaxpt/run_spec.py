@@ -27,7 +27,13 @@ from jaxpt.models.lora import trainable_filter
 from jaxpt.optim import make_optimizer, scale_updates
 from jaxpt.sharding import batch_sharding, batch_shards, make_mesh
 from jaxpt.state import TrainState, shardings_of, train_state_shapes
-from jaxpt.step import LossFn, count_nonfinite, jit_train_step, make_train_step
+from jaxpt.step import (
+    LossFn,
+    count_nonfinite,
+    jit_train_step,
+    make_train_step,
+    with_router_losses,
+)
 from jaxpt.tasks import RunContext, Task, available_tasks, common, get_task
 
 
@@ -75,6 +81,8 @@ def jit_run_step(
     ``train.grad_accum_steps`` micro-batches and the lr schedule's metric, in and out on
     ``ctx.state_shardings`` with the state donated, batches shaped like ``example_batch``
     (host arrays or ShapeDtypeStructs). Use it under the run's mesh and rules."""
+    model_cfg = ctx.config.model
+    loss_fn = with_router_losses(loss_fn, model_cfg.moe_aux_loss_weight, model_cfg.moe_z_loss_weight)
     step = make_train_step(loss_fn, tx, ctx.config.train.grad_accum_steps, schedule=schedule)
     return jit_train_step(step, ctx.mesh, ctx.state_shardings, example_batch)
 

@@ -34,6 +34,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
     "cache_seq": None,
     "layers": None,  # the stacked decoder layers' leading axis (scanned over, never split)
+    "expert": None,  # MoE experts' stacked axis (replicated until expert parallelism)
 }
 
 

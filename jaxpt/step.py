@@ -34,6 +34,13 @@ import optax
 from flax import nnx, struct
 
 from jaxpt.models.lora import enable_dropout
+from jaxpt.models.moe import (
+    collect_router_stats,
+    layer_load_balancing_losses,
+    load_balancing_loss,
+    router_z_loss,
+    take_router_stats,
+)
 from jaxpt.sharding import batch_sharding, process_rows, replicated
 from jaxpt.state import TrainState
 
@@ -65,6 +72,47 @@ def safe_ratio(numerator, denominator):
     """numerator / denominator, 0 where the denominator is 0."""
     denominator = jnp.asarray(denominator, jnp.float32)
     return jnp.where(denominator > 0, numerator / jnp.maximum(denominator, 1e-30), 0.0)
+
+
+def _checkpoint_aux_coef(model) -> float:
+    for _, node in nnx.iter_graph(model):
+        config = getattr(node, "config", None)
+        if getattr(config, "num_experts", 0):
+            return float(config.router_aux_loss_coef)
+    return 0.0
+
+
+def with_router_losses(loss_fn: LossFn, aux_weight: float | None = None,
+                       z_weight: float = 0.0) -> LossFn:
+    """``loss_fn`` plus, for a mixture-of-experts model, its router losses: the
+    load-balancing loss (``aux_weight``; None: the checkpoint's ``router_aux_loss_coef``)
+    and the router z-loss (``z_weight``), each a mean over the micro-batch's real tokens
+    and layers (``jaxpt.models.moe``), added per unit of the task's loss:
+    ``numerator += denominator * (aux_weight * aux + z_weight * z)``. Only the trained
+    model's forwards count (not a reference's). Metrics: ``moe_aux_loss``, ``moe_z_loss``,
+    ``moe_aux_loss/layer_{i}``; totals: ``moe_tokens_per_expert/{e}`` (top-k picks of real
+    tokens, averaged over layers). A dense model's loss is returned unchanged."""
+
+    def loss_with_router_losses(model, batch: dict, ctx: StepContext) -> LossOutput:
+        with collect_router_stats() as sink:
+            out = loss_fn(model, batch, ctx)
+        stats = take_router_stats(model, sink)
+        if stats is None:
+            return out
+        aux_w = _checkpoint_aux_coef(model) if aux_weight is None else aux_weight
+        aux, z = load_balancing_loss(stats), router_z_loss(stats)
+        units = jax.lax.stop_gradient(out.denominator).astype(jnp.float32)
+        numerator = out.numerator + units * (aux_w * aux + z_weight * z)
+        metrics = {**out.metrics, "moe_aux_loss": units * aux, "moe_z_loss": units * z}
+        for i, layer_aux in enumerate(layer_load_balancing_losses(stats)):
+            metrics[f"moe_aux_loss/layer_{i}"] = units * layer_aux
+        per_expert = jnp.mean(stats.expert_tokens, axis=0)
+        totals = {**out.totals}
+        for e in range(per_expert.shape[0]):
+            totals[f"moe_tokens_per_expert/{e}"] = per_expert[e]
+        return out.replace(numerator=numerator, metrics=metrics, totals=totals)
+
+    return loss_with_router_losses
 
 
 def step_context(state: TrainState, rng: jax.Array) -> StepContext:

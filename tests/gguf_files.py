@@ -208,3 +208,84 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _llama_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's Q/K row order for "llama" files (convert_hf_to_gguf.py's ``permute``)."""
+    return (
+        weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_moe_gguf(path: str, hf_model, name: str) -> str:
+    """An F32 GGUF of a transformers Qwen3-MoE or Mixtral model's own weights, laid out as
+    llama.cpp's converter writes them: Qwen3-MoE as ``qwen3moe``, Mixtral as ``llama`` with
+    expert tensors (Q/K rows permuted); per layer the router ``ffn_gate_inp`` [E, D] and the
+    experts stacked ``ffn_gate_exps``/``ffn_up_exps`` [E, F, D], ``ffn_down_exps``
+    [E, D, F]. The model's vocabulary must be ``tokenizer_vocab()``'s."""
+    config = hf_model.config
+    qwen = config.model_type == "qwen3_moe"
+    arch = "qwen3moe" if qwen else "llama"
+    weights = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    tokens, types, merges = tokenizer_vocab()
+    assert config.vocab_size == len(tokens), "build the model with the tokenizer's vocab size"
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    experts = config.num_experts if qwen else config.num_local_experts
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(name)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(len(tokens))
+    writer.add_expert_count(experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if qwen:
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    for i in range(config.num_hidden_layers):
+        hf, blk = f"model.layers.{i}", f"blk.{i}"
+        q, k = weights[f"{hf}.self_attn.q_proj.weight"], weights[f"{hf}.self_attn.k_proj.weight"]
+        if not qwen:
+            q, k = _llama_permute(q, heads), _llama_permute(k, kv_heads)
+        writer.add_tensor(f"{blk}.attn_norm.weight", weights[f"{hf}.input_layernorm.weight"])
+        writer.add_tensor(f"{blk}.attn_q.weight", q)
+        writer.add_tensor(f"{blk}.attn_k.weight", k)
+        writer.add_tensor(f"{blk}.attn_v.weight", weights[f"{hf}.self_attn.v_proj.weight"])
+        writer.add_tensor(f"{blk}.attn_output.weight", weights[f"{hf}.self_attn.o_proj.weight"])
+        if qwen:
+            writer.add_tensor(f"{blk}.attn_q_norm.weight", weights[f"{hf}.self_attn.q_norm.weight"])
+            writer.add_tensor(f"{blk}.attn_k_norm.weight", weights[f"{hf}.self_attn.k_norm.weight"])
+        writer.add_tensor(f"{blk}.ffn_norm.weight", weights[f"{hf}.post_attention_layernorm.weight"])
+        writer.add_tensor(f"{blk}.ffn_gate_inp.weight", weights[f"{hf}.mlp.gate.weight"])
+        gate_up = weights[f"{hf}.mlp.experts.gate_up_proj"]  # [E, 2F, D]: gate rows, then up
+        ffn = gate_up.shape[1] // 2
+        writer.add_tensor(f"{blk}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :ffn]))
+        writer.add_tensor(f"{blk}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, ffn:]))
+        writer.add_tensor(f"{blk}.ffn_down_exps.weight", weights[f"{hf}.mlp.experts.down_proj"])
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    writer.add_tensor("output.weight", weights["lm_head.weight"])
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

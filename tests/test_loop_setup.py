@@ -1,6 +1,7 @@
 """The loop's two phases: ``setup`` (config -> Run) and ``train`` (Run -> RunResult); a Run
 stepped by hand (as benchmarks and test helpers do) is the loop's own step."""
 
+import dataclasses
 import json
 import os
 
@@ -8,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from preference_helpers import train_steps
-from tiny import SFT_TINY, sft_overrides
+from tiny import SFT_TINY, make_tiny_dir, sft_overrides
 
 from jaxpt.config import ConfigError, load_config
 from jaxpt.loop import setup, train
@@ -131,3 +132,35 @@ def test_the_described_run_shards_like_setup_on_eight_devices(tmp_path, tiny_dir
             described = abstract_run(config, mesh8, run.ctx.rules)
         assert layout(run.state) == layout(described.state)
         assert any(not s.is_fully_replicated for _, _, s in layout(run.state).values())
+
+
+# ------------------------------------------------------------- a mixture-of-experts model
+
+QWEN3_MOE_TINY = {  # the shipped tokenizer's vocabulary, as tests/tiny.py's TINY
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 128,
+    "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "num_experts": 4,
+    "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return make_tiny_dir(str(tmp_path_factory.mktemp("tiny_moe")), config=QWEN3_MOE_TINY)
+
+
+@pytest.mark.parametrize("task", ["sft", "grpo"])
+def test_train_steps_log_router_losses(moe_dir, tmp_path, mesh1, task):
+    """A few SFT steps and a GRPO step of a tiny Qwen3-MoE: the router losses are in the
+    loss and every router metric is logged."""
+    config = run_config(str(tmp_path), moe_dir, task)
+    config = dataclasses.replace(config, model=dataclasses.replace(
+        config.model, moe_aux_loss_weight=0.01, moe_z_loss_weight=0.001))
+    _, history, _ = train_steps(config, mesh1, 2 if task == "sft" else 1)
+    for row in history:
+        assert np.isfinite(row["loss"]) and row["grad_norm"] > 0
+        assert 1.0 <= row["moe_aux_loss"] < 4.0  # 1 when balanced, E=4 at worst
+        assert row["moe_z_loss"] > 0
+        assert {"moe_aux_loss/layer_0", "moe_aux_loss/layer_1"} <= set(row)
+        assert sum(row[f"moe_tokens_per_expert/{e}"] for e in range(4)) > 0

@@ -57,6 +57,12 @@ class ModelConfig:
     sandwich_norms: bool = False  # norms on the attention and MLP outputs, one before the MLP
     # The rope of sliding-window layers where it differs: (theta, sorted rope parameters).
     sliding_rope: tuple | None = None
+    # Mixture of experts (jaxpt.models.moe): every layer's MLP is a sparse MoE block.
+    num_experts: int = 0  # 0: a dense MLP in every layer
+    experts_per_token: int = 0  # top-k experts each token is routed to
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1
+    router_aux_loss_coef: float = 0.0  # the checkpoint's load-balancing loss weight
 
     @property
     def rope(self) -> dict:

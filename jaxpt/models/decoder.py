@@ -22,12 +22,14 @@ from jaxpt.models.layers import (
     FEATURE_MAJOR,
     MLP,
     Attention,
+    AttentionMask,
     Layout,
     RMSNorm,
     project,
     rotary_cos_sin,
     window_masks,
 )
+from jaxpt.models.moe import MoE, pop_router_stats, record_forward_stats
 from jaxpt.models.paged import LayerPages, PagedKVCache, PagedMask
 from jaxpt.sharding import constrain
 
@@ -169,7 +171,8 @@ class DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
         else:
             self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
-        self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        mlp_cls = MoE if getattr(config, "num_experts", 0) else MLP  # sparse: jaxpt.models.moe
+        self.mlp = mlp_cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, h, cos, sin, mask, kv_cache=None, cache_index=None,
                  layout: Layout = BATCH_MAJOR):
@@ -178,14 +181,22 @@ class DecoderLayer(nnx.Module):
         attn, kv_cache = self.self_attn(
             self.input_layernorm(h, axis), cos, sin, mask, kv_cache, cache_index, layout
         )
+        mlp_kwargs = {"valid_bt": _real_tokens(mask)} if isinstance(self.mlp, MoE) else {}
         if self.pre_feedforward_layernorm is None:
             h = h + attn
-            h = h + self.mlp(self.post_attention_layernorm(h, axis), layout)
+            h = h + self.mlp(self.post_attention_layernorm(h, axis), layout, **mlp_kwargs)
         else:
             h = h + self.post_attention_layernorm(attn, axis)
-            mlp = self.mlp(self.pre_feedforward_layernorm(h, axis), layout)
+            mlp = self.mlp(self.pre_feedforward_layernorm(h, axis), layout, **mlp_kwargs)
             h = h + self.post_feedforward_layernorm(mlp, axis)
         return layout.constrain(h, ("batch", "seq", "embed")), kv_cache
+
+
+def _real_tokens(mask):
+    """The queries' real-token mask [B, T] of a layer's attention mask (None: unknown)."""
+    if isinstance(mask, AttentionMask):
+        return mask.q_segment_bt != 0
+    return mask.valid_bt if isinstance(mask, PagedMask) else None
 
 
 class Embedding(nnx.Module):
@@ -384,14 +395,16 @@ class CausalLM(nnx.Module):
         h = layout.constrain(self.model.embed_tokens(ids_bt, layout), ("batch", "seq", "embed"))
         policy = REMAT_POLICIES[self.remat]
         if cache is None and self._scans():
-            h = _scan_layers(self.model.layers, h, inputs, kinds, policy)
+            h, router_stats = _scan_layers(self.model.layers, h, inputs, kinds, policy)
         else:
             # Multi-token forwards through a cache (GRPO's shared-prompt training forward,
             # a sampler's prefill) remat too; single-token decode steps run inside the
             # sampler's loop, where nothing is differentiated.
-            h, new_k, new_v = self._layers_one_by_one(
+            h, new_k, new_v, router_stats = self._layers_one_by_one(
                 h, inputs, kinds, cache, policy if t > 1 or cache is None else None, layout
             )
+        if router_stats is not None:  # per layer, see jaxpt.models.moe.take_router_stats
+            record_forward_stats(self, router_stats)
         h = self.model.norm(h, layout.feature_axis)
         out = h if return_hidden else self.logits(h, layout)
         if cache is None:
@@ -414,24 +427,27 @@ class CausalLM(nnx.Module):
 
         def run_layer(layer, h, layer_inputs, kv, index):
             cos, sin, mask = layer_inputs
-            return layer(h, cos, sin, mask, kv, index, layout)
+            h, kv = layer(h, cos, sin, mask, kv, index, layout)
+            return h, kv, pop_router_stats(layer)
 
         if remat_policy is not None:
             run_layer = nnx.remat(run_layer, policy=remat_policy, prevent_cse=True)
-        new_k, new_v = [], []
+        new_k, new_v, stats = [], [], []
         for i, layer in enumerate(self.model.unstacked()):
             if isinstance(cache, PagedKVCache):
                 kv, index = cache.layer(i), None
             else:
                 kv = None if cache is None else (cache.k[i], cache.v[i])
                 index = None if cache is None else cache.index
-            h, kv = run_layer(layer, h, inputs[kinds[i]], kv, index)
+            h, kv, layer_stats = run_layer(layer, h, inputs[kinds[i]], kv, index)
+            stats.append(layer_stats)
             if isinstance(kv, LayerPages):  # one entry per layer: its pages
                 new_k.append(kv.pages)
             elif kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        return h, tuple(new_k), tuple(new_v)
+        stats = None if stats[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *stats)
+        return h, tuple(new_k), tuple(new_v), stats
 
 
 def with_layers_unstacked(model: CausalLM) -> CausalLM:
@@ -459,6 +475,7 @@ def cached_keys(cache: KVCache, segment_bt, positions_bt):
 def _scan_layers(layers, h_btd, inputs, kinds, remat_policy):
     """Run the stacked decoder ``layers`` as one ``lax.scan`` over their weights as stored:
     the compiled program is the same size for 2 layers or 80, and no weight is copied.
+    Returns the hidden states and the layers' stacked MoE router statistics (or None).
 
     ``inputs`` holds (cos, sin, ``AttentionMask``) per distinct kind of ``kinds`` (one per
     layer: its window and rope, see ``CausalLM.layer_kinds``); where the layers differ
@@ -470,14 +487,16 @@ def _scan_layers(layers, h_btd, inputs, kinds, remat_policy):
     distinct = list(dict.fromkeys(kinds))
     which_l = jnp.asarray([distinct.index(k) for k in kinds], jnp.int32)
 
+    def run(layer, h, kind):
+        h = layer(h, *inputs[kind])[0]
+        return h, pop_router_stats(layer)  # MoE router statistics, None for dense layers
+
     def body(h, xs):
         state, which = xs
         layer = nnx.merge(graphdef, state)
-        branches = [lambda h, kind=kind: layer(h, *inputs[kind])[0] for kind in distinct]
-        h = branches[0](h) if len(branches) == 1 else jax.lax.switch(which, branches, h)
-        return h, None
+        branches = [lambda h, kind=kind: run(layer, h, kind) for kind in distinct]
+        return branches[0](h) if len(branches) == 1 else jax.lax.switch(which, branches, h)
 
     if remat_policy is not None:
         body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
-    h_btd, _ = jax.lax.scan(body, h_btd, (state, which_l))
-    return h_btd
+    return jax.lax.scan(body, h_btd, (state, which_l))

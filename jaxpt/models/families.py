@@ -249,3 +249,62 @@ GEMMA3 = register_family(
         description="Gemma 3 (text): Gemma 2's layer with q/k norms, local and global rope",
     )
 )
+
+
+def _qwen3_moe_config(hf_config) -> dict:
+    """Qwen3-MoE's expert settings; every layer must be sparse (the decoder's layers are
+    stacked, so they share one structure)."""
+    num_experts = int(getattr(hf_config, "num_experts", 0) or 0)
+    if not num_experts:
+        return {}
+    num_layers = hf_config.num_hidden_layers
+    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
+    mlp_only = set(getattr(hf_config, "mlp_only_layers", None) or ())
+    dense = [i for i in range(num_layers) if i in mlp_only or (i + 1) % step]
+    if dense:
+        raise UnsupportedArchitectureError(
+            f"Qwen3-MoE config with dense MLP layers {dense} (decoder_sparse_step={step}, "
+            f"mlp_only_layers={sorted(mlp_only)}): jaxpt stacks its layers, so every layer "
+            "must be sparse (decoder_sparse_step=1, mlp_only_layers=[])"
+        )
+    return {
+        "num_experts": num_experts,
+        "experts_per_token": int(hf_config.num_experts_per_tok),
+        "moe_intermediate_size": int(hf_config.moe_intermediate_size),
+        "norm_topk_prob": bool(getattr(hf_config, "norm_topk_prob", True)),
+        "router_aux_loss_coef": float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),
+    }
+
+
+def _mixtral_config(hf_config) -> dict:
+    """Mixtral's expert settings: its ``intermediate_size`` is each expert's width, and the
+    top-k weights are always renormalized (``router_jitter_noise`` is not applied)."""
+    return {
+        "num_experts": int(hf_config.num_local_experts),
+        "experts_per_token": int(hf_config.num_experts_per_tok),
+        "moe_intermediate_size": int(hf_config.intermediate_size),
+        "norm_topk_prob": True,
+        "router_aux_loss_coef": float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),
+    }
+
+
+QWEN3_MOE = register_family(
+    ModelFamily(
+        "Qwen3MoeForCausalLM", "qwen3_moe", qk_norm=True, read_config=_qwen3_moe_config,
+        description="Qwen3-MoE: q/k RMSNorm, sparse experts in every layer",
+    )
+)
+MIXTRAL = register_family(
+    ModelFamily(
+        "MixtralForCausalLM", "mixtral", read_config=_mixtral_config,
+        # Checkpoints name the block ``block_sparse_moe`` and the experts' projections
+        # w1 (gate), w3 (up), w2 (down).
+        weight_renames=(
+            (".mlp.", ".block_sparse_moe."),
+            (".gate_proj.", ".w1."),
+            (".up_proj.", ".w3."),
+            (".down_proj.", ".w2."),
+        ),
+        description="Mixtral: sparse experts in every layer",
+    )
+)

@@ -26,12 +26,14 @@ from jaxpt.models.config import UnsupportedArchitectureError, config_from_hf, hf
 
 log = logging.getLogger(__name__)
 
-# GGUF general.architecture -> transformers model_type (Mistral files say "llama").
+# GGUF general.architecture -> transformers model_type (Mistral and Mixtral files say "llama").
 _MODEL_TYPES = {
-    "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-    "gemma3": "gemma3_text",
+    "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+    "gemma2": "gemma2", "gemma3": "gemma3_text",
 }
-SUPPORTED_GGUF_ARCHITECTURES = ("llama (and Mistral)", "qwen2", "qwen3", "gemma2", "gemma3")
+SUPPORTED_GGUF_ARCHITECTURES = (
+    "llama (and Mistral, Mixtral)", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3",
+)
 _GEMMA = ("gemma2", "gemma3")
 
 _GLOBAL_TENSORS = {
@@ -51,6 +53,7 @@ _LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the MoE router
 }
 # Gemma's four norms a layer: llama.cpp's ffn_norm is the pre-feedforward one there.
 _GEMMA_LAYER_TENSORS = {
@@ -59,7 +62,11 @@ _GEMMA_LAYER_TENSORS = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# MoE experts, stacked [E, out, in] in one tensor per layer; read one expert at a time as
+# transformers' model.layers.{i}.mlp.experts.{e}.{proj}.weight.
+_EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_EXPERT_NAME = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
 
 # llama.cpp stores Llama 3's rope scaling only as per-frequency factors (`rope_freqs`);
 # every Llama 3.x release used these parameters around its own factor.
@@ -114,9 +121,18 @@ class GGUFCheckpoint:
         self.architecture = self.metadata.get("general.architecture")
         self.model_type = self._model_type()
         self._tensors, self.unmapped = {}, []
+        self._experts = {}  # (layer, projection) -> the stacked expert tensor
+        self._last_experts = (None, None)  # (key, dequantized) of _stacked_experts
         for tensor in reader.tensors:
             name = hf_tensor_name(tensor.name, self.architecture)
-            if name is None:
+            match = _LAYER_NAME.fullmatch(tensor.name)
+            if match and match[2] in _EXPERT_TENSORS:
+                self._experts[(int(match[1]), _EXPERT_TENSORS[match[2]])] = tensor
+                num_experts = int(tensor.shape[-1])  # ggml order: [in, out, experts]
+                for e in range(num_experts):
+                    layer, proj = match[1], _EXPERT_TENSORS[match[2]]
+                    self._tensors[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = tensor
+            elif name is None:
                 self.unmapped.append(tensor.name)
             else:
                 self._tensors[name] = tensor
@@ -140,6 +156,8 @@ class GGUFCheckpoint:
                 f"{self.path}: GGUF architecture {arch!r} is not supported; jaxpt reads "
                 f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
             )
+        if arch == "llama" and self._key("expert_count"):
+            return "mixtral"  # llama.cpp writes Mixtral as "llama" with experts
         # llama.cpp writes Mistral as "llama"; as in transformers the name tells them apart
         # (transformers wants it to be exactly "mistral", llama.cpp names files "Mistral 7B
         # ..."). Full attention either way: llama.cpp runs "llama" files without a window.
@@ -180,10 +198,18 @@ class GGUFCheckpoint:
         if llama_like:
             config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in self._tensors
             config["mlp_bias"] = "model.layers.0.mlp.up_proj.bias" in self._tensors
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "mixtral"):
             config["sliding_window"] = None  # llama.cpp runs "llama" files with full attention
         if self.architecture in _GEMMA:
             config.update(self._gemma_config(head_dim))
+        if self.model_type == "mixtral":
+            config["num_local_experts"] = key("expert_count")
+            config["num_experts_per_tok"] = key("expert_used_count")
+        if self.model_type == "qwen3_moe":
+            config["num_experts"] = key("expert_count")
+            config["num_experts_per_tok"] = key("expert_used_count")
+            config["moe_intermediate_size"] = key("expert_feed_forward_length")
+            config["norm_topk_prob"] = True  # llama.cpp's qwen3moe always renormalizes
         rope_scaling = self._rope_scaling()
         if rope_scaling:
             config["rope_scaling"] = rope_scaling
@@ -254,6 +280,9 @@ class GGUFCheckpoint:
 
     def array(self, name: str) -> np.ndarray:
         """The tensor ``name`` (an HF name) dequantized to float32, in HF orientation."""
+        expert = _EXPERT_NAME.fullmatch(name)
+        if expert is not None:
+            return self._stacked_experts(int(expert[1]), expert[3])[int(expert[2])]
         tensor = self._tensors[name]
         # The reader's data is [rows, bytes per row]; dequantize gives [out, in] as in HF.
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -267,6 +296,16 @@ class GGUFCheckpoint:
             elif ".self_attn.k_proj." in name:
                 weight = unpermute_rows(weight, config.num_key_value_heads)
         return weight
+
+    def _stacked_experts(self, layer: int, proj: str) -> np.ndarray:
+        """One layer's experts of one projection [E, out, in], dequantized once for all
+        its experts (the last one read is kept)."""
+        key = (layer, proj)
+        if self._last_experts[0] != key:
+            tensor = self._experts[key]
+            weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            self._last_experts = (key, weight.astype(np.float32, copy=False))
+        return self._last_experts[1]
 
     def named_arrays(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, float32 array) of every tensor, one at a time, in file order."""

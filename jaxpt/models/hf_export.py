@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import transformers
 
+from jaxpt.models.families import family_of
 from jaxpt.models.gguf_io import GGUFCheckpoint
 from jaxpt.models.hf_io import write_checkpoint
 
@@ -30,7 +31,9 @@ def write_gguf_as_hf(
     """Write the GGUF's tensors (as ``dtype``) and config to ``out_dir``; the config."""
     os.makedirs(out_dir, exist_ok=True)
     out_dtype = numpy_dtype(dtype)
-    write_checkpoint(out_dir, ((n, a.astype(out_dtype)) for n, a in checkpoint.named_arrays()))
+    family = family_of(checkpoint.hf_config)  # e.g. Mixtral's block_sparse_moe names
+    named = checkpoint.named_arrays()
+    write_checkpoint(out_dir, ((family.checkpoint_name(n), a.astype(out_dtype)) for n, a in named))
     hf_config = checkpoint.hf_config.__class__.from_dict(checkpoint.hf_config.to_dict())
     hf_config.dtype = dtype
     hf_config.save_pretrained(out_dir)

@@ -5,7 +5,11 @@ mesh sharding from a memory-mapped safetensors file: every device reads only its
 slice, so no host ever holds a full copy per device. Saving gathers one tensor at a time.
 The decoder's stacked layer weights ([L, ...], see ``decoder.stacked_layers``) convert at
 this boundary: transformers' ``model.layers.{i}.*`` tensors load into index ``i`` and
-are written back one layer at a time, so the files are transformers' own. A model family
+are written back one layer at a time, so the files are transformers' own. MoE expert
+weights, stacked once more on an ``expert`` axis ([L, E, ...]), convert the same way to
+transformers' per-expert tensors (``model.layers.{i}.mlp.experts.{e}.gate_proj.weight``,
+what its ``save_pretrained`` writes); transformers-5-style fused ones
+(``mlp.experts.gate_up_proj`` [E, 2F, D], ``mlp.experts.down_proj``) load too. A model family
 whose tensor names differ from Llama's (``ModelFamily.weight_renames``) is renamed at this
 boundary too: inside jaxpt every model's tensors carry Llama's names.
 """
@@ -28,6 +32,7 @@ from jaxpt.models.checkpoint_path import find_gguf, resolve_checkpoint_path
 from jaxpt.models.config import ModelConfig, config_from_hf, hf_config_from_dict
 from jaxpt.models.decoder import CausalLM, layer_path, stacked_layers
 from jaxpt.models.families import ModelFamily, UnsupportedArchitectureError, family_of, get_family
+from jaxpt.models.moe import EXPERT_AXIS
 from jaxpt.models.safetensors_io import SafetensorsFile, write_safetensors
 from jaxpt.sharding import make_mesh, named_sharding
 
@@ -51,12 +56,35 @@ def param_name(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def split_dims(var) -> tuple[int, ...]:
+    """The leading dims of a Variable that checkpoints hold as separate tensors: () for
+    a plain one, (layers,) for a stacked one, (layers, experts) for stacked MoE experts."""
+    if stacked_layers(var) is None:
+        return ()
+    axes = var.get_metadata().get("logical_axes")
+    return tuple(var.shape[:2]) if len(axes) > 1 and axes[1] == EXPERT_AXIS else var.shape[:1]
+
+
+def expert_path(path, expert: int) -> tuple:
+    """transformers' path of one expert's slice: ``(..., experts, gate_proj, weight)`` ->
+    ``(..., experts, 3, gate_proj, weight)``."""
+    path = tuple(path)
+    at = path.index("experts") + 1
+    return (*path[:at], expert, *path[at:])
+
+
 def hf_names(path, var) -> list[str]:
-    """The HF tensor names a state Variable holds: one per layer for a stacked one."""
-    layers = stacked_layers(var)
-    if layers is None:
+    """The HF tensor names a state Variable holds: one per layer for a stacked one, one
+    per layer and expert (layer-major) for stacked experts."""
+    dims = split_dims(var)
+    if not dims:
         return [param_name(path)]
-    return [param_name(layer_path(path, i)) for i in range(layers)]
+    if len(dims) == 1:
+        return [param_name(layer_path(path, i)) for i in range(dims[0])]
+    return [
+        param_name(expert_path(layer_path(path, i), e))
+        for i in range(dims[0]) for e in range(dims[1])
+    ]
 
 
 def state_shardings(state: nnx.State, mesh, rules=None):
@@ -151,6 +179,39 @@ class _RenamedTensor:
         return self.file.array(self.checkpoint_name)
 
 
+class _ExpertSlice:
+    """One expert's weight read out of a fused [E, ...] tensor (rows ``rows`` of it)."""
+
+    def __init__(self, source, fused_name: str, expert: int, rows: slice):
+        self.source, self.fused_name, self.expert, self.rows = source, fused_name, expert, rows
+
+    def array(self, name: str) -> np.ndarray:
+        return self.source.array(self.fused_name)[self.expert, self.rows]
+
+
+def with_expert_slices(tensors: dict) -> dict:
+    """``tensors`` (jaxpt name -> file) with transformers-5-style fused expert tensors
+    (``...mlp.experts.gate_up_proj`` [E, 2F, D], ``...mlp.experts.down_proj`` [E, D, F])
+    also offered per expert under the names jaxpt reads
+    (``...mlp.experts.{e}.gate_proj.weight``, ``up_proj``, ``down_proj``)."""
+    out = dict(tensors)
+    for name, source in tensors.items():
+        prefix, _, last = name.rpartition(".experts.")
+        if not prefix or last not in ("gate_up_proj", "down_proj"):
+            continue
+        shape = source.array(name).shape
+        del out[name]  # read through its slices
+        for e in range(shape[0]):
+            base = f"{prefix}.experts.{e}"
+            if last == "down_proj":
+                out[f"{base}.down_proj.weight"] = _ExpertSlice(source, name, e, slice(None))
+            else:
+                half = shape[1] // 2
+                out[f"{base}.gate_proj.weight"] = _ExpertSlice(source, name, e, slice(0, half))
+                out[f"{base}.up_proj.weight"] = _ExpertSlice(source, name, e, slice(half, None))
+    return out
+
+
 def _family_of_dir(model_dir: str) -> ModelFamily | None:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
@@ -168,9 +229,9 @@ def _tensor_files(model_dir: str, family: ModelFamily | None = None) -> dict:
     (default: the one config.json names) says how the checkpoint's names differ."""
     files = _checkpoint_files(model_dir)
     family = family or _family_of_dir(model_dir)
-    if family is None or not family.weight_renames:
-        return files
-    return {family.jaxpt_name(n): _RenamedTensor(file, n) for n, file in files.items()}
+    if family is not None and family.weight_renames:
+        files = {family.jaxpt_name(n): _RenamedTensor(file, n) for n, file in files.items()}
+    return with_expert_slices(files)
 
 
 def _checkpoint_files(model_dir: str) -> dict[str, SafetensorsFile]:
@@ -198,8 +259,8 @@ def load_state(abstract_state: nnx.State, tensors: dict, mesh, rules, model_dir:
     flat_shardings = dict(nnx.to_flat_state(shardings))
     loaded = []
     for path, var in nnx.to_flat_state(abstract_state):
-        stacked = stacked_layers(var) is not None
-        shape = tuple(var.shape[1:] if stacked else var.shape)
+        dims = split_dims(var)
+        shape = tuple(var.shape[len(dims):])
         sources = []
         for name in hf_names(path, var):
             if name not in tensors:
@@ -212,12 +273,18 @@ def load_state(abstract_state: nnx.State, tensors: dict, mesh, rules, model_dir:
                 )
             sources.append(source)
         dtype = var.dtype
+        grid = np.empty(len(sources), object)
+        for j, source in enumerate(sources):
+            grid[j] = source
+        grid = grid.reshape(dims)  # the source of each (layer, expert) slice
 
-        def read_slice(index, sources=sources, dtype=dtype, stacked=stacked):
-            if not stacked:
-                return np.asarray(sources[0][index]).astype(dtype)
-            layers, rest = index[0], tuple(index[1:])
-            return np.stack([np.asarray(s[rest]).astype(dtype) for s in sources[layers]])
+        def read_slice(index, grid=grid, dtype=dtype):
+            lead = grid.ndim
+            if not lead:
+                return np.asarray(grid[()][index]).astype(dtype)
+            picked, rest = grid[tuple(index[:lead])], tuple(index[lead:])
+            pieces = [np.asarray(s[rest]).astype(dtype) for s in picked.reshape(-1)]
+            return np.stack(pieces).reshape(picked.shape + pieces[0].shape)
 
         array = jax.make_array_from_callback(var.shape, flat_shardings[path], read_slice)
         loaded.append((path, var.replace(array)))
@@ -296,8 +363,14 @@ def host_arrays(state: nnx.State, dtype=None) -> Iterator[tuple[str, np.ndarray]
             done.update(p for p, _, _ in stacked)
             for i in range(max(n for _, _, n in stacked)):
                 for p, v, n in stacked:
-                    if i < n:
-                        yield param_name(layer_path(p, i)), out(host_array(v[...][i]))
+                    if i >= n:
+                        continue
+                    array = out(host_array(v[...][i]))
+                    if len(split_dims(v)) == 1:
+                        yield param_name(layer_path(p, i)), array
+                    else:  # MoE experts: one tensor per expert, as transformers saves them
+                        for e in range(array.shape[0]):
+                            yield param_name(expert_path(layer_path(p, i), e)), array[e]
 
 
 def write_checkpoint(

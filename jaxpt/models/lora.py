@@ -12,6 +12,11 @@ adapters: the LoRA of a stacked projection holds every layer's ``A`` [L, in, r] 
 ``B`` [L, r, out]. Paths still name one layer's projection
 (``model.layers.3.self_attn.q_proj``), as transformers and PEFT do; a layer that ``spec``
 does not select keeps ``A = B = 0`` (no update, and no gradient, so it stays 0).
+
+MoE experts (``jaxpt.models.moe.ExpertLinear``, weight [L, E, out, in]) are projections
+too, one site per layer (``model.layers.3.mlp.experts.gate_proj``): their adapter holds a
+low-rank pair per expert, ``A`` [L, E, in, r] and ``B`` [L, E, r, out], applied to the
+rows each expert receives with the same grouped matmul as the experts.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from flax import nnx
 
 from jaxpt.models.decoder import LAYER_AXIS, layer_path, stacked_layers
 from jaxpt.models.layers import BATCH_MAJOR, Layout, Linear
+from jaxpt.models.moe import EXPERT_AXIS, ExpertLinear, grouped_matmul
 from jaxpt.sharding import named_sharding
 
 # Every attention and MLP projection of the decoder.
@@ -65,9 +71,11 @@ class LoRA(nnx.Module):
     """The low-rank update ``scale * dropout(x) @ A @ B`` of one projection (of each layer
     of a stacked one: ``A`` [L, in, r], ``B`` [L, r, out], adapting ``layers``)."""
 
-    def __init__(self, a_ir, b_ro, *, scale: float, dropout: float, axes, layers=None):
+    def __init__(self, a_ir, b_ro, *, scale: float, dropout: float, axes, layers=None,
+                 experts: bool = False):
         out_axis, in_axis = axes
         lead = (LAYER_AXIS,) if layers is not None else ()
+        lead = (*lead, EXPERT_AXIS) if experts else lead
         self.a = LoRAParam(a_ir, logical_axes=(*lead, in_axis, None))
         self.b = LoRAParam(b_ro, logical_axes=(*lead, None, out_axis))
         self.scale = scale
@@ -75,14 +83,27 @@ class LoRA(nnx.Module):
         self.layers = layers  # the adapted layers of a stacked projection (None: unstacked)
         self.dropout_key = nnx.data(None)  # a DropoutKey in train steps (``enable_dropout``)
 
-    def __call__(self, x, dtype, layout: Layout = BATCH_MAJOR):
-        """The update for ``x`` in ``layout`` ([..., in] batch-major, [in, ...]
-        feature-major), in that layout."""
+    def _dropped(self, x, dtype):
         x = x.astype(dtype)
         if self.dropout and self.dropout_key is not None:
             keep = 1.0 - self.dropout
             key = jax.random.wrap_key_data(self.dropout_key[...])
             x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, jnp.zeros_like(x))
+        return x
+
+    def grouped(self, x_mi, group_sizes_e, dtype):
+        """An experts' adapter's update for rows grouped by expert (``A`` [E, in, r],
+        ``B`` [E, r, out])."""
+        x_mi = self._dropped(x_mi, dtype)
+        a_eir, b_ero = self.a[...].astype(dtype), self.b[...].astype(dtype)
+        h_mr = grouped_matmul(x_mi, a_eir, group_sizes_e, in_last=False)
+        y_mo = grouped_matmul(h_mr, b_ero, group_sizes_e, in_last=False)
+        return y_mo * jnp.asarray(self.scale, dtype)
+
+    def __call__(self, x, dtype, layout: Layout = BATCH_MAJOR):
+        """The update for ``x`` in ``layout`` ([..., in] batch-major, [in, ...]
+        feature-major), in that layout."""
+        x = self._dropped(x, dtype)
         a_ir, b_ro = self.a[...].astype(dtype), self.b[...].astype(dtype)
         if layout is BATCH_MAJOR:
             y = jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a_ir), b_ro)
@@ -95,7 +116,10 @@ def _sites(model) -> dict[str, tuple[Linear, int | None]]:
     """Every projection of ``model`` by its dotted path with its layer in the stack: a
     stacked ``Linear`` appears once per layer (``model.layers.{i}.mlp.up_proj``, layer by
     layer, in transformers' order), any other with layer None."""
-    linears = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, Linear)]
+    linears = [
+        (path, node) for path, node in nnx.iter_graph(model)
+        if isinstance(node, (Linear, ExpertLinear))
+    ]
     stacked = [(p, lin, stacked_layers(lin.weight)) for p, lin in linears]
     stacked = [(p, lin, n) for p, lin, n in stacked if n is not None]
     sites, stack_listed = {}, False
@@ -115,7 +139,7 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def projections(model) -> dict[str, Linear]:
+def projections(model) -> dict[str, Linear | ExpertLinear]:
     """Every projection of ``model`` by its dotted path (``model.layers.0.mlp.up_proj``);
     the layers of a stacked ``Linear`` share it."""
     return {path: linear for path, (linear, _) in _sites(model).items()}
@@ -172,35 +196,44 @@ def add_adapters(model, spec: LoRASpec, *, seed: int, mesh=None, rules=None, pat
     for i, path in enumerate(paths):
         linear, layer = sites[path]
         out_f, in_f = linear.weight.shape[-2:]
+        experts = _experts_of(linear)
         # PEFT's kaiming_uniform_(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / np.sqrt(in_f)
         a_ir = jax.random.uniform(
-            jax.random.fold_in(key, i), (in_f, spec.rank), jnp.float32, -bound, bound
+            jax.random.fold_in(key, i), (*experts, in_f, spec.rank), jnp.float32, -bound, bound
         ).astype(linear.weight[...].dtype)
         chosen.setdefault(id(linear), (linear, {}))[1][layer] = a_ir
     for linear, a_by_layer in chosen.values():
         out_f, in_f = linear.weight.shape[-2:]
+        experts = _experts_of(linear)
         dtype = linear.weight[...].dtype
         axes = linear.weight.get_metadata().get("logical_axes") or (None,) * linear.weight.ndim
+        axes = axes[-2:]  # (out, in); the leading layers / expert axes are added back below
         num_layers = stacked_layers(linear.weight)
+        expert_axis = (EXPERT_AXIS,) if experts else ()
         if num_layers is None:
-            a_ir, b_ro = a_by_layer[None], jnp.zeros((spec.rank, out_f), dtype)
-            lead, layers = (), None
+            a_ir, b_ro = a_by_layer[None], jnp.zeros((*experts, spec.rank, out_f), dtype)
+            lead, layers = expert_axis, None
         else:
-            axes = axes[1:]
-            zero_a = jnp.zeros((in_f, spec.rank), dtype)
+            zero_a = jnp.zeros((*experts, in_f, spec.rank), dtype)
             a_ir = jnp.stack([a_by_layer.get(i, zero_a) for i in range(num_layers)])
-            b_ro = jnp.zeros((num_layers, spec.rank, out_f), dtype)
-            lead, layers = (LAYER_AXIS,), tuple(sorted(a_by_layer))
+            b_ro = jnp.zeros((num_layers, *experts, spec.rank, out_f), dtype)
+            lead, layers = (LAYER_AXIS, *expert_axis), tuple(sorted(a_by_layer))
         if mesh is not None:
             a_spec, b_spec = (*lead, axes[1], None), (*lead, None, axes[0])
             a_ir = jax.device_put(a_ir, named_sharding(mesh, a_spec, a_ir.shape, rules))
             b_ro = jax.device_put(b_ro, named_sharding(mesh, b_spec, b_ro.shape, rules))
         adapter = LoRA(
-            a_ir, b_ro, scale=spec.scale, dropout=spec.dropout, axes=axes, layers=layers
+            a_ir, b_ro, scale=spec.scale, dropout=spec.dropout, axes=axes, layers=layers,
+            experts=bool(experts),
         )
         linear.lora = nnx.data(adapter)
     return paths
+
+
+def _experts_of(linear) -> tuple[int, ...]:
+    """(E,) for an MoE experts' projection, () for a plain one."""
+    return (int(linear.weight.shape[-3]),) if isinstance(linear, ExpertLinear) else ()
 
 
 def enable_dropout(model, key) -> None:

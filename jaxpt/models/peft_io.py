@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxpt.models.hf_io import host_array
 from jaxpt.models.lora import adapted, adapter_sites, projections
+from jaxpt.models.moe import ExpertLinear
 from jaxpt.models.safetensors_io import write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -59,6 +60,15 @@ def write_adapter(model, out_dir: str, *, base_model: str | None, dropout: float
     sites = adapter_sites(model)
     if not sites:
         raise ValueError("the model has no LoRA adapters to write")
+    experts = [p for p, linear in projections(model).items()
+               if p in sites and isinstance(linear, ExpertLinear)]
+    if experts:
+        raise AdapterError(
+            f"LoRA on MoE experts ({experts[0]}, ...) has no PEFT export: PEFT adapts "
+            "transformers' fused expert parameters (target_parameters, one adapter over "
+            "gate_up_proj) and jaxpt's separate gate/up adapters do not map onto it. Export "
+            "the merged model (lora.export=merged) or adapt attention only (lora.targets)"
+        )
     gathered = {}  # each (stacked) adapter gathered once
     named = []
     for path, (lora, layer) in sites.items():

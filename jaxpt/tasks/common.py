@@ -142,6 +142,7 @@ def attach_lora(ctx: RunContext, model) -> None:
                      mesh=ctx.mesh, rules=ctx.rules, paths=paths)
     except (ValueError, KeyError) as error:
         raise ConfigError(f"config key 'lora.targets': {error}") from None
+    _check_peft_exportable(model, paths, cfg.export)
     if adapter is not None:
         try:
             load_adapter_weights(model, adapter)
@@ -448,6 +449,24 @@ def export_with_tokenizer(ctx: RunContext, state, out_dir: str, save_fn) -> None
     save_fn(model, out_dir, dtype=ctx.config.export.dtype)
     if ctx.is_main_process:
         resolve_tokenizer(ctx).save_pretrained(out_dir)
+
+
+def _check_peft_exportable(model, paths, export: str) -> None:
+    """Fail before training, not at export, when ``lora.export`` asks for a PEFT adapter
+    that ``peft_io.write_adapter`` cannot write (LoRA on MoE experts)."""
+    from jaxpt.models.lora import projections
+    from jaxpt.models.moe import ExpertLinear
+
+    if export not in ("peft", "both"):
+        return
+    linears = projections(model)
+    experts = [p for p in paths if isinstance(linears[p], ExpertLinear)]
+    if experts:
+        raise ConfigError(
+            f"config key 'lora.export': {export!r} writes a PEFT adapter, which jaxpt cannot "
+            f"write for LoRA on MoE experts ({experts[0]}, ...); use lora.export=merged or "
+            "lora.targets without the experts' gate_proj/up_proj/down_proj"
+        )
 
 
 def export_causal_lm(ctx: RunContext, state, out_dir: str) -> None:
