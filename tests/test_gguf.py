@@ -72,8 +72,19 @@ def smol_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def smol_hf(smol_path):
-    return hf_gguf_model(smol_path)
+def smol_model(smol_path):
+    return jm.from_pretrained(SMOL_SPEC)
+
+
+@pytest.fixture(scope="module")
+def smol_hf(smol_model, tmp_path_factory):
+    """transformers' model on the weights jaxpt dequantized. That transformers dequantizes
+    every ggml type the same way is checked on the tiny files below
+    (``test_tiny_gguf_logits_match_transformers``); its own load of this file parses the
+    49k-token vocabulary again, which is most of this module's time."""
+    out = str(tmp_path_factory.mktemp("smollm2_hf"))
+    jm.save_pretrained(smol_model, out)
+    return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +96,8 @@ def smol_tokenizers(smol_path):
     return theirs, tokenizer_for_model(SMOL_SPEC)
 
 
-def test_smollm2_logits_and_greedy_match_transformers(smol_path, smol_hf, smol_tokenizers):
-    model = jm.from_pretrained(SMOL_SPEC)
+def test_smollm2_logits_and_greedy_match_transformers(smol_model, smol_hf, smol_tokenizers):
+    model = smol_model
     assert jm.hf_config_of(model).num_hidden_layers == 30
     ids = chat_ids(smol_tokenizers[1])
     assert 15 <= len(ids) <= 30
