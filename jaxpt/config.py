@@ -228,6 +228,9 @@ class RlSection:
     # w > cap, with w = pi_trainer / pi_sampler; none: the sampler's log-probs are the old policy
     importance_correction: str = "none"
     importance_cap: float = 2.0
+    # MoE policies (grpo, ppo): the sampler records each token's experts per layer and the
+    # policy's training forwards route the rollout's tokens to them (reference: its own)
+    routing_replay: bool = False
 
 
 BASE_SECTIONS: dict[str, type] = {

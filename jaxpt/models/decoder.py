@@ -29,7 +29,14 @@ from jaxpt.models.layers import (
     rotary_cos_sin,
     window_masks,
 )
-from jaxpt.models.moe import MoE, pop_router_stats, record_forward_stats
+from jaxpt.models.moe import (
+    MoE,
+    collecting_routing,
+    pop_block_routing,
+    pop_router_stats,
+    record_forward_routing,
+    record_forward_stats,
+)
 from jaxpt.models.paged import LayerPages, PagedKVCache, PagedMask
 from jaxpt.sharding import constrain
 
@@ -175,13 +182,16 @@ class DecoderLayer(nnx.Module):
         self.mlp = mlp_cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, h, cos, sin, mask, kv_cache=None, cache_index=None,
-                 layout: Layout = BATCH_MAJOR):
-        """The layer on hidden states ``h`` in ``layout``: (new hidden states, new kv)."""
+                 layout: Layout = BATCH_MAJOR, experts_btk=None):
+        """The layer on hidden states ``h`` in ``layout``: (new hidden states, new kv).
+        ``experts_btk`` [B, T, k]: expert ids an MoE block replays (``moe.route``)."""
         axis = layout.feature_axis
         attn, kv_cache = self.self_attn(
             self.input_layernorm(h, axis), cos, sin, mask, kv_cache, cache_index, layout
         )
-        mlp_kwargs = {"valid_bt": _real_tokens(mask)} if isinstance(self.mlp, MoE) else {}
+        mlp_kwargs = {}
+        if isinstance(self.mlp, MoE):
+            mlp_kwargs = {"valid_bt": _real_tokens(mask), "experts_btk": experts_btk}
         if self.pre_feedforward_layernorm is None:
             h = h + attn
             h = h + self.mlp(self.post_attention_layernorm(h, axis), layout, **mlp_kwargs)
@@ -268,6 +278,10 @@ class CausalLM(nnx.Module):
     logits [B, T, V]; with ``cache`` (a ``KVCache``) returns ``(logits, new_cache)``. A
     decode step (one token per row, through a cache) may run feature-major
     (``layout=FEATURE_MAJOR``, see ``layers.Layout``): logits [V, B], hidden states [D, B].
+
+    An MoE model takes ``routing`` [L, B, T, k] int32: the expert ids each layer routes
+    each token to instead of its router's top k (routing replay, ``moe.route``; -1: the
+    token's own top k); inside ``moe.collect_routing()`` each forward records its own.
     """
 
     def __init__(
@@ -345,6 +359,7 @@ class CausalLM(nnx.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         layout: Layout = BATCH_MAJOR,
+        routing=None,
     ):
         ids_bt = jnp.asarray(input_ids, jnp.int32)
         b, t = ids_bt.shape
@@ -394,17 +409,24 @@ class CausalLM(nnx.Module):
         inputs = {kind: (*rotary[kind[1]], masks[kind[0]]) for kind in dict.fromkeys(kinds)}
         h = layout.constrain(self.model.embed_tokens(ids_bt, layout), ("batch", "seq", "embed"))
         policy = REMAT_POLICIES[self.remat]
+        if routing is not None:
+            routing = jnp.asarray(routing, jnp.int32)
         if cache is None and self._scans():
-            h, router_stats = _scan_layers(self.model.layers, h, inputs, kinds, policy)
+            h, (router_stats, experts_lbtk) = _scan_layers(
+                self.model.layers, h, inputs, kinds, policy, routing
+            )
         else:
             # Multi-token forwards through a cache (GRPO's shared-prompt training forward,
             # a sampler's prefill) remat too; single-token decode steps run inside the
             # sampler's loop, where nothing is differentiated.
-            h, new_k, new_v, router_stats = self._layers_one_by_one(
-                h, inputs, kinds, cache, policy if t > 1 or cache is None else None, layout
+            h, new_k, new_v, router_stats, experts_lbtk = self._layers_one_by_one(
+                h, inputs, kinds, cache, policy if t > 1 or cache is None else None, layout,
+                routing,
             )
         if router_stats is not None:  # per layer, see jaxpt.models.moe.take_router_stats
             record_forward_stats(self, router_stats)
+        if experts_lbtk is not None and collecting_routing():
+            record_forward_routing(experts_lbtk)
         h = self.model.norm(h, layout.feature_axis)
         out = h if return_hidden else self.logits(h, layout)
         if cache is None:
@@ -420,34 +442,41 @@ class CausalLM(nnx.Module):
         )
         return out, new_cache
 
-    def _layers_one_by_one(self, h, inputs, kinds, cache, remat_policy, layout):
+    def _layers_one_by_one(self, h, inputs, kinds, cache, remat_policy, layout, routing=None):
         """The layers unrolled, each sliced from the stacked weights, through ``cache``
-        when there is one: the hidden states and each layer's new keys and values.
-        ``inputs`` holds (cos, sin, mask) per kind of layer, ``kinds`` each layer's."""
+        when there is one: the hidden states, each layer's new keys and values, and the
+        MoE layers' stacked router statistics and routed expert ids (or None).
+        ``inputs`` holds (cos, sin, mask) per kind of layer, ``kinds`` each layer's;
+        ``routing`` [L, B, T, k] the expert ids to replay (or None)."""
 
-        def run_layer(layer, h, layer_inputs, kv, index):
+        def run_layer(layer, h, layer_inputs, kv, index, experts_btk):
             cos, sin, mask = layer_inputs
-            h, kv = layer(h, cos, sin, mask, kv, index, layout)
-            return h, kv, pop_router_stats(layer)
+            h, kv = layer(h, cos, sin, mask, kv, index, layout, experts_btk)
+            return h, kv, pop_router_stats(layer), pop_block_routing()
 
         if remat_policy is not None:
             run_layer = nnx.remat(run_layer, policy=remat_policy, prevent_cse=True)
-        new_k, new_v, stats = [], [], []
+        new_k, new_v, stats, routed = [], [], [], []
         for i, layer in enumerate(self.model.unstacked()):
             if isinstance(cache, PagedKVCache):
                 kv, index = cache.layer(i), None
             else:
                 kv = None if cache is None else (cache.k[i], cache.v[i])
                 index = None if cache is None else cache.index
-            h, kv, layer_stats = run_layer(layer, h, inputs[kinds[i]], kv, index)
+            h, kv, layer_stats, layer_experts = run_layer(
+                layer, h, inputs[kinds[i]], kv, index, None if routing is None else routing[i]
+            )
             stats.append(layer_stats)
+            routed.append(layer_experts)
             if isinstance(kv, LayerPages):  # one entry per layer: its pages
                 new_k.append(kv.pages)
             elif kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        stats = None if stats[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *stats)
-        return h, tuple(new_k), tuple(new_v), stats
+        stack = lambda found: (
+            None if found[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *found)
+        )
+        return h, tuple(new_k), tuple(new_v), stack(stats), stack(routed)
 
 
 def with_layers_unstacked(model: CausalLM) -> CausalLM:
@@ -472,10 +501,12 @@ def cached_keys(cache: KVCache, segment_bt, positions_bt):
     return q_slot_t, k_slot_s, k_segment_bs, k_pos_bs
 
 
-def _scan_layers(layers, h_btd, inputs, kinds, remat_policy):
+def _scan_layers(layers, h_btd, inputs, kinds, remat_policy, routing=None):
     """Run the stacked decoder ``layers`` as one ``lax.scan`` over their weights as stored:
     the compiled program is the same size for 2 layers or 80, and no weight is copied.
-    Returns the hidden states and the layers' stacked MoE router statistics (or None).
+    Returns the hidden states and the layers' stacked MoE router statistics and routed
+    expert ids (each None for dense layers). ``routing`` [L, B, T, k] (or None) is scanned
+    along: each layer's expert ids to replay.
 
     ``inputs`` holds (cos, sin, ``AttentionMask``) per distinct kind of ``kinds`` (one per
     layer: its window and rope, see ``CausalLM.layer_kinds``); where the layers differ
@@ -487,16 +518,17 @@ def _scan_layers(layers, h_btd, inputs, kinds, remat_policy):
     distinct = list(dict.fromkeys(kinds))
     which_l = jnp.asarray([distinct.index(k) for k in kinds], jnp.int32)
 
-    def run(layer, h, kind):
-        h = layer(h, *inputs[kind])[0]
-        return h, pop_router_stats(layer)  # MoE router statistics, None for dense layers
+    def run(layer, h, kind, experts_btk):
+        h = layer(h, *inputs[kind], experts_btk=experts_btk)[0]
+        # MoE router statistics and routed expert ids, None for dense layers
+        return h, (pop_router_stats(layer), pop_block_routing())
 
     def body(h, xs):
-        state, which = xs
+        state, which, experts_btk = xs
         layer = nnx.merge(graphdef, state)
-        branches = [lambda h, kind=kind: run(layer, h, kind) for kind in distinct]
+        branches = [lambda h, kind=kind: run(layer, h, kind, experts_btk) for kind in distinct]
         return branches[0](h) if len(branches) == 1 else jax.lax.switch(which, branches, h)
 
     if remat_policy is not None:
         body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
-    return jax.lax.scan(body, h_btd, (state, which_l))
+    return jax.lax.scan(body, h_btd, (state, which_l, routing))

@@ -26,12 +26,20 @@ beyond one layer call, so no traced value outlives its trace. The
 load-balancing loss (``load_balancing_loss``, transformers' ``load_balancing_loss_func``)
 and the router z-loss (``router_z_loss``) are computed from these sums, so micro-batches
 and several forwards add up before the nonlinear step.
+
+ROUTING REPLAY. Inside ``collect_routing()`` every MoE block also records the expert ids
+its tokens were routed to, and the decoder hands each forward's stack ([L, B, T, k]
+int32) to that context's list: what a sampler keeps of its rollout. A forward given such
+ids (``CausalLM(..., routing=)``) routes each token to them instead of its own top k
+(``route(..., experts_nk=)``): the routing weights are still the router's probabilities,
+at the replayed experts, so the router keeps its gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +50,7 @@ from jaxpt.models.layers import BATCH_MAJOR, Layout, gated_activation
 EXPERT_AXIS = "expert"  # logical axis of the experts' stacked dimension
 
 _SINK = contextvars.ContextVar("jaxpt_router_stats", default=None)
+_ROUTING = contextvars.ContextVar("jaxpt_routing", default=None)
 
 
 @contextlib.contextmanager
@@ -63,6 +72,42 @@ def collecting() -> bool:
 def record_forward_stats(model, stats: RouterStats) -> None:
     """A model's forward hands its per-layer stats to the active sink."""
     _SINK.get().append((model, stats))
+
+
+@dataclasses.dataclass
+class _RoutingSink:
+    forwards: list  # per forward: [L, B, T, k]
+    blocks: list  # the blocks' [B, T, k] not yet taken by their layer's caller
+
+
+@contextlib.contextmanager
+def collect_routing():
+    """While tracing inside this context, each MoE model forward appends the expert ids
+    its tokens were routed to, [L, B, T, k] int32, to the yielded list (a dense model's
+    forward appends nothing). Blocks hand their ids over in the context, not on the
+    modules, so a model built outside a loop's trace records inside it."""
+    sink = _RoutingSink([], [])
+    token = _ROUTING.set(sink)
+    try:
+        yield sink.forwards
+    finally:
+        _ROUTING.reset(token)
+
+
+def collecting_routing() -> bool:
+    return _ROUTING.get() is not None
+
+
+def pop_block_routing() -> jax.Array | None:
+    """The expert ids [B, T, k] the last MoE block recorded (inside ``collect_routing``),
+    taken by its layer's caller in the same trace; None outside or after a dense layer."""
+    sink = _ROUTING.get()
+    return sink.blocks.pop() if sink is not None and sink.blocks else None
+
+
+def record_forward_routing(experts_lbtk) -> None:
+    """A model's forward hands its per-layer expert ids to the active routing list."""
+    _ROUTING.get().forwards.append(experts_lbtk)
 
 
 @struct.dataclass
@@ -125,11 +170,22 @@ def router_z_loss(stats: RouterStats) -> jax.Array:
 # ------------------------------------------------------------------------ the four steps
 
 
-def route(logits_ne, k: int, normalize: bool):
+def route(logits_ne, k: int, normalize: bool, experts_nk=None):
     """Routing weights [N, k] (float32) and expert ids [N, k] of float32 router logits:
-    softmax, top k, renormalized over the k when ``normalize``."""
+    softmax, top k, renormalized over the k when ``normalize``.
+
+    ``experts_nk`` (int [N, k]) replays given expert ids instead of the top k: the weights
+    are the softmax probabilities at those ids (renormalized alike), so they stay
+    differentiable in the logits. A token whose ids hold a -1 (not recorded) takes its own
+    top k. Replaying a forward's own top k gives exactly its weights."""
     probs_ne = jax.nn.softmax(logits_ne.astype(jnp.float32), axis=-1)
-    weights_nk, experts_nk = jax.lax.top_k(probs_ne, k)
+    weights_nk, top_nk = jax.lax.top_k(probs_ne, k)
+    if experts_nk is None:
+        experts_nk = top_nk
+    else:
+        replayed_n1 = jnp.all(experts_nk >= 0, axis=-1, keepdims=True)
+        experts_nk = jnp.where(replayed_n1, experts_nk.astype(top_nk.dtype), top_nk)
+        weights_nk = jnp.take_along_axis(probs_ne, experts_nk, axis=-1)
     if normalize:
         weights_nk = weights_nk / jnp.sum(weights_nk, axis=-1, keepdims=True)
     return weights_nk, experts_nk
@@ -243,14 +299,18 @@ class MoE(nnx.Module):
         self.normalize = c.norm_topk_prob
         self.dtype = dtype
 
-    def __call__(self, x, layout: Layout = BATCH_MAJOR, valid_bt=None):
+    def __call__(self, x, layout: Layout = BATCH_MAJOR, valid_bt=None, experts_btk=None):
         """The block on ``x`` in ``layout``; ``valid_bt`` marks the real tokens (for the
-        router statistics recorded inside ``collect_router_stats``)."""
+        router statistics recorded inside ``collect_router_stats``); ``experts_btk``
+        [B, T, k] are expert ids to replay (see ``route``)."""
         x_btd = x if layout is BATCH_MAJOR else x.T[:, None, :]
         b, t, d = x_btd.shape
         x_nd = x_btd.reshape(b * t, d)
         logits_ne = self.gate(x_nd)
-        weights_nk, experts_nk = route(logits_ne, self.top_k, self.normalize)
+        forced_nk = None if experts_btk is None else experts_btk.reshape(b * t, self.top_k)
+        weights_nk, experts_nk = route(logits_ne, self.top_k, self.normalize, forced_nk)
+        if collecting_routing():
+            _ROUTING.get().blocks.append(experts_nk.astype(jnp.int32).reshape(b, t, self.top_k))
         x_md, group_sizes_e, order_m = dispatch(x_nd.astype(self.dtype), experts_nk,
                                                 self.num_experts)
         y_md = expert_ffn(self.experts, x_md, group_sizes_e)

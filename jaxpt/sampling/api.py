@@ -194,6 +194,7 @@ def generate(
     mesh=None,
     attention_mask=None,
     sampler: str = "auto",
+    record_routing: bool = False,
 ) -> GenerateOutput:
     """Generate completions for token-id prompts of any lengths with a KV-cached sampler.
 
@@ -231,6 +232,10 @@ def generate(
     their slot, prompts prefilled once per ``num_samples``), ``static`` (one batch whose
     rows all run until the longest ends, ``engine.sample_arrays``), or ``auto``: see
     ``choose_sampler``. Both give the same tokens and log-probs for the same seed.
+
+    ``record_routing`` (MoE models) also returns the expert ids every layer routed every
+    token to, ``out.arrays.routing_btlk`` [rows, T, L, k]: the left-padded prompt (padded
+    to a length bucket) then ``max_new_tokens`` columns (see ``SampleArrays``).
     """
     prompts = prompt_token_lists(prompts, attention_mask)
     if not prompts:
@@ -251,7 +256,7 @@ def generate(
     )
     weights_mesh = _mesh_of(model)
     mesh = mesh if mesh is not None else weights_mesh
-    if choose_sampler(sampler, config, mesh) == "paged":
+    if choose_sampler(sampler, config, mesh, record_routing) == "paged":
         from jaxpt.sampling.continuous import generate_paged
 
         completions = generate_paged(nnx.split(model), prompts, max_new_tokens, config,
@@ -276,16 +281,19 @@ def generate(
                 rng,
                 config,
                 limit=max_new_tokens,
+                record_routing=record_routing,
             )
     else:
-        arrays = sample_arrays(graphdef, state, ids_bt, mask_bt, rng, config, limit=max_new_tokens)
-    return _to_output(arrays, len(prompts) * num_samples, max_new_tokens)
+        arrays = sample_arrays(graphdef, state, ids_bt, mask_bt, rng, config, limit=max_new_tokens,
+                               record_routing=record_routing)
+    return _to_output(arrays, len(prompts) * num_samples, max_new_tokens, length)
 
 
 SAMPLERS = ("auto", "paged", "static")
 
 
-def choose_sampler(sampler: str, config: SamplingConfig, mesh=None) -> str:
+def choose_sampler(sampler: str, config: SamplingConfig, mesh=None,
+                   record_routing: bool = False) -> str:
     """The sampler ``auto`` means: the paged engine, except where the static sampler is as
     fast or the engine does not go yet.
 
@@ -293,15 +301,17 @@ def choose_sampler(sampler: str, config: SamplingConfig, mesh=None) -> str:
       leaves early, so continuous batching has nothing to gain, and the static sampler's
       contiguous cache is faster (bench-tiny, 32 rows x 128 tokens, one CPU core: about
       10% more tokens/s).
-    - A multi-device mesh (the engine does not shard its batch yet) or a repetition
-      penalty (the engine does not apply one) take the static sampler.
+    - A multi-device mesh (the engine does not shard its batch yet), a repetition
+      penalty (the engine does not apply one) or ``record_routing`` (the engine does not
+      record MoE routing for replay) take the static sampler.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
-    static_only = (mesh is not None and mesh.size > 1) or config.repetition_penalty is not None
+    static_only = ((mesh is not None and mesh.size > 1) or config.repetition_penalty is not None
+                   or record_routing)
     if sampler == "paged" and static_only:
-        raise ValueError("the paged engine runs on one device without a repetition penalty; "
-                         "use sampler='static'")
+        raise ValueError("the paged engine runs on one device without a repetition penalty "
+                         "and does not record routing; use sampler='static'")
     if sampler == "auto":
         uniform = not config.eos_token_ids and not config.stop
         return "static" if static_only or uniform else "paged"
@@ -316,8 +326,11 @@ def _completions_output(completions, width: int, max_new_tokens: int,
     return _to_output(arrays, len(completions), max_new_tokens)
 
 
-def _to_output(arrays: SampleArrays, rows: int, max_new_tokens: int) -> GenerateOutput:
+def _to_output(arrays: SampleArrays, rows: int, max_new_tokens: int,
+               prompt_length: int = 0) -> GenerateOutput:
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x))[:rows], arrays)
+    if host.routing_btlk is not None:
+        host = host.replace(routing_btlk=host.routing_btlk[:, : prompt_length + max_new_tokens])
     host = host.replace(
         tokens_bn=host.tokens_bn[:, :max_new_tokens],
         logprobs_bn=host.logprobs_bn[:, :max_new_tokens],

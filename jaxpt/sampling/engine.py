@@ -20,6 +20,7 @@ from flax import nnx, struct
 from jaxpt.models.decode import decode_step
 from jaxpt.models.decoder import KVCache, with_layers_unstacked
 from jaxpt.models.layers import DECODE_BLOCK, target_platform
+from jaxpt.models.moe import collect_routing
 from jaxpt.sampling.config import SamplingConfig
 from jaxpt.sampling.processors import choose_with_logprobs
 from jaxpt.sharding import constrain, rules_key, use_rules
@@ -50,6 +51,10 @@ class SampleArrays:
     - ``lengths_b``: number of valid tokens per row (eos / stop sequence included).
     - ``finished_b``: the row ended with an eos token or a stop sequence.
     - ``truncated_b``: the row ran out of new tokens before finishing.
+    - ``routing_btlk``: only when asked (``record_routing``, MoE models): the expert ids
+      [B, T, L, k] (int32) each layer routed each token to, ``T`` the left-padded prompt
+      then the ``n`` new-token columns, as an RL train row lays out prompt + completion;
+      -1 where no forward ran the token (a completion's last token, padding after it).
     """
 
     tokens_bn: jax.Array
@@ -59,6 +64,7 @@ class SampleArrays:
     lengths_b: jax.Array
     finished_b: jax.Array
     truncated_b: jax.Array
+    routing_btlk: jax.Array | None = None
 
     @property
     def mask_bn(self) -> jax.Array:
@@ -162,7 +168,17 @@ def _stop_hit(tokens_bn, step, stop_seqs):
     return hit_b
 
 
-def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, config):
+def _routed(forward):
+    """``forward()``'s output and the expert ids it routed to, [B, T, L, k]."""
+    with collect_routing() as routing:
+        out = forward()
+    if len(routing) != 1:
+        raise ValueError("recording the routing needs a mixture-of-experts model")
+    return out, jnp.transpose(routing[0], (1, 2, 0, 3))
+
+
+def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, config,
+            record_routing=False):
     global _TRACES
     _TRACES += 1
     model = _merge(graphdef.graphdef, state)
@@ -182,7 +198,11 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
     # cache), so accelerators, where the cache is what limits the batch, keep one stage.
     stages = decode_stages(t, n_new, MAX_DECODE_STAGES if target_platform() == "cpu" else 1)
     cache = _constrain_cache(KVCache.init(model.config, b, stages[0][0], model.dtype))
-    hidden_btd, cache = model(ids_bt, positions_bt, segment_bt, cache=cache, return_hidden=True)
+    prefill = lambda: model(ids_bt, positions_bt, segment_bt, cache=cache, return_hidden=True)
+    if record_routing:
+        (hidden_btd, cache), prompt_routing_btlk = _routed(prefill)
+    else:
+        hidden_btd, cache = prefill()
     logits_bv = model.logits(hidden_btd[:, -1:, :])[:, 0, :]
 
     # num_samples: one prefill per prompt, its cache copied to the samples.
@@ -226,6 +246,11 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
             return None
         return seen_vb.at[token_b, jnp.arange(rows)].set(True)
 
+    routing_bnlk = None
+    if record_routing:  # the expert ids of the token each decode step feeds
+        *_, layers, k = prompt_routing_btlk.shape
+        routing_bnlk = constrain(jnp.full((rows, n_new, layers, k), -1, jnp.int32),
+                                 ("batch", None, None, None))
     out = (
         constrain(jnp.full((rows, n_new), config.pad_token_id, jnp.int32), ("batch", None)),
         constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", None)),
@@ -238,20 +263,36 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
     seen_vb = mark_seen(seen_vb, token_b)
 
     def body(carry):
-        step, cache, token_b, done_b, seen_vb, out = carry
-        logits_vb, cache = decode_step(model, token_b, next_pos_b + step - 1, cache)
+        step, cache, token_b, done_b, seen_vb, out, routing_bnlk = carry
+        decode = lambda: decode_step(model, token_b, next_pos_b + step - 1, cache)
+        if routing_bnlk is None:
+            logits_vb, cache = decode()
+        else:  # the token fed is column step - 1's
+            (logits_vb, cache), routing_b1lk = _routed(decode)
+            routing_bnlk = jax.lax.dynamic_update_slice_in_dim(
+                routing_bnlk, routing_b1lk, step - 1, 1
+            )
         token_b, done_b, out = pick(step, logits_vb, seen_vb, done_b, out)
-        return step + 1, cache, token_b, done_b, mark_seen(seen_vb, token_b), out
+        return step + 1, cache, token_b, done_b, mark_seen(seen_vb, token_b), out, routing_bnlk
 
     step = jnp.asarray(1, jnp.int32)
     for slots, last_step in stages:
         def cond(carry, last_step=last_step):
-            step, _, _, done_b, _, _ = carry
+            step, _, _, done_b, _, _, _ = carry
             return (step < jnp.minimum(limit, last_step)) & ~jnp.all(done_b)
 
-        carry = (step, _grow_cache(cache, slots), token_b, done_b, seen_vb, out)
-        step, cache, token_b, done_b, seen_vb, out = jax.lax.while_loop(cond, body, carry)
+        carry = (step, _grow_cache(cache, slots), token_b, done_b, seen_vb, out, routing_bnlk)
+        step, cache, token_b, done_b, seen_vb, out, routing_bnlk = jax.lax.while_loop(
+            cond, body, carry
+        )
     tokens_bn, logprobs_bn, model_lp_bn, policy_lp_bn, lengths_b = out
+    routing_btlk = None
+    if record_routing:  # prompt rows repeated per sample; nothing ran a row's last token
+        fed_bn = jnp.arange(n_new)[None, :] < lengths_b[:, None] - 1
+        routing_bnlk = jnp.where(fed_bn[:, :, None, None], routing_bnlk, -1)
+        routing_btlk = jnp.concatenate(
+            [_repeat_rows(prompt_routing_btlk, n_samples), routing_bnlk], axis=1
+        )
     return SampleArrays(
         tokens_bn=tokens_bn,
         logprobs_bn=logprobs_bn,
@@ -260,17 +301,21 @@ def _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, c
         lengths_b=lengths_b,
         finished_b=done_b,
         truncated_b=~done_b,
+        routing_btlk=routing_btlk,
     )
 
 
 def _sample_under_rules(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e,
-                        config, rules):
+                        config, rules, record_routing):
     with use_rules(dict(rules)):
-        return _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, config)
+        return _sample(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, limit, eos_e, config,
+                       record_routing)
 
 
 # `rules` (the logical-axis table, hashable) is static: a run's mesh.rules shape the cache.
-_sample_jit = jax.jit(_sample_under_rules, static_argnames=("graphdef", "config", "rules"))
+_sample_jit = jax.jit(
+    _sample_under_rules, static_argnames=("graphdef", "config", "rules", "record_routing")
+)
 
 
 def sample_arrays(
@@ -282,6 +327,7 @@ def sample_arrays(
     config: SamplingConfig,
     *,
     limit: int | jax.Array | None = None,
+    record_routing: bool = False,
 ) -> SampleArrays:
     """Sample completions for a left-padded prompt batch; the RL trainer's entry point.
 
@@ -293,7 +339,9 @@ def sample_arrays(
     the mesh. ``limit`` (traced, <= ``config.max_new_tokens``) stops earlier without
     recompiling. Call under ``jax.set_mesh(mesh)`` to run sharded: the batch is split over
     the data axes and the cache follows the model's logical sharding rules.
-    Output rows are ``B * config.num_samples``; see ``SampleArrays``.
+    Output rows are ``B * config.num_samples``; see ``SampleArrays``. ``record_routing``
+    (MoE models) also returns each token's routed expert ids (``routing_btlk``), for
+    routing replay in the trainer's forward.
     """
     limit = config.max_new_tokens if limit is None else limit
     limit = jnp.minimum(jnp.asarray(limit, jnp.int32), config.max_new_tokens)
@@ -313,4 +361,5 @@ def sample_arrays(
         eos_e,
         config=static_config,
         rules=rules_key(),
+        record_routing=record_routing,
     )

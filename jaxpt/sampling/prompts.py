@@ -100,6 +100,9 @@ class PromptSampler:
     one program serves them all; None pads each launch to a bucket (``api.bucket``).
     ``mesh`` runs the sampler there; None: the mesh the weights live on, if any.
     ``sampling`` (a ``SamplingConfig``) may be replaced between launches.
+    ``record_routing`` (MoE models) also returns each token's routed expert ids
+    (``SampleArrays.routing_btlk``, prompt columns then completion columns): it samples
+    with the static sampler.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class PromptSampler:
         batch_size: int | None = None,
         mesh=None,
         sampler: str = "auto",
+        record_routing: bool = False,
     ):
         from jaxpt.data import eos_token_ids
 
@@ -137,8 +141,9 @@ class PromptSampler:
             top_k=top_k, eos_token_id=eos_token_id, num_samples=num_samples,
             pad_token_id=self.pad_id,
         )
-        self.sampler = sampler
-        choose_sampler(sampler, self.sampling)  # an unknown name fails here
+        self.sampler, self.record_routing = sampler, record_routing
+        # An unknown name (or the engine asked to record routing) fails here.
+        choose_sampler(sampler, self.sampling, record_routing=record_routing)
         self.truncated_prompts = 0  # prompts cut to max_prompt_length by ``encode``
 
     # -- prompts
@@ -189,15 +194,16 @@ class PromptSampler:
         padded = list(prompts) + [prompts[0]] * (rows - len(prompts))
         ids_bt, mask_bt = left_pad(padded, rows, length, self.pad_id)
         n = len(prompts)
-        if choose_sampler(self.sampler, self.sampling, mesh) == "paged":
+        if choose_sampler(self.sampler, self.sampling, mesh, self.record_routing) == "paged":
             completions = generate_paged(
                 (graphdef, state), prompts, self.sampling.max_new_tokens, self.sampling, key,
                 rows=rows * self.sampling.num_samples, max_prompt_len=length,
             )
             arrays = completions_to_arrays(completions, self.sampling.max_new_tokens, self.pad_id)
             return LaunchedBatch(arrays, ids_bt[:n], mask_bt[:n])
+        record = {"record_routing": self.record_routing}
         if mesh is None:
-            arrays = sample_arrays(graphdef, state, ids_bt, mask_bt, key, self.sampling)
+            arrays = sample_arrays(graphdef, state, ids_bt, mask_bt, key, self.sampling, **record)
         else:
             if weights_mesh is None and mesh.size > 1:  # one device's weights: on every device
                 state = jax.device_put(state, replicated(mesh))
@@ -207,7 +213,7 @@ class PromptSampler:
                     host.shape, sharding, lambda index: host[index]
                 )
                 arrays = sample_arrays(graphdef, state, put(ids_bt), put(mask_bt), key,
-                                       self.sampling)
+                                       self.sampling, **record)
         return LaunchedBatch(arrays, ids_bt[:n], mask_bt[:n])
 
     def collect(self, launched: LaunchedBatch) -> PromptSamples:

@@ -39,6 +39,7 @@ from jaxpt.tasks.rl.batch import Rollout, completion_window, shares_prompts, tra
 from jaxpt.tasks.rl.evaluator import accuracy_evaluator
 from jaxpt.tasks.rl.forward import completion_hidden
 from jaxpt.tasks.rl.program import RolloutProgram
+from jaxpt.tasks.rl.replay import add_routing_spec, routing_shape
 from jaxpt.tasks.rl.rewards import (
     RewardSpec,
     check_reward_settings,
@@ -145,15 +146,18 @@ class GrpoConfig:
 
 
 def completion_logprobs(m, batch: dict, cfg: GrpoConfig, logits_chunk_size: int = 0,
-                        with_entropy: bool = False):
+                        with_entropy: bool = False, replay: bool = True):
     """Log-probs [B, Lc] of the completion tokens under ``m`` at the sampling temperature
     (and their entropy, or None). The LM head runs only where targets are completion
     tokens: prompt positions would cost [B, Lp, vocab] of logits the loss never reads;
-    ``logits_chunk_size`` > 0 runs it that many positions at a time (same values)."""
+    ``logits_chunk_size`` > 0 runs it that many positions at a time (same values).
+    ``replay``: route the tokens to the experts the batch's ``routing`` holds, when it has
+    one (``rl.routing_replay``: the policy's forwards; a reference's routes itself)."""
     window = completion_window(batch["input_ids"].shape[1], cfg.max_completion_length)
     group = cfg.num_generations if cfg.share_prompt_forward else 1
     targets_bt = batch["target_ids"][:, window]
-    hidden_btd = completion_hidden(m, batch, cfg.max_completion_length, group)
+    hidden_btd = completion_hidden(m, batch, cfg.max_completion_length, group,
+                                   batch.get("routing") if replay else None)
     if logits_chunk_size:
         stats = token_stats(
             lambda h: m.logits(h) / cfg.temperature, hidden_btd, targets_bt,
@@ -169,7 +173,7 @@ def reference_logprobs(model, ref_params, batch: dict, cfg: GrpoConfig,
                        logits_chunk_size: int = 0):
     """The frozen reference's completion log-probs [B, Lc] (no gradients flow)."""
     ref_model = reference_model(model, ref_params)
-    logp_bt, _ = completion_logprobs(ref_model, batch, cfg, logits_chunk_size)
+    logp_bt, _ = completion_logprobs(ref_model, batch, cfg, logits_chunk_size, replay=False)
     return jax.lax.stop_gradient(logp_bt)
 
 
@@ -259,6 +263,7 @@ def check_config(config) -> None:
     if cfg.reward_model is not None:
         common.check_model_path("grpo.reward_model", cfg.reward_model)
     check_reward_settings("grpo", cfg)
+    routing_shape(config)
 
 
 def uses_reference(config) -> bool:
@@ -407,7 +412,7 @@ def batch_spec(config) -> dict:
         spec["ref_logprobs"] = ((b, lc), np.float32)
     if carries_trainer_logprobs(config):
         spec["trainer_logprobs"] = ((b, lc), np.float32)
-    return spec
+    return add_routing_spec(spec, config)
 
 
 TASK = Task(

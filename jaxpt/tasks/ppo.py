@@ -44,6 +44,7 @@ from jaxpt.tasks.rl.batch import Rollout, completion_window, train_batch
 from jaxpt.tasks.rl.evaluator import accuracy_evaluator
 from jaxpt.tasks.rl.forward import completion_hidden
 from jaxpt.tasks.rl.program import RolloutProgram
+from jaxpt.tasks.rl.replay import add_routing_spec, routing_shape
 from jaxpt.tasks.rl.rewards import (
     RewardSpec,
     check_reward_settings,
@@ -165,6 +166,7 @@ def check_config(config) -> None:
         if getattr(cfg, key) is not None:
             common.check_model_path(f"ppo.{key}", getattr(cfg, key))
     check_reward_settings("ppo", cfg)
+    routing_shape(config)
 
 
 # --------------------------------------------------------------------------- building
@@ -225,14 +227,17 @@ class PolicyView:
 # ------------------------------------------------------------------------------ the loss
 
 
-def _policy_stats(policy, batch: dict, cfg: PpoConfig, chunk: int, with_entropy: bool):
+def _policy_stats(policy, batch: dict, cfg: PpoConfig, chunk: int, with_entropy: bool,
+                  replay: bool = True):
     """(hidden states [B, Lc, D], token stats) of ``policy`` at the completion positions:
     log-probs of the sampled tokens under ``softmax(logits / temperature)`` over the whole
     vocabulary (the trained policy, whose rollout-time log-probs are ``old_logprobs``), the
-    LM head run ``chunk`` positions at a time (0: at once)."""
+    LM head run ``chunk`` positions at a time (0: at once). ``replay``: route to the
+    batch's recorded experts (``rl.routing_replay``; the reference does not)."""
     window = completion_window(batch["input_ids"].shape[1], cfg.max_completion_length)
     hidden_btd = completion_hidden(
-        policy, batch, cfg.max_completion_length, cfg.samples_per_prompt
+        policy, batch, cfg.max_completion_length, cfg.samples_per_prompt,
+        batch.get("routing") if replay else None,
     )
     stats = token_stats(
         lambda h: policy.logits(h) / cfg.temperature, hidden_btd, batch["target_ids"][:, window],
@@ -347,9 +352,12 @@ def finish_arrays(
         old_logp_bt = _policy_stats(model.policy, batch, cfg, logits_chunk_size, False)[1].logprobs
         extra["trainer_logprobs"] = jnp.where(mask_bt > 0, old_logp_bt, 0.0)
     ref_policy = reference_model(model.policy, ref_params)
-    ref_logp_bt = _policy_stats(ref_policy, batch, cfg, logits_chunk_size, False)[1].logprobs
+    ref_logp_bt = _policy_stats(
+        ref_policy, batch, cfg, logits_chunk_size, False, replay=False
+    )[1].logprobs
     policy_hidden_btd = (
-        completion_hidden(model.policy, batch, lc, group) if model.shares_backbone else None
+        completion_hidden(model.policy, batch, lc, group, batch.get("routing"))
+        if model.shares_backbone else None
     )
     values_bt = model.values(batch, window, policy_hidden_btd)
     reward_kl_coef = kl_coef if cfg.kl_penalty == "reward" else 0.0
@@ -460,7 +468,7 @@ def batch_spec(config) -> dict:
         spec[key] = ((b, lc), np.float32)
     if config.rl.importance_correction != "none":
         spec["trainer_logprobs"] = ((b, lc), np.float32)
-    return spec
+    return add_routing_spec(spec, config)
 
 
 def build_abstract(ctx: RunContext, hf_config: dict) -> BuiltModel:

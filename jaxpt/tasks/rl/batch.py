@@ -32,6 +32,9 @@ class Rollout:
     rows: list[dict]  # the dataset row of each completion
     rewards: Any  # jaxpt.rewards.runner.RewardBatch: total [B], per-function scores
     num_prompts: int
+    # [B, Lp + Lc, L, k] int32 with rl.routing_replay: the experts each MoE layer routed
+    # each prompt and completion token to while sampling (-1: none recorded)
+    routing: np.ndarray | None = None
 
     _ROW_ARRAYS = ("prompt_ids", "prompt_mask", "tokens", "lengths", "logprobs", "truncated")
 
@@ -43,6 +46,7 @@ class Rollout:
             **{name: getattr(self, name)[rows] for name in self._ROW_ARRAYS},
             texts=[self.texts[r] for r in rows], rows=[self.rows[r] for r in rows],
             rewards=self.rewards.take(rows), num_prompts=len(groups),
+            routing=None if self.routing is None else self.routing[rows],
         )
 
     @staticmethod
@@ -54,6 +58,8 @@ class Rollout:
             texts=[t for p in parts for t in p.texts], rows=[r for p in parts for r in p.rows],
             rewards=type(parts[0].rewards).concat([p.rewards for p in parts]),
             num_prompts=sum(p.num_prompts for p in parts),
+            routing=(None if parts[0].routing is None
+                     else np.concatenate([p.routing for p in parts])),
         )
 
 
@@ -62,7 +68,8 @@ def train_batch(rollout: Rollout, advantages_b: np.ndarray, keep_b: np.ndarray) 
 
     Position ``t`` predicts ``input_ids[t + 1]``; ``completion_mask[t]`` is 1 when that
     target is a generated token of a kept row, and ``old_logprobs[t]`` is its log-prob
-    under the policy that sampled it (``Rollout.logprobs``).
+    under the policy that sampled it (``Rollout.logprobs``). A rollout with ``routing``
+    also gives ``routing`` [B, T, L, k], aligned with ``input_ids``.
     """
     prompt_ids, prompt_mask = rollout.prompt_ids, rollout.prompt_mask
     lp, lc = prompt_ids.shape[1], rollout.tokens.shape[1]
@@ -76,7 +83,7 @@ def train_batch(rollout: Rollout, advantages_b: np.ndarray, keep_b: np.ndarray) 
     completion_mask[:, lp - 1 : lp - 1 + lc] = completion_valid * keep_b[:, None]
     old_logprobs = np.zeros(input_ids.shape, np.float32)
     old_logprobs[:, lp - 1 : lp - 1 + lc] = np.where(completion_valid, rollout.logprobs, 0.0)
-    return {
+    batch = {
         "input_ids": input_ids,
         "positions": positions,
         "segment_ids": segment_ids,
@@ -85,6 +92,9 @@ def train_batch(rollout: Rollout, advantages_b: np.ndarray, keep_b: np.ndarray) 
         "old_logprobs": old_logprobs,
         "advantages": advantages_b.astype(np.float32),
     }
+    if rollout.routing is not None:
+        batch["routing"] = rollout.routing.astype(np.int32)
+    return batch
 
 
 def sequence_rows(rollout: Rollout) -> dict:

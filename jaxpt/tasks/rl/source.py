@@ -27,6 +27,7 @@ from jaxpt.tasks import common
 from jaxpt.tasks.base import RunContext
 from jaxpt.tasks.rl.batch import Rollout, minibatch_rows
 from jaxpt.tasks.rl.program import BatchFinisher
+from jaxpt.tasks.rl.replay import routing_shape
 from jaxpt.tasks.rl.rewards import score_completions
 
 log = logging.getLogger(__name__)
@@ -149,13 +150,14 @@ class RolloutSource:
                 f"minibatches of whole groups of {samples_per_prompt}"
             )
         self.prompts_per_step = rollout_rows // samples_per_prompt
+        self.routing_shape = routing_shape(ctx.config)  # (layers, k) with rl.routing_replay
         # Train rows have one layout: prompts always padded to max_prompt_length.
         self.sampler = PromptSampler(
             self.tokenizer, model_path=ctx.config.model.path,
             max_new_tokens=max_completion_length, temperature=temperature, top_p=top_p,
             top_k=top_k, num_samples=samples_per_prompt, max_prompt_length=max_prompt_length,
             pad_to_max_prompt_length=True, batch_size=self.prompts_per_step, mesh=ctx.mesh,
-            sampler=sampler,
+            sampler=sampler, record_routing=self.routing_shape is not None,
         )
         self.serve_port, self.server = serve_port, None
         self.epoch, self.cursor = 0, 0
@@ -279,11 +281,14 @@ class RolloutSource:
         rows = [self.rows[i] for i in indices]
         start = time.perf_counter()
         rewards = score_completions(self.runner, rows, texts, g)
+        routing = None
+        if self.routing_shape is not None:  # nothing sampled them: the trainer routes itself
+            routing = np.full((n, lp + lc, *self.routing_shape), -1, np.int32)
         rollout = Rollout(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=tokens, lengths=lengths,
             logprobs=np.zeros((n, lc), np.float32), truncated=truncated, texts=texts,
             rows=[row for row in rows for _ in range(g)], rewards=rewards,
-            num_prompts=len(indices),
+            num_prompts=len(indices), routing=routing,
         )
         return rollout, {**self._metrics(rollout), "on_policy": 0.0, "time/generate_s": 0.0,
                          "time/reward_s": time.perf_counter() - start}
@@ -372,7 +377,7 @@ class RolloutSource:
             tokens=out.tokens_bn, lengths=out.lengths_b, logprobs=out.policy_logprobs_bn,
             truncated=out.truncated_b.astype(bool), texts=samples.texts,
             rows=[row for row in rows for _ in range(g)], rewards=rewards,
-            num_prompts=len(indices),
+            num_prompts=len(indices), routing=out.routing_btlk,
         )
         metrics = {**self._metrics(rollout), "time/generate_s": generate_s,
                    "time/reward_s": reward_s}
