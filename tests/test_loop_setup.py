@@ -150,14 +150,16 @@ def moe_dir(tmp_path_factory):
     return make_tiny_dir(str(tmp_path_factory.mktemp("tiny_moe")), config=QWEN3_MOE_TINY)
 
 
-@pytest.mark.parametrize("task", ["sft", "grpo"])
+@pytest.mark.parametrize("task", ["sft", "dpo", "grpo"])
 def test_train_steps_log_router_losses(moe_dir, tmp_path, mesh1, task):
-    """A few SFT steps and a GRPO step of a tiny Qwen3-MoE: the router losses are in the
-    loss and every router metric is logged."""
+    """A few SFT steps, a DPO and a GRPO step of a tiny Qwen3-MoE: the router losses are in
+    the loss and every router metric is logged."""
     config = run_config(str(tmp_path), moe_dir, task)
     config = dataclasses.replace(config, model=dataclasses.replace(
         config.model, moe_aux_loss_weight=0.01, moe_z_loss_weight=0.001))
     _, history, _ = train_steps(config, mesh1, 2 if task == "sft" else 1)
+    if task == "dpo":  # the policy's router losses ride on the preference loss
+        assert {"rewards/margins", "rewards/accuracy"} <= set(history[0])
     for row in history:
         assert np.isfinite(row["loss"]) and row["grad_norm"] > 0
         assert 1.0 <= row["moe_aux_loss"] < 4.0  # 1 when balanced, E=4 at worst
