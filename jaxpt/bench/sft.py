@@ -29,6 +29,7 @@ from jaxpt.bench import (
     named_peak_flops,
     train_flops_per_token,
 )
+from jaxpt.sharding import batch_shards, make_mesh, use_rules
 
 # The LoRA variant (--lora): adapters on every attention and MLP projection.
 LORA = {"rank": 16, "alpha": 32}
@@ -64,43 +65,56 @@ def synthetic_batch(rng, batch_size: int, seq_len: int, vocab: int) -> dict:
     }
 
 
-def grouped_matmul_seconds(model, tokens: int, steps: int) -> float | None:
-    """Seconds of one train step's MoE expert computation, measured apart: one layer's
-    experts (``jaxpt.models.moe.expert_ffn``: the gate, up and down grouped matmuls and the
-    activation) forward plus the gradients to their weights and inputs, on ``tokens`` x
-    top-k rows in equal groups (a fresh router spreads tokens about evenly), compiled
-    alone, its median time over ``steps`` runs times the number of layers. Dispatch,
-    combine and (under expert parallelism) the collectives are not in it. None for a dense
-    model. Call it under the run's mesh."""
+def grouped_matmul_seconds(model, tokens: int, steps: int, mesh) -> float | None:
+    """Seconds of one train step's MoE expert computation on one device, measured apart:
+    one device's share of one layer's experts (``jaxpt.models.moe.expert_ffn``: the gate,
+    up and down grouped matmuls and the activation), forward plus the gradients to their
+    weights and inputs, compiled alone on one device, its median time over ``steps`` runs
+    times the number of layers. The share: the batch rows of one (data, fsdp) shard, x
+    top-k; under expert parallelism (``mesh``'s ``expert`` axis, S) its E/S experts on the
+    dropless buffer of the S expert shards' picks, 1/S of them its own (in equal groups: a
+    fresh router spreads tokens about evenly). Dispatch, combine and collectives are not
+    in it; neither is tensor parallelism. None for a dense model. Call it under the run's
+    rules."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxpt.models.moe import expert_ffn
+    from jaxpt.models.moe import expert_ffn, expert_shards
 
     config = model.config
     if not getattr(config, "num_experts", 0):
         return None
+    batch_ways = batch_shards(mesh)
+    with jax.set_mesh(mesh):
+        axis = expert_shards(config.num_experts, tokens)
+    shards = mesh.shape[axis] if axis else 1
+    experts = config.num_experts // shards
+    rows = tokens * config.experts_per_token * shards // batch_ways  # the dropless buffer
+    computed = rows // shards
+    group_sizes = np.full((experts,), computed // experts, np.int32)
+    group_sizes[: computed % experts] += 1
     graphdef, stacked = nnx.split(model.model.layers.mlp.experts)
-    state = jax.tree.map(lambda w: w[0], stacked)  # one layer's experts [E, out, in]
-    rows = tokens * config.experts_per_token
-    group_sizes = np.full((config.num_experts,), rows // config.num_experts, np.int32)
-    group_sizes[: rows % config.num_experts] += 1
+    device = jax.devices()[0]
+    # one layer's experts held by one shard [E/S, out, in], on one device
+    state = jax.device_put(jax.tree.map(lambda w: np.asarray(w[0, :experts]), stacked), device)
     dtype = model.model.layers.mlp.experts.gate_proj.dtype
     keys = jax.random.split(jax.random.key(0))
-    x_md = jax.random.normal(keys[0], (rows, config.hidden_size), dtype)
-    cotangent_md = jax.random.normal(keys[1], (rows, config.hidden_size), dtype)
+    x_md = jax.device_put(jax.random.normal(keys[0], (rows, config.hidden_size), dtype), device)
+    cotangent_md = jax.device_put(
+        jax.random.normal(keys[1], (rows, config.hidden_size), dtype), device)
 
     def objective(state, x_md):
         y_md = expert_ffn(nnx.merge(graphdef, state), x_md, jnp.asarray(group_sizes))
         return jnp.sum((y_md * cotangent_md).astype(jnp.float32))
 
     grads = jax.jit(jax.grad(objective, argnums=(0, 1)))
-    jax.block_until_ready(grads(state, x_md))  # compile and warm up
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(grads(state, x_md))
-        times.append(time.perf_counter() - start)
+    with jax.set_mesh(make_mesh({}, devices=[device])):
+        jax.block_until_ready(grads(state, x_md))  # compile and warm up
+        for _ in range(steps):
+            start = time.perf_counter()
+            jax.block_until_ready(grads(state, x_md))
+            times.append(time.perf_counter() - start)
     return median(times) * config.num_layers
 
 
@@ -158,9 +172,9 @@ def run(args) -> dict:
             times.append(time.perf_counter() - start)
         rss.end("step")
         params = num_params(state.params)
-        with prepared.activate():
+        with use_rules(prepared.ctx.rules):  # timed on one device, on a mesh of its own
             experts_s = grouped_matmul_seconds(state.model(), args.batch_size * args.seq_len,
-                                               args.steps)
+                                               args.steps, prepared.mesh)
     step_time = median(times)
     tokens = args.batch_size * args.seq_len
     adapters = lora_adapter_params(config, LORA["rank"]) if args.lora else 0
