@@ -58,8 +58,14 @@ class MeshSection:
     data: int = 1
     fsdp: int = -1  # -1: all remaining devices
     tensor: int = 1
+    expert: int = 1  # MoE expert parallelism: experts (and tokens) split over this axis
     rules: dict[str, Any] = dataclasses.field(default_factory=dict)  # LOGICAL_RULES overrides
     dcn_data: int | None = None  # multi-slice TPU: slices the data axis spans (None: all)
+
+    def axis_sizes(self) -> dict[str, int]:
+        """The mesh axes' sizes, as ``jaxpt.sharding.make_mesh`` takes them."""
+        return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert,
+                "tensor": self.tensor}
 
 
 @dataclasses.dataclass(frozen=True)

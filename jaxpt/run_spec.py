@@ -40,10 +40,7 @@ from jaxpt.tasks import RunContext, Task, available_tasks, common, get_task
 def run_mesh(config, devices=None) -> jax.sharding.Mesh:
     """The mesh ``config.mesh`` describes over ``devices`` (default: every device)."""
     m = config.mesh
-    return make_mesh(
-        {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, devices=devices,
-        dcn_data=m.dcn_data,
-    )
+    return make_mesh(m.axis_sizes(), devices=devices, dcn_data=m.dcn_data)
 
 
 def check_batch_fits_mesh(config, mesh) -> None:

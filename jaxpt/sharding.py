@@ -1,7 +1,7 @@
 """Meshes and the one table that maps logical axis names to mesh axes.
 
 Models name logical axes only (``embed``, ``vocab``, ``heads``, ...). ``LOGICAL_RULES``
-maps each to zero or more mesh axes of the ``(data, fsdp, tensor)`` mesh; a config may
+maps each to zero or more mesh axes of the ``(data, fsdp, expert, tensor)`` mesh; a config may
 override entries (``mesh.rules``): a run installs its table with ``use_rules``, and every
 sharding in jaxpt (parameters, activation constraints, batches, the sampler's cache) is
 derived here from the active table.
@@ -19,11 +19,17 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Slowest links first: data crosses hosts/slices, tensor (reduced in every layer) is the
+# innermost; expert (an all-to-all per MoE layer) sits next to it.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axis (str), several mesh axes (tuple), or None (replicated).
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    # Tokens are data-parallel over the expert shards too: outside the MoE blocks an expert
+    # shard is one more data replica, inside them tokens travel to their experts' shards.
+    # expert first: the MoE block's shard_map splits tokens over it as the major factor, so
+    # entering and leaving the block re-lays nothing out (last, it costs permutes).
+    "batch": ("expert", "data", "fsdp"),
     "seq": None,
     "embed": "fsdp",
     "vocab": "tensor",
@@ -34,7 +40,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
     "cache_seq": None,
     "layers": None,  # the stacked decoder layers' leading axis (scanned over, never split)
-    "expert": None,  # MoE experts' stacked axis (replicated until expert parallelism)
+    "expert": "expert",  # MoE experts' stacked axis (jaxpt.models.moe: expert parallelism)
 }
 
 
@@ -44,7 +50,7 @@ def make_mesh(
     *,
     dcn_data: int | None = None,
 ) -> Mesh:
-    """Build a mesh with axes ``(data, fsdp, tensor)``.
+    """Build a mesh with axes ``(data, fsdp, expert, tensor)``.
 
     ``shape`` maps axis names to sizes; one size may be -1 to take the remaining devices.
     Missing axes get size 1. The default puts every device on ``fsdp``. Axis types are
@@ -81,7 +87,8 @@ def _slice_index(device) -> int | None:
 def device_grid(
     sizes: Sequence[int], devices: Sequence, *, dcn_data: int | None = None
 ) -> np.ndarray:
-    """The ``(data, fsdp, tensor)`` array of ``devices`` for a mesh of ``sizes``.
+    """The ``MESH_AXES``-shaped array of ``devices`` for a mesh of ``sizes`` (one size per
+    axis, data first).
 
     Several TPU slices: the data axis crosses the slow links between slices (DCN),
     ``dcn_data`` of them (default: all), the remaining slice factor going to fsdp; inside a
@@ -100,7 +107,7 @@ def device_grid(
                 f"mesh.dcn_data={dcn_data} must divide both the {len(slices)} TPU slices and "
                 f"the data axis ({sizes[0]})"
             )
-        dcn = [dcn_data, len(slices) // dcn_data, 1]
+        dcn = [dcn_data, len(slices) // dcn_data] + [1] * (len(sizes) - 2)
         if sizes[1] % dcn[1]:
             raise ValueError(
                 f"{len(slices)} TPU slices with mesh.dcn_data={dcn_data} put {dcn[1]} slices "
@@ -117,9 +124,9 @@ def device_grid(
             sum(d.process_index == p for d in devices) == per_process for p in processes
         )
         if even and sizes[0] % len(processes) == 0:
-            ici = [sizes[0] // len(processes), sizes[1], sizes[2]]
+            ici = [sizes[0] // len(processes), *sizes[1:]]
             return mesh_utils.create_hybrid_device_mesh(
-                ici, [len(processes), 1, 1], devices, process_is_granule=True
+                ici, [len(processes)] + [1] * (len(sizes) - 1), devices, process_is_granule=True
             )
         ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
         return np.array(ordered).reshape(sizes)

@@ -146,7 +146,7 @@ def one_device_runs():
     from jaxpt.run_spec import run_mesh
 
     def first_device_mesh(config, devices=None):
-        sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        sizes = tuple(config.mesh.axis_sizes().values())
         if devices is None and all(size in (1, -1) for size in sizes):
             devices = jax.devices()[:1]
         return run_mesh(config, devices)

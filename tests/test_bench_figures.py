@@ -75,6 +75,17 @@ def test_train_flops_full_and_lora():
     assert lora == 4 * MATMUL_WEIGHTS + 6 * 128 + 3 * ATTENTION == 1600
 
 
+def test_moe_flops_count_the_router_and_the_routed_experts_only():
+    # CONFIG's layer with 4 experts of width 8, top 2: router 4x4, then 2 x (gate, up,
+    # down) = 2 x 96; the dense MLP's 96 (intermediate_size) is not there.
+    moe = types.SimpleNamespace(**vars(CONFIG), num_experts=4, experts_per_token=2,
+                                moe_intermediate_size=8)
+    weights = MATMUL_WEIGHTS - 96 + 16 + 2 * 96
+    assert decoder_flops_per_token(moe, SEQ_LEN) == 2 * weights + ATTENTION
+    # Adapters on the routed experts' projections, none on the router.
+    assert lora_adapter_params(moe, rank=2) == 128 - 2 * 36 + 2 * 2 * 36
+
+
 @pytest.mark.parametrize(("kind", "dtype", "peak"), [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
     ("NVIDIA H100 80GB HBM3", "float32", 495e12),  # TF32 at XLA's default precision

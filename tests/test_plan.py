@@ -65,7 +65,7 @@ def test_sft_plan_matches_a_hand_count_on_cpu8(sft_plan):
         step.generated_code
     )
     assert sft_plan.hbm == 1024**3 and sft_plan.fits == (sft_plan.total <= 1024**3)
-    assert sft_plan.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert sft_plan.mesh == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
 
 
 def test_cli_prints_json_and_suggests_when_it_does_not_fit(tiny_config_dir, capsys):

@@ -16,10 +16,13 @@ from jaxpt.sharding import (
 
 
 def test_make_mesh_shapes_and_axis_types(mesh8):
-    assert dict(mesh8.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert mesh8.axis_types == (AxisType.Auto,) * 3
-    assert dict(make_mesh().shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert dict(make_mesh({"data": -1, "tensor": 2}).shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert dict(mesh8.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert mesh8.axis_types == (AxisType.Auto,) * 4
+    assert dict(make_mesh().shape) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+    assert dict(make_mesh({"data": -1, "tensor": 2}).shape) == {
+        "data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+    assert dict(make_mesh({"data": 2, "expert": 4}).shape) == {
+        "data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
 
 
 @pytest.mark.parametrize(
@@ -38,7 +41,9 @@ def test_make_mesh_rejects_bad_shapes(shape, message):
 
 def test_logical_to_spec_follows_the_table():
     assert logical_to_spec(("heads", "embed")) == P("tensor", "fsdp")
-    assert logical_to_spec(("batch", "seq", "vocab")) == P(("data", "fsdp"), None, "tensor")
+    batch = ("expert", "data", "fsdp")  # tokens are data-parallel over expert shards too
+    assert logical_to_spec(("batch", "seq", "vocab")) == P(batch, None, "tensor")
+    assert logical_to_spec(("expert", "mlp", "embed")) == P("expert", "tensor", "fsdp")
     assert logical_to_spec((None, "norm")) == P(None, None)
 
 

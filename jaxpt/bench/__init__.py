@@ -142,11 +142,19 @@ def step_time_figures(rows, warmup: int, phase_sums) -> dict:
     }
 
 
-def _projection_shapes(config) -> list[tuple[int, int]]:
-    """(in, out) of one layer's projections: q, k, v, o, gate, up, down."""
+def _projection_shapes(config, router: bool = True) -> list[tuple[int, int]]:
+    """(in, out) of the projections one token goes through in one layer: q, k, v, o, gate,
+    up, down; in a mixture-of-experts layer the router and each of the token's experts'
+    gate, up and down (the experts it is not routed to do no work for it); ``router=False``
+    leaves the router out (LoRA does not adapt it)."""
     d, f = config.hidden_size, config.intermediate_size
     n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
-    return [(d, n * h), (d, k * h), (d, k * h), (n * h, d), (d, f), (d, f), (f, d)]
+    attention = [(d, n * h), (d, k * h), (d, k * h), (n * h, d)]
+    if getattr(config, "num_experts", 0):
+        f = config.moe_intermediate_size
+        routed = config.experts_per_token * [(d, f), (d, f), (f, d)]
+        return attention + ([(d, config.num_experts)] if router else []) + routed
+    return attention + [(d, f), (d, f), (f, d)]
 
 
 def _attention_flops_per_token(config, seq_len: int) -> float:
@@ -169,7 +177,8 @@ def decoder_flops_per_token(config, seq_len: int) -> float:
 def lora_adapter_params(config, rank: int) -> int:
     """Parameters of rank-``rank`` adapters on every attention and MLP projection (A: in x r,
     B: r x out), as ``jaxpt.bench.sft.LORA`` trains them."""
-    return config.num_layers * sum(rank * (i + o) for i, o in _projection_shapes(config))
+    shapes = _projection_shapes(config, router=False)
+    return config.num_layers * sum(rank * (i + o) for i, o in shapes)
 
 
 def train_flops_per_token(config, seq_len: int, adapter_params: int = 0) -> float:

@@ -291,7 +291,7 @@ def run_rejection_sampling(config: RejectionConfig, *, mesh=None,
 
     cfg, m = config.rejection, config.mesh
     if mesh is None:
-        mesh = make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
+        mesh = make_mesh(m.axis_sizes())
     ctx = RunContext(config, mesh, merged_rules(m.rules), os.path.abspath(config.output_dir))
     config_dict = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(config))))
     config_dict.pop("mesh")  # samples do not depend on the mesh: resume on another one

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxpt.models.layers import BATCH_MAJOR, Layout, gated_activation
+from jaxpt.sharding import active_rules, current_mesh
 
 EXPERT_AXIS = "expert"  # logical axis of the experts' stacked dimension
 
@@ -271,6 +272,70 @@ def expert_ffn(experts: Experts, x_md, group_sizes_e):
     return experts(x_md, group_sizes_e)
 
 
+# ------------------------------------------------------------------ expert parallelism
+
+
+def expert_shards(num_experts: int, num_tokens: int) -> str | None:
+    """The mesh axis the experts are split over when the block should run expert-parallel
+    (the current mesh has it with size > 1, the active rules map the ``expert`` logical
+    axis to it alone, and it divides both the experts and the tokens); else None."""
+    mesh = current_mesh()
+    axis = active_rules().get(EXPERT_AXIS)
+    axis = axis[0] if isinstance(axis, tuple) and len(axis) == 1 else axis
+    if mesh is None or not isinstance(axis, str) or axis not in mesh.axis_names:
+        return None
+    size = mesh.shape[axis]
+    if size == 1 or num_experts % size or num_tokens % size:
+        return None
+    return axis
+
+
+def expert_parallel_ffn(experts: Experts, x_nd, experts_nk, weights_nk, num_experts: int,
+                        axis: str):
+    """Dispatch, expert_ffn and combine with the experts split over mesh axis ``axis``
+    (S shards of E/S experts each), in a ``jax.shard_map`` manual over ``axis`` only (the
+    other mesh axes stay automatic). Each shard holds N/S tokens, already routed: it
+    all-gathers the S shards' tokens and picks, runs its own experts' grouped matmuls on
+    the picks that chose them, combines those into partial outputs for all N tokens, and
+    a reduce-scatter sums every shard's partials and hands each shard its own tokens'.
+    Dropless: the grouped rows hold every pick of the S shards (the worst case, all on one
+    shard's experts); a pick of another shard's expert contributes zero here.
+
+    (``jax.lax.ragged_all_to_all``, which would move only the picks, is not implemented by
+    XLA:CPU in jax 0.10, so this one scheme serves every backend.)"""
+    graphdef, state = nnx.split(experts)
+
+    def manual_spec(variable):  # only the expert-parallel axis is manual here
+        ndim = jnp.ndim(variable.get_value())
+        # trailing axes: inside a layer scan the metadata still names the stacked ``layers``
+        logical = tuple(variable.get_metadata().get("logical_axes") or ())[-ndim:]
+        return jax.P(*(axis if name == EXPERT_AXIS else None for name in logical))
+
+    state_specs = jax.tree.map(manual_spec, state,
+                               is_leaf=lambda v: isinstance(v, nnx.Variable))
+    tokens = jax.P(axis)
+
+    def local(x_nd, experts_nk, weights_nk, state):
+        local_experts = num_experts // jax.lax.axis_size(axis)
+        first = jax.lax.axis_index(axis) * local_experts
+        x_nd = jax.lax.all_gather(x_nd, axis, tiled=True)  # [S*n, D]: every shard's tokens
+        experts_nk = jax.lax.all_gather(experts_nk, axis, tiled=True)
+        weights_nk = jax.lax.all_gather(weights_nk, axis, tiled=True)
+        mine_nk = (experts_nk >= first) & (experts_nk < first + local_experts)
+        # other shards' experts become one extra group, sorted last and never computed
+        local_nk = jnp.where(mine_nk, experts_nk - first, local_experts)
+        x_md, group_sizes, order_m = dispatch(x_nd, local_nk, local_experts + 1)
+        y_md = expert_ffn(nnx.merge(graphdef, state), x_md, group_sizes[:-1])
+        computed_m = jnp.arange(x_md.shape[0]) < jnp.sum(group_sizes[:-1])
+        y_md = jnp.where(computed_m[:, None], y_md, 0)
+        y_nd = combine(y_md, order_m, jnp.where(mine_nk, weights_nk, 0))
+        return jax.lax.psum_scatter(y_nd, axis, tiled=True)
+
+    run = jax.shard_map(local, mesh=current_mesh(), in_specs=(tokens, tokens, tokens,
+                        state_specs), out_specs=tokens, axis_names={axis})
+    return run(x_nd, experts_nk, weights_nk, state)
+
+
 class Router(nnx.Module):
     """The router's linear map to one logit per expert, computed in float32."""
 
@@ -311,10 +376,16 @@ class MoE(nnx.Module):
         weights_nk, experts_nk = route(logits_ne, self.top_k, self.normalize, forced_nk)
         if collecting_routing():
             _ROUTING.get().blocks.append(experts_nk.astype(jnp.int32).reshape(b, t, self.top_k))
-        x_md, group_sizes_e, order_m = dispatch(x_nd.astype(self.dtype), experts_nk,
-                                                self.num_experts)
-        y_md = expert_ffn(self.experts, x_md, group_sizes_e)
-        y_btd = combine(y_md, order_m, weights_nk).reshape(b, t, d)
+        shards = expert_shards(self.num_experts, b * t)
+        if shards:
+            y_nd = expert_parallel_ffn(self.experts, x_nd.astype(self.dtype), experts_nk,
+                                       weights_nk, self.num_experts, shards)
+        else:
+            x_md, group_sizes_e, order_m = dispatch(x_nd.astype(self.dtype), experts_nk,
+                                                    self.num_experts)
+            y_md = expert_ffn(self.experts, x_md, group_sizes_e)
+            y_nd = combine(y_md, order_m, weights_nk)
+        y_btd = y_nd.reshape(b, t, d)
         if collecting() and layout is BATCH_MAJOR:
             valid_n = (jnp.ones((b, t), bool) if valid_bt is None else valid_bt).reshape(-1)
             record_router_stats(self, router_stats(logits_ne, experts_nk, valid_n))

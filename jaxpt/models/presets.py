@@ -23,6 +23,29 @@ PRESETS: dict[str, dict] = {
         "tie_word_embeddings": False,
         "hidden_act": "silu",
     },
+    # bench-tiny's scale as a Qwen3-MoE (8 experts, top 2): MoE step and grouped-matmul
+    # benchmarks, expert parallelism.
+    "bench-moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": 8192,
+        "hidden_size": 256,
+        "intermediate_size": 1024,  # unused: every layer is sparse
+        "moe_intermediate_size": 256,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "router_aux_loss_coef": 0.001,
+    },
     # SmolLM2-135M's shape (Llama, tied embeddings), random init: memory and throughput
     # benchmarks of a real small model without a download.
     "bench-small": {

@@ -30,11 +30,11 @@ class RewardModel:
 
     def __init__(self, model, tokenizer, *, mesh, batch_size: int = 16, max_length=None):
         from jaxpt.models.hf_io import state_shardings
-        from jaxpt.sharding import batch_sharding, replicated
+        from jaxpt.sharding import batch_sharding, batch_shards, replicated
 
         self.tokenizer = tokenizer
         self.mesh = mesh
-        data_ways = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+        data_ways = batch_shards(mesh)
         self.batch_size = -(-batch_size // data_ways) * data_ways  # divides over the batch axes
         self.max_length = max_length or model.config.max_position_embeddings
         self.pad_token_id = model.pad_token_id if model.pad_token_id is not None else 0
