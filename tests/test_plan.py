@@ -264,3 +264,17 @@ def test_the_memory_bench_compiles_the_plans_train_step(tiny_config_dir, tmp_pat
     assert figures["compiled_peak_bytes"] == step.peak - step.generated_code
     # The state's bytes include the two int32 counts of skipped steps.
     assert step.alias == plan.params + plan.ref_params + plan.opt_state + 4 + 8
+
+
+def test_an_moe_plan_suggests_splitting_the_experts_first(tiny_config_dir):
+    from jaxpt.planning.memory import suggestions
+
+    moe = load_config(str(tiny_config_dir / "sft.yaml"), ["model.path=qwen3-30b-a3b"])
+    first = suggestions(moe, num_devices=32)[0]
+    assert first[1] == ["mesh.data=1", "mesh.tensor=1", "mesh.expert=32", "mesh.fsdp=-1"]
+    mixtral = load_config(str(tiny_config_dir / "sft.yaml"), ["model.path=mixtral-8x7b"])
+    assert "mesh.expert=8" in suggestions(mixtral, num_devices=16)[0][1]  # 8 experts
+    for config, devices in ((moe, None), (load_config(str(tiny_config_dir / "sft.yaml")), 8),
+                            (dataclasses.replace(moe, mesh=dataclasses.replace(
+                                moe.mesh, expert=4, fsdp=-1)), 8)):
+        assert not any("mesh.expert" in " ".join(o) for _, o in suggestions(config, devices))

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
               "model": config.model.path, **plan.as_dict(), "total_gib": gib(plan.total),
               "hbm_gib": gib(plan.hbm), "suggestions": []}
     if not plan.fits:
-        for why, overrides in suggestions(config):
+        for why, overrides in suggestions(config, topology.num_devices):
             print(f"  suggestion: {why}: {' '.join(overrides)}")
             result["suggestions"].append({"why": why, "overrides": overrides})
         if result["suggestions"] and not args.no_recheck:

@@ -11,6 +11,7 @@ gives what each device holds while the program runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 
@@ -267,10 +268,35 @@ def plan_memory(config, topology) -> MemoryPlan:
     )
 
 
-def suggestions(config) -> list[tuple[str, list[str]]]:
-    """Concrete changes that lower the peak, most effective first, as (why, overrides)."""
+def _num_experts(config) -> int:
+    """The experts per MoE layer of the run's model (0: dense or unknown)."""
+    from jaxpt.models.config import config_from_hf
+    from jaxpt.tasks import common
+
+    try:
+        return config_from_hf(common.hf_config_dict(config.model.path)).num_experts
+    except Exception:  # noqa: BLE001 - a suggestion, never a failure
+        return 0
+
+
+def expert_split(num_experts: int, num_devices: int) -> int:
+    """The expert-parallel degree a plan suggests: the most devices that split the experts
+    evenly (their greatest common divisor), 1 for a dense model."""
+    return math.gcd(num_experts, num_devices) if num_experts else 1
+
+
+def suggestions(config, num_devices: int | None = None) -> list[tuple[str, list[str]]]:
+    """Concrete changes that lower the peak, most effective first, as (why, overrides).
+    With ``num_devices``, an MoE model on a mesh without expert parallelism is first told
+    how to split its experts (each device then gathers only its own experts' weights in
+    every layer, not all of them as fsdp alone does)."""
     out = []
     mesh = config.mesh
+    experts = expert_split(_num_experts(config), num_devices) if num_devices else 1
+    if experts > 1 and mesh.expert == 1:
+        why = f"split the experts over {experts} devices (expert parallelism), fsdp over the rest"
+        out.append((why, ["mesh.data=1", "mesh.tensor=1", f"mesh.expert={experts}",
+                          "mesh.fsdp=-1"]))
     if mesh.data > 1 or mesh.tensor > 1:
         out.append(("shard params and optimizer state over every device (fsdp)",
                      ["mesh.data=1", "mesh.tensor=1", "mesh.fsdp=-1"]))
