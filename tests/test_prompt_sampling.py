@@ -46,7 +46,8 @@ def model(model_dir):
 
 def rollout_source(model_dir, mesh, tmp_path) -> RolloutSource:
     config = SimpleNamespace(seed=0, train=SimpleNamespace(batch_size=2 * SAMPLES),
-                             model=SimpleNamespace(path=model_dir, tokenizer=None))
+                             model=SimpleNamespace(path=model_dir, tokenizer=None),
+                             rl=SimpleNamespace(routing_replay=False))
     ctx = RunContext(config, mesh, {}, str(tmp_path), tokenizer=load_tokenizer())
     return RolloutSource(
         ctx, ROWS, make_batch=None, samples_per_prompt=SAMPLES, max_prompt_length=PROMPT_LEN,

@@ -179,6 +179,8 @@ def compile_sampler(run: AbstractRun) -> ProgramMemory:
     return _compile(
         _sample_jit, _StaticGraph(state.graphdef), (state.params, state.rest), ids, ids, key,
         limit, eos, config=sampling, rules=rules_key(),
+        # an MoE policy under rl.routing_replay also returns each token's experts
+        record_routing=bool(run.ctx.config.rl.routing_replay),
     )
 
 
