@@ -36,7 +36,8 @@ def tiny():
     return init_model({**BASE, **ARCHS["llama"]}, seed=3)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+# The static sampler's test takes llama and qwen2: each family once across the two.
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
 def test_greedy_matches_transformers_as_requests_join_and_leave(arch, tmp_path_factory):
     """Two slots, seven requests of different budgets and an eos: rows leave mid-call and
     waiting ones join the running batch; every reply is transformers' greedy one."""

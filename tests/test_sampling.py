@@ -70,7 +70,9 @@ def _cut_after(tokens, eos):
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+# Each family once across the two samplers (the engine's test takes qwen3 and mistral):
+# their forwards' parity is test_models', their decode steps' test_decode's.
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_greedy_matches_transformers(arch, tmp_path_factory):
     model, hf, _ = _models(arch, tmp_path_factory)
     expected = [_hf_greedy(hf, p, 12) for p in PROMPTS]
