@@ -273,7 +273,7 @@ def test_expert_lora(pairs, tmp_path):
 
 def test_attention_lora_exports_to_peft(pairs, tmp_path):
     peft = pytest.importorskip("peft")
-    pair = pairs["mixtral"]
+    pair = pairs["qwen3_moe"]
     model = nnx.merge(*nnx.split(pair.model))
     add_adapters(model, LoRASpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj")), seed=0)
     b = model.model.layers.self_attn.q_proj.lora.b
