@@ -110,6 +110,16 @@ def _add_matrix(writer, name: str, weight: np.ndarray, qtype, rng) -> None:
         writer.add_tensor(name, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
 
 
+def _add_tokenizer(writer, tokens, types, merges) -> None:
+    """The test vocabulary as llama.cpp writes a GPT-2 style BPE tokenizer."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+
+
 def write_gguf(
     path: str,
     arch: str = "llama",
@@ -159,12 +169,7 @@ def write_gguf(
         writer.add_final_logit_softcapping(extra["softcaps"][1])
     if write_vocab_size:
         writer.add_vocab_size(vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(tokens.index("<|im_start|>"))
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    _add_tokenizer(writer, tokens, types, merges)
     writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     writer.add_chat_template(CHAT_TEMPLATE)
 
@@ -253,12 +258,7 @@ def write_moe_gguf(path: str, hf_model, name: str) -> str:
     writer.add_expert_used_count(config.num_experts_per_tok)
     if qwen:
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(tokens.index("<|im_start|>"))
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    _add_tokenizer(writer, tokens, types, merges)
 
     writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
     for i in range(config.num_hidden_layers):

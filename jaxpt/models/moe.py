@@ -408,6 +408,11 @@ def pop_router_stats(module) -> RouterStats | None:
         s for s in jax.tree.leaves(values, is_leaf=lambda x: isinstance(x, RouterStats))
         if isinstance(s, RouterStats)
     ]
+    return _summed(found)
+
+
+def _summed(found: list) -> RouterStats | None:
+    """The sum of some ``RouterStats``; None for none."""
     if not found:
         return None
     total = found[0]
@@ -421,10 +426,4 @@ def take_router_stats(model, sink: list) -> RouterStats | None:
     inside it, e.g. an actor-critic's policy) recorded in ``sink``, summed; None when there
     are none (a dense model)."""
     mine = {id(node) for _, node in nnx.iter_graph(model)}
-    found = [stats for module, stats in sink if id(module) in mine]
-    if not found:
-        return None
-    total = found[0]
-    for stats in found[1:]:
-        total = total + stats
-    return total
+    return _summed([stats for module, stats in sink if id(module) in mine])
