@@ -266,15 +266,18 @@ def test_the_memory_bench_compiles_the_plans_train_step(tiny_config_dir, tmp_pat
     assert step.alias == plan.params + plan.ref_params + plan.opt_state + 4 + 8
 
 
-def test_an_moe_plan_suggests_splitting_the_experts_first(tiny_config_dir):
-    from jaxpt.planning.memory import suggestions
+def test_an_moe_plan_suggests_an_expert_fsdp_split(tiny_config_dir):
+    from jaxpt.planning.memory import expert_split, suggestions
 
-    moe = load_config(str(tiny_config_dir / "sft.yaml"), ["model.path=qwen3-30b-a3b"])
-    first = suggestions(moe, num_devices=32)[0]
-    assert first[1] == ["mesh.data=1", "mesh.tensor=1", "mesh.expert=32", "mesh.fsdp=-1"]
-    mixtral = load_config(str(tiny_config_dir / "sft.yaml"), ["model.path=mixtral-8x7b"])
-    assert "mesh.expert=8" in suggestions(mixtral, num_devices=16)[0][1]  # 8 experts
-    for config, devices in ((moe, None), (load_config(str(tiny_config_dir / "sft.yaml")), 8),
-                            (dataclasses.replace(moe, mesh=dataclasses.replace(
-                                moe.mesh, expert=4, fsdp=-1)), 8)):
+    # The divisor of experts and devices nearest sqrt(devices), the larger on a tie.
+    assert [expert_split(128, n) for n in (8, 16, 32, 64)] == [4, 4, 8, 8]
+    assert expert_split(8, 16) == 4 and expert_split(8, 64) == 8 and expert_split(0, 8) == 1
+    sft = str(tiny_config_dir / "sft.yaml")
+    moe = load_config(sft, ["model.path=qwen3-30b-a3b"])
+    last = suggestions(moe, num_devices=32)[-1][1]
+    assert last == ["mesh.data=1", "mesh.tensor=1", "mesh.expert=8", "mesh.fsdp=-1"]
+    # Running expert-parallel: fewer expert shards (more fsdp) come first.
+    split = dataclasses.replace(moe, mesh=dataclasses.replace(moe.mesh, expert=32, fsdp=1))
+    assert "mesh.expert=16" in suggestions(split, num_devices=32)[0][1]
+    for config, devices in ((moe, None), (load_config(sft), 8)):
         assert not any("mesh.expert" in " ".join(o) for _, o in suggestions(config, devices))

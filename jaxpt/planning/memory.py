@@ -282,22 +282,34 @@ def _num_experts(config) -> int:
 
 
 def expert_split(num_experts: int, num_devices: int) -> int:
-    """The expert-parallel degree a plan suggests: the most devices that split the experts
-    evenly (their greatest common divisor), 1 for a dense model."""
-    return math.gcd(num_experts, num_devices) if num_experts else 1
+    """The expert-parallel degree a plan suggests for an MoE model: the divisor of both
+    the experts and the devices nearest sqrt(devices) (the larger on a tie), fsdp taking
+    the rest. Memory favours fsdp (the dense weights and their optimizer state shard over
+    fsdp alone, so expert=devices replicates them); the experts' per-layer all-gathers
+    favour the expert axis (each device gathers E/expert experts): measured with
+    ``jaxpt.plan`` for Qwen3-30B-A3B SFT on a v5p-64, fsdp 32 needs 34.0 GiB per chip and
+    expert 32 57.4 GiB. 1 for a dense model."""
+    if not num_experts:
+        return 1
+    common = math.gcd(num_experts, num_devices)
+    divisors = [d for d in range(1, common + 1) if common % d == 0]
+    target = math.log(num_devices) / 2
+    return min(divisors, key=lambda d: (round(abs(math.log(d) - target), 9), -d))
 
 
 def suggestions(config, num_devices: int | None = None) -> list[tuple[str, list[str]]]:
     """Concrete changes that lower the peak, most effective first, as (why, overrides).
-    With ``num_devices``, an MoE model on a mesh without expert parallelism is first told
-    how to split its experts (each device then gathers only its own experts' weights in
-    every layer, not all of them as fsdp alone does)."""
+    With ``num_devices``, an MoE model also gets its expert/fsdp split: fewer expert
+    shards first when it runs expert-parallel (memory), else, last, the balanced split
+    of ``expert_split`` (traffic: smaller per-layer expert all-gathers)."""
     out = []
     mesh = config.mesh
-    experts = expert_split(_num_experts(config), num_devices) if num_devices else 1
-    if experts > 1 and mesh.expert == 1:
-        why = f"split the experts over {experts} devices (expert parallelism), fsdp over the rest"
-        out.append((why, ["mesh.data=1", "mesh.tensor=1", f"mesh.expert={experts}",
+    num_experts = _num_experts(config) if num_devices else 0
+    if num_experts and mesh.expert > 1:
+        fewer = mesh.expert // 2
+        why = (f"split the experts {fewer} ways instead of {mesh.expert}, fsdp over the rest "
+               "(the dense weights shard over fsdp only)")
+        out.append((why, ["mesh.data=1", "mesh.tensor=1", f"mesh.expert={fewer}",
                           "mesh.fsdp=-1"]))
     if mesh.data > 1 or mesh.tensor > 1:
         out.append(("shard params and optimizer state over every device (fsdp)",
@@ -323,6 +335,12 @@ def suggestions(config, num_devices: int | None = None) -> list[tuple[str, list[
     if config.model.param_dtype == "float32":
         out.append(("keep master weights in bfloat16 (optimizer state follows)",
                     ["model.param_dtype=bfloat16"]))
+    experts = expert_split(num_experts, num_devices) if num_experts else 1
+    if experts > 1 and mesh.expert == 1:
+        why = (f"split the experts over {experts} devices (expert parallelism), fsdp over "
+               "the rest: per-layer expert all-gathers shrink that many times")
+        out.append((why, ["mesh.data=1", "mesh.tensor=1", f"mesh.expert={experts}",
+                          "mesh.fsdp=-1"]))
     return out
 
 
