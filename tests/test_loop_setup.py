@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from preference_helpers import train_steps
-from tiny import SFT_TINY, make_tiny_dir, sft_overrides
+from tiny import QWEN3_MOE_TINY, SFT_TINY, make_tiny_dir, sft_overrides
 
 from jaxpt.config import ConfigError, load_config
 from jaxpt.loop import setup, train
@@ -135,14 +135,6 @@ def test_the_described_run_shards_like_setup_on_eight_devices(tmp_path, tiny_dir
 
 
 # ------------------------------------------------------------- a mixture-of-experts model
-
-QWEN3_MOE_TINY = {  # the shipped tokenizer's vocabulary, as tests/tiny.py's TINY
-    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 128,
-    "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "num_experts": 4,
-    "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
-}
 
 
 @pytest.fixture(scope="module")

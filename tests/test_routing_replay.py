@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny import make_tiny_dir
+from tiny import QWEN3_MOE_TINY, make_tiny_dir
 
 import jaxpt.models as jm
 from jaxpt.config import ConfigError, load_config
@@ -25,13 +25,6 @@ from jaxpt.tasks import grpo
 from jaxpt.tasks.rl.batch import completion_window
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QWEN3_MOE_TINY = {  # the shipped tokenizer's vocabulary
-    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 128,
-    "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "num_experts": 4,
-    "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
-}
 E, K, L = 4, 2, 2
 IDS = np.random.default_rng(0).integers(0, 128, (2, 9)).astype(np.int32)
 LC = 8

@@ -16,6 +16,11 @@ TINY = {
     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
     "max_position_embeddings": 256, "tie_word_embeddings": True,
 }
+# The same model with a mixture-of-experts MLP: 4 experts, 2 per token.
+QWEN3_MOE_TINY = {
+    **TINY, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+    "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2,
+}
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
