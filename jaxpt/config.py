@@ -237,6 +237,18 @@ class RlSection:
     # MoE policies (grpo, ppo): the sampler records each token's experts per layer and the
     # policy's training forwards route the rollout's tokens to them (reference: its own)
     routing_replay: bool = False
+    # Asynchronous RL (jaxpt.tasks.rl.placement, jaxpt.tasks.rl.pipeline). The sampler runs
+    # max_staleness policy versions ahead of the update it feeds: rollout i is sampled with
+    # the weights after rollout i - k trained (0: synchronous, as without the key).
+    max_staleness: int = 0
+    # Split placement: the rollout engine and the train step on their own devices, each
+    # with its own mesh (None for both: colocated on every device). A count takes the
+    # first (train) or last (rollout) devices, a list names global device ids; one of the
+    # two may be left out to take the rest.
+    train_devices: Any = None
+    rollout_devices: Any = None
+    # The rollout mesh's axis sizes ({tensor: 2}); unnamed axes 1, data takes the rest.
+    rollout_mesh: dict[str, int] | None = None
 
 
 BASE_SECTIONS: dict[str, type] = {
@@ -398,6 +410,10 @@ def _check_choices_and_ranges(config) -> None:
     if config.rl.importance_cap < 1:
         raise ConfigError(
             f"config key 'rl.importance_cap' must be >= 1, got {config.rl.importance_cap}"
+        )
+    if config.rl.max_staleness < 0:
+        raise ConfigError(
+            f"config key 'rl.max_staleness' must be >= 0, got {config.rl.max_staleness}"
         )
 
 

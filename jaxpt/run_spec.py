@@ -38,8 +38,12 @@ from jaxpt.tasks import RunContext, Task, available_tasks, common, get_task
 
 
 def run_mesh(config, devices=None) -> jax.sharding.Mesh:
-    """The mesh ``config.mesh`` describes over ``devices`` (default: every device)."""
+    """The mesh ``config.mesh`` describes over ``devices`` (default: every device), or over
+    their train part in a split RL run (``jaxpt.tasks.rl.placement``)."""
+    from jaxpt.tasks.rl.placement import train_devices
+
     m = config.mesh
+    devices = train_devices(config, devices if devices is not None else jax.devices())
     return make_mesh(m.axis_sizes(), devices=devices, dcn_data=m.dcn_data)
 
 

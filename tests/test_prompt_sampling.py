@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from tiny import make_tiny_dir
 
-from jaxpt.config import ModelSection
+from jaxpt.config import ModelSection, RlSection
 from jaxpt.curation.rejection import RejectionConfig, RejectionSection, rejection_sampler
 from jaxpt.data import eos_token_ids, load_tokenizer
 from jaxpt.evals.runner import task_sampler
@@ -47,7 +47,7 @@ def model(model_dir):
 def rollout_source(model_dir, mesh, tmp_path) -> RolloutSource:
     config = SimpleNamespace(seed=0, train=SimpleNamespace(batch_size=2 * SAMPLES),
                              model=SimpleNamespace(path=model_dir, tokenizer=None),
-                             rl=SimpleNamespace(routing_replay=False))
+                             rl=RlSection())
     ctx = RunContext(config, mesh, {}, str(tmp_path), tokenizer=load_tokenizer())
     return RolloutSource(
         ctx, ROWS, make_batch=None, samples_per_prompt=SAMPLES, max_prompt_length=PROMPT_LEN,

@@ -17,6 +17,8 @@ import json
 import os
 import tempfile
 
+import jax
+
 from jaxpt.bench import median, peak_rss_mb, step_time_figures
 from jaxpt.bench.sft import LORA
 
@@ -41,6 +43,12 @@ def add_arguments(parser) -> None:
                         help="LM-head positions per chunk (0: all at once)")
     parser.add_argument("--lora", action="store_true",
                         help="train LoRA adapters (rank 16, alpha 32, every projection)")
+    parser.add_argument("--max-staleness", type=int, default=0,
+                        help="rl.max_staleness: sample up to this many versions ahead")
+    parser.add_argument("--train-devices", default=None,
+                        help="rl.train_devices (a count or [ids]); with --rollout-devices "
+                        "a split run")
+    parser.add_argument("--rollout-devices", default=None, help="rl.rollout_devices")
 
 
 def run(args) -> dict:
@@ -67,6 +75,10 @@ def run(args) -> dict:
         }
         if args.lora:
             values.update({f"lora.{k}": v for k, v in LORA.items()})
+        values["rl.max_staleness"] = args.max_staleness
+        for key in ("train_devices", "rollout_devices"):
+            if getattr(args, key) is not None:
+                values[f"rl.{key}"] = getattr(args, key)
         config = load_config(None, [f"{k}={v}" for k, v in values.items()])
         run_training(config)
         with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -84,6 +96,16 @@ def run(args) -> dict:
         raise SystemExit("grpo bench: not enough steps after warmup; raise --steps")
     figures = step_time_figures(all_rows, args.warmup, [sum(s) for s in steps])
     generated = [r["completion_length/mean"] * args.prompts * args.generations for r in rows]
+    timed = [r for r in rows if r["step"] > args.warmup]
+    asynchronous = {}
+    if "staleness" in rows[0]:  # a pipelined run: each side's waiting and the weight moves
+        asynchronous = {
+            "staleness": round(median([r["staleness"] for r in timed]), 2),
+            "trainer_wait_s": round(median([r["time/trainer_wait_s"] for r in timed]), 4),
+            "sampler_idle_s": round(median([r["time/sampler_idle_s"] for r in timed]), 4),
+            "weight_sync_s": round(median([r["weight_sync/seconds"] for r in timed]), 4),
+            "weight_sync_bytes": int(median([r["weight_sync/bytes"] for r in timed])),
+        }
     return {
         "model": args.model,
         "prompts": args.prompts,
@@ -101,6 +123,11 @@ def run(args) -> dict:
         "remat": args.remat,
         "logits_chunk_size": args.logits_chunk_size,
         "lora": args.lora,
+        "max_staleness": args.max_staleness,
+        "train_devices": args.train_devices,
+        "rollout_devices": args.rollout_devices,
+        "devices": jax.device_count(),
+        **asynchronous,
         **memory,
     }
 

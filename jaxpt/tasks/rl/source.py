@@ -7,11 +7,16 @@ server), scores them with the reward functions, and hands the ``Rollout`` to the
 ``make_batch`` hook, which turns it into train rows (advantages, masks) and metrics. The
 batch is reused for ``reuse`` optimizer steps (GRPO's ``num_iterations``); its state goes
 into every checkpoint, so a resumed run continues exactly.
+
+With ``rl.max_staleness`` > 0 or a split placement (``rl.rollout_devices``) the rollouts are
+produced ahead on a worker thread, on the rollout mesh, with the weights of an earlier
+policy version (``jaxpt.tasks.rl.pipeline``).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import logging
@@ -26,6 +31,8 @@ import numpy as np
 from jaxpt.tasks import common
 from jaxpt.tasks.base import RunContext
 from jaxpt.tasks.rl.batch import Rollout, minibatch_rows
+from jaxpt.tasks.rl.pipeline import Produced, RolloutPipeline, WeightSync
+from jaxpt.tasks.rl.placement import rollout_mesh
 from jaxpt.tasks.rl.program import BatchFinisher
 from jaxpt.tasks.rl.replay import routing_shape
 from jaxpt.tasks.rl.rewards import score_completions
@@ -140,6 +147,11 @@ class RolloutSource:
         self.minibatches, self.finish, self.policy_view = minibatches, finish, policy_view
         self.log_completions, self.on_policy_frac = log_completions, on_policy_frac
         self.tokenizer = common.resolve_tokenizer(ctx)
+        rl = ctx.config.rl
+        self.rollout_mesh = rollout_mesh(ctx.config)  # None: the train mesh samples
+        pipelined = rl.max_staleness > 0 or self.rollout_mesh is not None
+        if pipelined:  # the worker thread encodes and decodes while the trainer evaluates
+            self.tokenizer = copy.deepcopy(self.tokenizer)
         self.runner = RewardRunner(
             build_reward_fns(list(rewards)), max_error_frac=max_reward_error_frac
         )
@@ -156,9 +168,14 @@ class RolloutSource:
             self.tokenizer, model_path=ctx.config.model.path,
             max_new_tokens=max_completion_length, temperature=temperature, top_p=top_p,
             top_k=top_k, num_samples=samples_per_prompt, max_prompt_length=max_prompt_length,
-            pad_to_max_prompt_length=True, batch_size=self.prompts_per_step, mesh=ctx.mesh,
+            pad_to_max_prompt_length=True, batch_size=self.prompts_per_step,
+            mesh=self.rollout_mesh or ctx.mesh,
             sampler=sampler, record_routing=self.routing_shape is not None,
         )
+        self.pipeline = (RolloutPipeline(self._produce, rl.max_staleness,
+                                         WeightSync(self.rollout_mesh))
+                         if pipelined else None)
+        self._base_key = None  # the run's key data (state.rng), which never changes
         self.serve_port, self.server = serve_port, None
         self.epoch, self.cursor = 0, 0
         self.rollouts = 0  # rollouts sampled so far: seeds the minibatch shuffles
@@ -176,6 +193,10 @@ class RolloutSource:
             state["pending"] = _encode_npz(self.pending)
         if self.finish is not None:
             state["finish"] = self.finish.get_state()
+        if self.pipeline is not None:  # the rollouts sampled ahead, waited for first
+            queue = [p.to_state() for p in self.pipeline.finished()]
+            state.update(epoch=self.epoch, cursor=self.cursor, queue=queue,
+                         submitted=self.pipeline.submitted)
         return state
 
     def set_state(self, state: dict) -> None:
@@ -185,8 +206,13 @@ class RolloutSource:
         self.pending = _decode_npz(state["pending"]) if "pending" in state else None
         if self.finish is not None and "finish" in state:
             self.finish.set_state(state["finish"])
+        if self.pipeline is not None:
+            self.pipeline.restore([Produced.from_state(p) for p in state.get("queue", [])])
+            self.pipeline.submitted = int(state.get("submitted", self.rollouts))
 
     def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -221,30 +247,65 @@ class RolloutSource:
         if self._last_return is not None:  # the previous update ran while we were away
             jax.block_until_ready(state.params)
             timings["time/update_s"] = time.perf_counter() - self._last_return
-        indices = self._next_prompt_indices()
-        if self._samples_this_rollout():
-            rollout, rollout_metrics = self.sample(state, indices)
+        if self.pipeline is not None:
+            if self._base_key is None:
+                self._base_key = jax.device_get(state.rng)
+            produced, pipeline_metrics = self.pipeline.take(self.rollouts, self.policy_view(state))
+            batch, advantages_b, log_rows = produced.batch, produced.advantages, produced.log_rows
+            rollout_metrics, metrics = {**produced.metrics, **pipeline_metrics}, {}
         else:
-            rollout, rollout_metrics = self.dataset_rollout(indices)
-        if self.group_filter is not None:
-            rollout, fill_metrics = self._fill_with_passing_groups(state, rollout, rollout_metrics)
-            rollout_metrics.update(fill_metrics)
-        batch, metrics, advantages_b = self.make_batch(rollout)
+            indices = self._next_prompt_indices()
+            if self._samples_this_rollout(self.rollouts):
+                rollout, rollout_metrics = self.sample(state, indices)
+            else:
+                rollout, rollout_metrics = self.dataset_rollout(indices)
+            if self.group_filter is not None:
+                rollout, fill_metrics = self._fill_with_passing_groups(
+                    rollout, rollout_metrics,
+                    lambda r: self.sample(state, self._next_prompt_indices(), round_index=r),
+                )
+                rollout_metrics.update(fill_metrics)
+            batch, metrics, advantages_b = self.make_batch(rollout)
+            log_rows = self._log_rows(rollout)
         if self.finish is not None:
             start = time.perf_counter()
             batch, finish_metrics, advantages_b = self.finish(state, batch)
             metrics = {**metrics, **finish_metrics, "time/finish_s": time.perf_counter() - start}
         self.rollouts += 1
         self.pending, self.iteration = batch, 1
-        self._log_samples(int(jax.device_get(state.step)) + 1, rollout, advantages_b)
+        self._log_samples(int(jax.device_get(state.step)) + 1, log_rows, advantages_b)
         self._last_return = time.perf_counter()
         return (self._local_rows(self._minibatch(batch, 0)),
                 {**rollout_metrics, **metrics, **timings})
 
-    def _samples_this_rollout(self) -> bool:
+    def _produce(self, index: int, version: int, policy: tuple) -> Produced:
+        """Rollout ``index`` with the rollout side's ``policy`` (graphdef, params, rest) of
+        ``version``, on the worker thread: prompts, samples, rewards and train rows, drawing
+        with the key the synchronous run gives the step that trains it."""
+        from jaxpt.sharding import use_rules
+
+        mesh = self.rollout_mesh or self.ctx.mesh
+        key = jax.random.fold_in(jax.random.wrap_key_data(self._base_key), index * self.reuse)
+        with jax.set_mesh(mesh), use_rules(self.ctx.rules):
+            indices = self._next_prompt_indices()
+            if self._samples_this_rollout(index):
+                rollout, metrics = self._sample(policy, indices, key)
+            else:
+                rollout, metrics = self.dataset_rollout(indices)
+            if self.group_filter is not None:
+                rollout, fill_metrics = self._fill_with_passing_groups(
+                    rollout, metrics, lambda r: self._sample(
+                        policy, self._next_prompt_indices(), jax.random.fold_in(key, r)),
+                )
+                metrics.update(fill_metrics)
+            batch, batch_metrics, advantages_b = self.make_batch(rollout)
+        return Produced(index, version, batch, {**metrics, **batch_metrics},
+                        self._log_rows(rollout), advantages_b)
+
+    def _samples_this_rollout(self, index: int) -> bool:
         if self.on_policy_frac >= 1:
             return True
-        coin = np.random.default_rng((self.ctx.config.seed, self.rollouts, 0x6B64)).random()
+        coin = np.random.default_rng((self.ctx.config.seed, index, 0x6B64)).random()
         return bool(coin < self.on_policy_frac)
 
     def dataset_rollout(self, indices: list[int]) -> tuple[Rollout, dict]:
@@ -304,7 +365,8 @@ class RolloutSource:
         return {k: v[rows] for k, v in batch.items()}
 
     def _fill_with_passing_groups(
-        self, state, first: Rollout, first_metrics: dict
+        self, first: Rollout, first_metrics: dict,
+        sample_round: Callable[[int], tuple[Rollout, dict]],
     ) -> tuple[Rollout, dict]:
         """A rollout of ``prompts_per_step`` groups, those passing the filter first (see the
         class docstring), and metrics over every round sampled for it: the reward is the
@@ -312,9 +374,7 @@ class RolloutSource:
         parts, passing = [first], [self.group_filter(first)]
         timings = {k: first_metrics[k] for k in ("time/generate_s", "time/reward_s")}
         while sum(map(np.sum, passing)) < self.prompts_per_step and len(parts) < self.max_rounds:
-            more, more_metrics = self.sample(
-                state, self._next_prompt_indices(), round_index=len(parts)
-            )
+            more, more_metrics = sample_round(len(parts))
             parts.append(more)
             passing.append(self.group_filter(more))
             timings = {k: v + more_metrics[k] for k, v in timings.items()}
@@ -352,15 +412,20 @@ class RolloutSource:
     def sample(self, state, indices: list[int], round_index: int = 0) -> tuple[Rollout, dict]:
         """Sample and score completions of the prompts ``indices`` with ``state``'s params
         (``round_index`` > 0: another rollout for the same step, with its own key)."""
-        g = self.samples_per_prompt
-        prompts = [self._prompt_ids(i) for i in indices]
-        start = time.perf_counter()
         key = jax.random.fold_in(
             jax.random.wrap_key_data(jax.device_get(state.rng)), int(jax.device_get(state.step))
         )
         if round_index:
             key = jax.random.fold_in(key, round_index)
-        graphdef, params, rest = self.policy_view(state)
+        return self._sample(self.policy_view(state), indices, key)
+
+    def _sample(self, policy: tuple, indices: list[int], key) -> tuple[Rollout, dict]:
+        """Sample and score completions of the prompts ``indices`` with ``policy`` (graphdef,
+        params, rest) and ``key``."""
+        g = self.samples_per_prompt
+        prompts = [self._prompt_ids(i) for i in indices]
+        start = time.perf_counter()
+        graphdef, params, rest = policy
         self._serve(graphdef, params, rest)
         samples = self.sampler.sample((graphdef, (params, rest)), prompts, key)
         generate_s = time.perf_counter() - start
@@ -402,16 +467,19 @@ class RolloutSource:
                 break
         return metrics
 
-    def _log_samples(self, step: int, rollout: Rollout, advantages_b: np.ndarray) -> None:
-        count = min(self.log_completions, len(rollout.rows))
-        if not count or not self.ctx.is_main_process:
-            return
-        samples = [
-            {"step": step, "prompt": rollout.rows[r]["prompt"], "completion": rollout.texts[r],
-             "rewards": {k: _finite(v[r]) for k, v in rollout.rewards.scores.items()},
-             "advantage": float(advantages_b[r])}
-            for r in range(count)
+    def _log_rows(self, rollout: Rollout) -> list[dict]:
+        """The rows of ``rollout`` that completions.jsonl shows (``log_completions``)."""
+        return [
+            {"prompt": rollout.rows[r]["prompt"], "completion": rollout.texts[r],
+             "rewards": {k: _finite(v[r]) for k, v in rollout.rewards.scores.items()}}
+            for r in range(min(self.log_completions, len(rollout.rows)))
         ]
+
+    def _log_samples(self, step: int, log_rows: list[dict], advantages_b: np.ndarray) -> None:
+        if not log_rows or not self.ctx.is_main_process:
+            return
+        samples = [{"step": step, **row, "advantage": float(advantages_b[r])}
+                   for r, row in enumerate(log_rows)]
         os.makedirs(os.path.dirname(self.completions_path), exist_ok=True)
         with open(self.completions_path, "a") as f:
             f.writelines(json.dumps(sample) + "\n" for sample in samples)
