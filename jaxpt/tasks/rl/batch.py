@@ -8,7 +8,9 @@ as prompt + completion with next-token targets, so position ``t`` predicts
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -138,3 +140,16 @@ def minibatch_rows(
     per_part = groups // minibatches
     picked = order[part * per_part : (part + 1) * per_part]
     return (picked[:, None] * group + np.arange(group)[None, :]).reshape(-1)
+
+
+def encode_arrays(arrays: dict) -> str:
+    """Host arrays as one text field of a checkpoint's JSON state (compressed npz)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_arrays(text: str) -> dict:
+    """``encode_arrays``' arrays back."""
+    with np.load(io.BytesIO(base64.b64decode(text))) as data:
+        return {k: data[k] for k in data.files}

@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxpt.tasks.rl.batch import decode_arrays, encode_arrays
+
 
 @dataclasses.dataclass
 class Produced:
@@ -39,17 +41,13 @@ class Produced:
     advantages: np.ndarray  # [B] per-row advantage (make_batch's)
 
     def to_state(self) -> dict:
-        from jaxpt.tasks.rl.source import _encode_npz
-
         return {"index": self.index, "version": self.version,
-                "batch": _encode_npz({**self.batch, "__advantages": self.advantages}),
+                "batch": encode_arrays({**self.batch, "__advantages": self.advantages}),
                 "metrics": json.dumps(self.metrics), "log_rows": json.dumps(self.log_rows)}
 
     @classmethod
     def from_state(cls, state: dict) -> Produced:
-        from jaxpt.tasks.rl.source import _decode_npz
-
-        batch = _decode_npz(state["batch"])
+        batch = decode_arrays(state["batch"])
         advantages = batch.pop("__advantages")
         return cls(int(state["index"]), int(state["version"]), batch,
                    json.loads(state["metrics"]), json.loads(state["log_rows"]), advantages)

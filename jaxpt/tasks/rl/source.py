@@ -15,9 +15,7 @@ policy version (``jaxpt.tasks.rl.pipeline``).
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
 import json
 import logging
 import os
@@ -30,7 +28,7 @@ import numpy as np
 
 from jaxpt.tasks import common
 from jaxpt.tasks.base import RunContext
-from jaxpt.tasks.rl.batch import Rollout, minibatch_rows
+from jaxpt.tasks.rl.batch import Rollout, decode_arrays, encode_arrays, minibatch_rows
 from jaxpt.tasks.rl.pipeline import Produced, RolloutPipeline, WeightSync
 from jaxpt.tasks.rl.placement import rollout_mesh
 from jaxpt.tasks.rl.program import BatchFinisher
@@ -190,7 +188,7 @@ class RolloutSource:
         state = {"epoch": self.epoch, "cursor": self.cursor, "iteration": self.iteration,
                  "rollouts": self.rollouts}
         if self.pending is not None and self.iteration < self.reuse:
-            state["pending"] = _encode_npz(self.pending)
+            state["pending"] = encode_arrays(self.pending)
         if self.finish is not None:
             state["finish"] = self.finish.get_state()
         if self.pipeline is not None:  # the rollouts sampled ahead, waited for first
@@ -203,7 +201,7 @@ class RolloutSource:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.iteration = int(state.get("iteration", 0))
         self.rollouts = int(state.get("rollouts", 0))
-        self.pending = _decode_npz(state["pending"]) if "pending" in state else None
+        self.pending = decode_arrays(state["pending"]) if "pending" in state else None
         if self.finish is not None and "finish" in state:
             self.finish.set_state(state["finish"])
         if self.pipeline is not None:
@@ -483,17 +481,6 @@ class RolloutSource:
         os.makedirs(os.path.dirname(self.completions_path), exist_ok=True)
         with open(self.completions_path, "a") as f:
             f.writelines(json.dumps(sample) + "\n" for sample in samples)
-
-
-def _encode_npz(arrays: dict) -> str:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _decode_npz(text: str) -> dict:
-    with np.load(io.BytesIO(base64.b64decode(text))) as data:
-        return {k: data[k] for k in data.files}
 
 
 def _finite(value) -> float | None:
