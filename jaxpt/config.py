@@ -415,6 +415,13 @@ def _check_choices_and_ranges(config) -> None:
         raise ConfigError(
             f"config key 'rl.max_staleness' must be >= 0, got {config.rl.max_staleness}"
         )
+    asynchronous = [k for k in ("max_staleness", "train_devices", "rollout_devices")
+                    if getattr(config.rl, k) not in (None, 0)]
+    if asynchronous and config.task not in ("grpo", "ppo"):
+        raise ConfigError(
+            f"config key 'rl.{asynchronous[0]}' (asynchronous rollouts) applies to the grpo "
+            f"and ppo tasks, not {config.task!r}"
+        )
 
 
 def _check_lora(config) -> None:

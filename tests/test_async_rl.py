@@ -139,3 +139,37 @@ def test_an_off_policy_batch_carries_both_versions_and_is_weighed_by_their_ratio
     weights, _ = importance_weights(batch1["trainer_logprobs"], sampler, mask, "tis", cap)
     np.testing.assert_allclose(np.asarray(weights)[mask], hand[mask], rtol=1e-6)
     assert (hand[mask] == cap).any() and (hand[mask] < cap).any()
+
+
+def test_ppo_samples_ahead_while_its_critic_trains_on_the_train_devices(
+    tmp_path, tiny_dir, prompts_file
+):
+    """PPO with a separate critic, 2 minibatches per rollout: the rollouts lag by the
+    schedule, and the critic's values and GAE are computed on the train side with the
+    weights of the step that trains the rollout."""
+    values = {
+        "task": "ppo", "output_dir": str(tmp_path), "model.path": tiny_dir,
+        "data.train": prompts_file, "data.eval": "null", "train.batch_size": 4,
+        "train.max_steps": 6, "train.log_every": 1, "ppo.samples_per_prompt": 1,
+        "ppo.num_mini_batches": 2, "ppo.num_ppo_epochs": 1, "ppo.max_prompt_length": 16,
+        "ppo.max_completion_length": LC, "ppo.critic": "separate",
+        "ppo.rewards": "[{fn: 'test_async_rl:spread_reward'}]", "ppo.eval_prompts": 0,
+        "ppo.log_completions": 1, "logging.progress": "false", "logging.tensorboard": "false",
+        "export.hf": "false", "checkpoint.every": 0, "mesh.fsdp": 1, "rl.max_staleness": 1,
+        **SPLIT,
+    }
+    config = load_config(os.path.join(ROOT, "configs", "ppo_arith.yaml"),
+                         [f"{k}={v}" for k, v in values.items()])
+    run(config)
+    rows = train_rows(str(tmp_path))
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    taken = [r for r in rows if "staleness" in r]  # a rollout trains 2 minibatches
+    assert [r["step"] for r in taken] == [1, 3, 5]
+    assert [r["staleness"] for r in taken] == [0, 1, 1]
+    assert all(np.isfinite(r["value_loss"]) for r in rows)
+
+
+def test_asynchronous_rollouts_are_refused_for_tasks_that_do_not_pipeline(tmp_path, tiny_dir):
+    with pytest.raises(ConfigError, match="'rl.max_staleness'.*grpo and ppo tasks, not 'sft'"):
+        load_config(os.path.join(ROOT, "configs", "sft_tiny.yaml"),
+                    [f"output_dir={tmp_path}", f"model.path={tiny_dir}", "rl.max_staleness=1"])
