@@ -5,5 +5,7 @@
 - ``forward``: the loss-side forward over a train batch's completion positions;
 - ``program``: a jitted program run on a rollout's batch (PPO's and GRPO's finishers);
 - ``source``: ``RolloutSource``, the BatchSource that samples, scores and packs rollouts;
-- ``evaluator``: greedy held-out accuracy of the policy.
+- ``evaluator``: greedy held-out accuracy of the policy;
+- ``transport``: ``PeerLink``, weights and train batches between the rollout and train
+  processes of an asynchronous run (one collective over both device sets).
 """
