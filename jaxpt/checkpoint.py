@@ -222,28 +222,54 @@ class Checkpointer:
     """Save every N steps, keep the last K, write asynchronously, resume from the latest."""
 
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True,
-                 frozen_source: str = "their source"):
+                 frozen_source: str = "their source", processes: set[int] | None = None):
         """``frozen_source`` says where the run re-reads its frozen weights (the reference,
-        the LoRA base) from, for the error when they changed since a checkpoint."""
+        the LoRA base) from, for the error when they changed since a checkpoint.
+        ``processes``: the processes that save and restore (None: all of them), when
+        others take no part (the rollout processes of an RL run split across processes);
+        the lowest writes the shared files."""
         self.directory = absolute_path(directory)
         self.frozen_source = frozen_source
         self._frozen_fingerprint: tuple[str | None] | None = None  # see _fingerprint
+        self.processes = None if processes is None else set(processes)
+        handler_options = {}
+        if self.processes is not None:
+            # Orbax syncs only these processes, but leaves creating the directory to us.
+            multiprocessing = ocp.options.MultiprocessingOptions(
+                primary_host=min(self.processes), active_processes=self.processes,
+                barrier_sync_key_prefix="jaxpt_train")
+            handler_options["multiprocessing_options"] = multiprocessing
+            if jax.process_index() == min(self.processes):
+                epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
+            self._sync("jaxpt_checkpoint_directory")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=self.processes is None,
             cleanup_tmp_directories=True,  # partial writes of a killed run
+            **handler_options,
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                "state": ocp.StandardCheckpointHandler(**handler_options),
                 "data": _PositionHandler(),
-                "config": ocp.JsonCheckpointHandler(),
-                "frozen": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(**handler_options),
+                "frozen": ocp.JsonCheckpointHandler(**handler_options),
             },
         )
+
+    def _sync(self, name: str) -> None:
+        """A barrier over the processes that checkpoint."""
+        if jax.process_count() == 1:
+            return
+        if self.processes is None:
+            multihost_utils.sync_global_devices(name)
+        elif len(self.processes) > 1:
+            from orbax.checkpoint import multihost
+
+            multihost.sync_global_processes(name, processes=self.processes)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -253,8 +279,16 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, source, config: dict, *, force=False) -> bool:
         """Start saving (returns once device buffers are copied; writing goes on behind)."""
+        tree = _state_tree(state)
+        if self.processes is not None:
+            # Orbax refuses arrays that one process holds whole when there are several
+            # processes (it takes them for pmap's): a lone train process saves them from
+            # the host.
+            tree = jax.tree.map(
+                lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable
+                else x, tree)
         items = {
-            "state": ocp.args.StandardSave(_state_tree(state)),
+            "state": ocp.args.StandardSave(tree),
             "data": _PositionSave(_SourceItem(source)),
             "config": ocp.args.JsonSave(config),
         }
@@ -341,7 +375,9 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise plain Exceptions
                 error = e
             # Every process must take the same branch, even if only one host's files broke.
-            if jax.process_count() > 1:
+            # (With a subset of the processes checkpointing there is no all-gather over just
+            # them: each decides from its own files.)
+            if jax.process_count() > 1 and self.processes is None:
                 failed = multihost_utils.process_allgather(np.int32(error is not None))
                 if np.any(failed) and error is None:
                     error = CheckpointError("another process could not read it")
@@ -402,10 +438,10 @@ class Checkpointer:
             "checkpoint %s is damaged and cannot be restored (%s); moving it to %s and "
             "trying the previous one", path, _root_cause(error), target,
         )
-        if jax.process_index() == 0:  # one rename on a shared filesystem; others wait below
+        primary = 0 if self.processes is None else min(self.processes)
+        if jax.process_index() == primary:  # one rename on a shared filesystem; others wait
             os.rename(path, target)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"jaxpt_set_aside_{step}")
+        self._sync(f"jaxpt_set_aside_{step}")
         self.manager.reload()
         return target
 
@@ -418,8 +454,8 @@ class Checkpointer:
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once any has been told to stop (multi-host sync point)."""
-        if jax.process_count() == 1:
-            return False
+        if jax.process_count() == 1 or self.processes is not None:
+            return False  # a subset of processes: the loop's StopVote decides alone
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:

@@ -285,6 +285,7 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
                 keep=config.checkpoint.keep,
                 async_save=config.checkpoint.async_save,
                 frozen_source=common.reference_source(config),
+                processes=_checkpointing_processes(config),
             )
             state, start = run.state, 0
             if config.checkpoint.resume:
@@ -423,6 +424,15 @@ def train(run: Run, *, stop_after_step: int | None = None) -> RunResult:
                 closeable.close()
 
 
+def _checkpointing_processes(config) -> set[int] | None:
+    """The train processes of an RL run split across processes (its rollout processes never
+    checkpoint), else None: every process."""
+    from jaxpt.tasks.rl.placement import process_sides
+
+    sides = process_sides(config)
+    return None if sides is None else sides[0]
+
+
 def checkpoint_directory(config, output_dir: str) -> str:
     """``checkpoint.directory`` (local or a URL such as ``gs://``), else
     ``<output_dir>/checkpoints``."""
@@ -433,6 +443,25 @@ def checkpoint_directory(config, output_dir: str) -> str:
 
 def run(config, *, stop_after_step: int | None = None) -> RunResult:
     """Train per ``config`` (``setup`` then ``train``), resuming from the newest checkpoint
-    in ``checkpoint_directory(config, output_dir)`` if present."""
+    in ``checkpoint_directory(config, output_dir)`` if present. In a rollout process of an
+    RL run split across processes, serve the trainer rollouts instead
+    (``jaxpt.rollout_worker``)."""
+    from jaxpt.tasks.rl.placement import process_role
+
+    if process_role(config) == "rollout":
+        return _serve_rollouts(config)
     with setup(config) as prepared:
         return train(prepared, stop_after_step=stop_after_step)
+
+
+def _serve_rollouts(config) -> RunResult:
+    """A rollout process's run: its step is the last train step its rollouts fed."""
+    from jaxpt.rollout_worker import serve
+
+    served = serve(config)
+    out_dir = absolute_path(config.output_dir)
+    return RunResult(
+        output_dir=out_dir, step=served["step"], preempted=served["stopped"], evals=[],
+        last_metrics={}, checkpoint_dir=checkpoint_directory(config, out_dir), hf_dir=None,
+        summary={"rollouts_sent": served["rollouts"]},
+    )

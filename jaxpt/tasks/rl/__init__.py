@@ -7,5 +7,7 @@
 - ``source``: ``RolloutSource``, the BatchSource that samples, scores and packs rollouts;
 - ``evaluator``: greedy held-out accuracy of the policy;
 - ``transport``: ``PeerLink``, weights and train batches between the rollout and train
-  processes of an asynchronous run (one collective over both device sets).
+  processes of an asynchronous run (one collective over both device sets);
+- ``remote``: the protocol of a run whose rollout side lives in other processes (the
+  trainer's ``RemotePipeline``, the rollout side's ``RolloutServer``).
 """

@@ -93,3 +93,53 @@ def train_devices(config, devices: Sequence) -> list:
     """The devices the train mesh spans: all of ``devices`` unless the run is split."""
     split = split_devices(config, devices)
     return list(devices) if split is None else split[0]
+
+
+def process_sides(config, devices: Sequence | None = None) -> tuple[set, set] | None:
+    """(train process indices, rollout process indices) of a split run whose two sides live
+    in different processes (``jax.distributed``: one side samples, the other trains, and
+    weights and batches cross with ``jaxpt.tasks.rl.transport.PeerLink``), or None when
+    every process runs both sides or the run is not split. A ConfigError when a process
+    holds devices of both sides, or when process 0 (which writes the run's metrics,
+    completions and exports) does not train."""
+    import jax
+
+    devices = list(devices if devices is not None else jax.devices())
+    if len({d.process_index for d in devices}) < 2:
+        return None
+    split = split_devices(config, devices)
+    if split is None:
+        return None
+    train = {d.process_index for d in split[0]}
+    rollout = {d.process_index for d in split[1]}
+    both = sorted(train & rollout)
+    if both:
+        raise ConfigError(
+            f"config keys 'rl.train_devices' and 'rl.rollout_devices' give processes {both} "
+            "devices of both sides: in a multi-process run each process's devices must all "
+            "train or all sample (list whole processes' devices on each side)"
+        )
+    idle = sorted({d.process_index for d in devices} - train - rollout)
+    if idle:
+        raise ConfigError(
+            f"config keys 'rl.train_devices' and 'rl.rollout_devices' leave processes {idle} "
+            "without a side: in a multi-process run every process trains or samples"
+        )
+    if 0 not in train:
+        raise ConfigError(
+            "config key 'rl.train_devices' must include process 0's devices: process 0 "
+            "writes the run's metrics, completions and exports, so it trains (put the "
+            "rollout side on the other processes)"
+        )
+    return train, rollout
+
+
+def process_role(config) -> str | None:
+    """``"train"`` or ``"rollout"``: this process's side of a run split across processes
+    (``process_sides``), or None when it runs both (or the run is not split)."""
+    import jax
+
+    sides = process_sides(config)
+    if sides is None:
+        return None
+    return "train" if jax.process_index() in sides[0] else "rollout"

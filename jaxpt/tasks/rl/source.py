@@ -10,7 +10,8 @@ into every checkpoint, so a resumed run continues exactly.
 
 With ``rl.max_staleness`` > 0 or a split placement (``rl.rollout_devices``) the rollouts are
 produced ahead on a worker thread, on the rollout mesh, with the weights of an earlier
-policy version (``jaxpt.tasks.rl.pipeline``).
+policy version (``jaxpt.tasks.rl.pipeline``), or by other processes when the rollout
+devices are theirs (``jaxpt.tasks.rl.remote``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from jaxpt.tasks.rl.batch import Rollout, decode_arrays, encode_arrays, minibatc
 from jaxpt.tasks.rl.pipeline import Produced, RolloutPipeline, WeightSync
 from jaxpt.tasks.rl.placement import rollout_mesh
 from jaxpt.tasks.rl.program import BatchFinisher
+from jaxpt.tasks.rl.remote import trainer_pipeline
 from jaxpt.tasks.rl.replay import routing_shape
 from jaxpt.tasks.rl.rewards import score_completions
 
@@ -170,9 +172,10 @@ class RolloutSource:
             mesh=self.rollout_mesh or ctx.mesh,
             sampler=sampler, record_routing=self.routing_shape is not None,
         )
-        self.pipeline = (RolloutPipeline(self._produce, rl.max_staleness,
-                                         WeightSync(self.rollout_mesh))
-                         if pipelined else None)
+        self.pipeline = None
+        if pipelined:  # rollouts from other processes (remote), else from a worker thread
+            self.pipeline = trainer_pipeline(self) or RolloutPipeline(
+                self._produce, rl.max_staleness, WeightSync(self.rollout_mesh))
         self._base_key = None  # the run's key data (state.rng), which never changes
         self.serve_port, self.server = serve_port, None
         self.epoch, self.cursor = 0, 0

@@ -305,7 +305,8 @@ class PeerLink:
         shardings = [NamedSharding(union, spec) for spec in in_specs]
         abstract = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
                     for (shape, dtype, _), sharding in zip(specs, shardings)]
-        compiled = jax.jit(fn, out_shardings=tuple(shardings)).lower(*abstract).compile()
+        with jax.set_mesh(union):  # whatever mesh the caller has set (the train loop's)
+            compiled = jax.jit(fn, out_shardings=tuple(shardings)).lower(*abstract).compile()
         placeholders = None
         if receiver == self.side:
             target = self.meshes[receiver]
@@ -326,8 +327,9 @@ class PeerLink:
                 lambda x: jax.lax.ppermute(x, PEER_AXIS, [(0, 1), (1, 0)]), mesh=union,
                 in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False)
             abstract = jax.ShapeDtypeStruct((_HASH_WORDS,), np.uint32, sharding=sharding)
-            program = self._handshakes[receiver] = (
-                jax.jit(fn, out_shardings=sharding).lower(abstract).compile())
+            with jax.set_mesh(union):
+                program = self._handshakes[receiver] = (
+                    jax.jit(fn, out_shardings=sharding).lower(abstract).compile())
         words = np.frombuffer(signature, np.uint32)
         local = [jax.device_put(words, d) for d in sharding.addressable_devices]
         theirs = program(jax.make_array_from_single_device_arrays(words.shape, sharding, local))
