@@ -92,12 +92,15 @@ def runs(tmp_path_factory, tiny_dir, prompts_file):
     logs = _launch(_overrides(str(two), tiny_dir, prompts_file), tmp)
     two_s = time.perf_counter() - start
     one = tmp / "one"
-    config = load_config(GRPO_ARITH, _overrides(str(one), tiny_dir, prompts_file,
-                                                **{"export.hf": "false"}))
+    # Device ids (not counts) as tests/test_async_rl.py gives them: its compiled programs
+    # are in the suite's cache.
+    config = load_config(GRPO_ARITH, _overrides(str(one), tiny_dir, prompts_file, **{
+        "export.hf": "false", "rl.train_devices": "[0]", "rl.rollout_devices": "[1]"}))
     with setup(config) as run:
         initial = fingerprint(run.state.params)
         train(run)
-    return types.SimpleNamespace(two=two, one=one, logs=logs, initial=initial, two_s=two_s)
+    print(f"2-process run: {two_s:.1f} s")
+    return types.SimpleNamespace(two=two, one=one, logs=logs, initial=initial)
 
 
 def test_two_processes_train_on_the_fixed_schedule(runs):
@@ -154,3 +157,8 @@ def test_each_process_is_on_one_side(tmp_path, tiny_dir, prompts_file):
         sides("[0]", "[1]")
     with pytest.raises(ConfigError, match="'rl.train_devices' must include process 0"):
         sides("[2, 3]", "[0, 1]")
+    config = load_config(os.path.join(ROOT, "configs", "ppo_arith.yaml"), [
+        f"output_dir={tmp_path}", f"model.path={tiny_dir}", "rl.train_devices=[0, 1]"])
+    with pytest.raises(ConfigError, match="the grpo task supports, not 'ppo'"):
+        process_sides(config, [types.SimpleNamespace(id=i, process_index=i // 2)
+                               for i in range(4)])

@@ -100,8 +100,8 @@ def process_sides(config, devices: Sequence | None = None) -> tuple[set, set] | 
     in different processes (``jax.distributed``: one side samples, the other trains, and
     weights and batches cross with ``jaxpt.tasks.rl.transport.PeerLink``), or None when
     every process runs both sides or the run is not split. A ConfigError when a process
-    holds devices of both sides, or when process 0 (which writes the run's metrics,
-    completions and exports) does not train."""
+    holds devices of both sides, when process 0 (which writes the run's metrics,
+    completions and exports) does not train, or for a task other than GRPO."""
     import jax
 
     devices = list(devices if devices is not None else jax.devices())
@@ -124,6 +124,12 @@ def process_sides(config, devices: Sequence | None = None) -> tuple[set, set] | 
         raise ConfigError(
             f"config keys 'rl.train_devices' and 'rl.rollout_devices' leave processes {idle} "
             "without a side: in a multi-process run every process trains or samples"
+        )
+    if config.task != "grpo":  # PPO's policy is part of a model the rollout side lacks
+        raise ConfigError(
+            "config keys 'rl.train_devices' and 'rl.rollout_devices' put the two sides on "
+            f"different processes, which the grpo task supports, not {config.task!r}: put "
+            "both sides' devices on every process"
         )
     if 0 not in train:
         raise ConfigError(
