@@ -10,7 +10,9 @@ on the train mesh, whose partition specs the weights keep on the rollout mesh), 
 schedule (``jaxpt.tasks.rl.remote``). The weights it samples with all come from the
 trainer, version by version.
 
-Its record, ``rollouts.jsonl`` in the output directory (written by the first rollout
+It writes no checkpoint (the train processes save alone, ``Checkpointer(processes=...)``):
+a resumed run restarts it, and it continues from the trainer's restored position (see
+``jaxpt.tasks.rl.remote``). Its record, ``rollouts.jsonl`` in the output directory (written by the first rollout
 process): per rollout, the version that sampled it and a fingerprint of those weights
 (``jaxpt.checkpoint.fingerprint``), to check against the trainer's.
 """

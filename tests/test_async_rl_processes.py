@@ -88,9 +88,7 @@ def runs(tmp_path_factory, tiny_dir, prompts_file):
     rollout device 1 of the suite's 8), with the fingerprint of its initial weights."""
     tmp = tmp_path_factory.mktemp("async_processes")
     two = tmp / "two"
-    start = time.perf_counter()
     logs = _launch(_overrides(str(two), tiny_dir, prompts_file), tmp)
-    two_s = time.perf_counter() - start
     one = tmp / "one"
     # Device ids (not counts) as tests/test_async_rl.py gives them: its compiled programs
     # are in the suite's cache.
@@ -99,10 +97,10 @@ def runs(tmp_path_factory, tiny_dir, prompts_file):
     with setup(config) as run:
         initial = fingerprint(run.state.params)
         train(run)
-    print(f"2-process run: {two_s:.1f} s")
     return types.SimpleNamespace(two=two, one=one, logs=logs, initial=initial)
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_the_fixed_schedule(runs):
     rows = train_rows(str(runs.two))
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -122,6 +120,7 @@ def test_two_processes_train_on_the_fixed_schedule(runs):
     assert f"sent {STEPS} rollouts" in runs.logs[1]
 
 
+@pytest.mark.slow
 def test_the_sampler_got_its_weights_from_the_trainer(runs):
     """The rollout process never reads the model's weights: version 0, with which it sampled
     rollouts 0 and 1, is bit for bit the trainer's initial params, and version 1 (after an
@@ -134,6 +133,7 @@ def test_the_sampler_got_its_weights_from_the_trainer(runs):
     assert record[2]["weights"] != runs.initial
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(runs):
     """Same seed, same schedule: the 2-process run's rewards and losses are the 1-process
     split run's."""
