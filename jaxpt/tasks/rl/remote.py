@@ -211,6 +211,7 @@ class RolloutServer:
         self.sent = 0  # rollouts sent
         self.stopped = False  # the trainer stopped before the run's last rollout
         self.start = None  # the first rollout of this launch
+        self.total = 0  # rollouts the run trains in all (the first control says)
         self._versions: dict[int, tuple] = {}
         self._next_version = 0
         self._rest = None
