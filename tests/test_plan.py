@@ -281,3 +281,61 @@ def test_an_moe_plan_suggests_an_expert_fsdp_split(tiny_config_dir):
     assert "mesh.expert=16" in suggestions(split, num_devices=32)[0][1]
     for config, devices in ((moe, None), (load_config(sft), 8)):
         assert not any("mesh.expert" in " ".join(o) for _, o in suggestions(config, devices))
+
+
+def test_a_split_grpo_plan_plans_each_side_on_its_own_devices(tiny_config_dir, capsys):
+    """rl.train_devices=4 rl.rollout_devices=4 on cpu:8: the train step on a 4-device
+    fsdp mesh, the sampler on a 4-device data-parallel mesh holding the whole policy as
+    synced (float32, as trained), two copies of its params with max_staleness 1, and the
+    weight sync's bytes counted by hand from the param shapes."""
+    from jaxpt.run_spec import check_batch_fits_mesh, run_mesh
+
+    split = ["rl.train_devices=4", "rl.rollout_devices=4"]
+    grpo = ["task=grpo", "train.batch_size=16", "grpo.num_generations=4",
+            "grpo.max_prompt_length=8", "grpo.max_completion_length=8"]
+    sft_yaml = str(tiny_config_dir / "sft.yaml")
+    # The batch must split over the train mesh only: 12 rows fit 4 train devices, not 8.
+    topology = get_topology("cpu:8")
+    for overrides, fits in ((split, True), ([], False)):
+        config = load_config(sft_yaml, [*grpo, "train.batch_size=12", *overrides])
+        mesh = run_mesh(config, list(topology.devices))
+        if fits:
+            check_batch_fits_mesh(config, mesh)
+        else:
+            with pytest.raises(ConfigError, match="train.batch_size"):
+                check_batch_fits_mesh(config, mesh)
+
+    code = plan_main(["--config", sft_yaml, "--topology", "cpu:8", "--hbm-gib", "1",
+                      *grpo, *split, "rl.max_staleness=1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    # Extended, not renamed: every colocated key is still there.
+    for key in ("topology", "num_devices", "mesh", "params", "opt_state", "ref_params",
+                "batch", "train_step", "sampler", "sampler_resident", "engine", "total",
+                "fits", "train_step_peak", "sampler_peak", "hbm", "suggestions"):
+        assert key in result
+    assert result["num_devices"] == 8 and result["train_devices"] == 4
+    assert result["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
+    rollout = result["rollout"]
+    assert rollout["num_devices"] == 4 and rollout["device_ids"] == [4, 5, 6, 7]
+    assert rollout["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
+    # Every policy version moves the float32 params; a non-LoRA policy has no rest.
+    weights = 2 * V * D + L * (N * H * D + 2 * K * H * D + D * N * H + 3 * D * F)
+    params = 4 * (weights + (2 * L + 1) * D)
+    sync = rollout["sync"]
+    assert (sync["params_bytes"], sync["rest_bytes"]) == (params, 0)
+    # Data-parallel rollout mesh: each rollout device receives (and holds) all of it.
+    assert sync["per_device_bytes"] == rollout["params"] == rollout["policy"] == params
+    assert sync["seconds_per_version"] is None  # no interconnect figure for CPU
+    # Train side: the params sharded 4 ways over fsdp (norms replicated).
+    assert result["params"] == 4 * (weights // 4 + (2 * L + 1) * D)
+    # max_staleness 1: version v samples while v + 1 lands.
+    assert rollout["max_staleness"] == 1 and rollout["params_copies"] == 2
+    assert result["sampler_resident"] == params
+    assert result["sampler"]["argument"] >= params
+    assert rollout["total"] == max(result["sampler_peak"] + params, rollout["sync_peak"])
+    assert result["train_total"] == result["train_step_peak"]
+    assert result["total"] == max(result["train_total"], rollout["total"])
+    assert result["fits"] == (result["train_fits"] and rollout["fits"])
+    assert "weight sync:" in out and "rollout side fits" in out

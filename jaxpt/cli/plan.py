@@ -2,6 +2,10 @@
 run's train step (and GRPO's rollout sampler) ahead of time for a TPU slice or an N-device
 CPU mesh, without weights, and print the memory each device needs and whether it fits.
 
+A split GRPO run (rl.train_devices / rl.rollout_devices) is planned per side: the train step
+on the train devices, the sampler on the rollout devices with the policy as synced there,
+and the bytes each policy version moves between them.
+
 TPU topologies (v4/v5e/v5p/v6e:SHAPE, e.g. v5e:2x4 = 8 chips, v5p:2x2x2 = 8 chips = v5p-16)
 need libtpu (``pip install 'jaxpt[tpu]'``) but no TPU. ``cpu:N`` compiles for N host
 devices. The last line printed is one JSON object with every figure (bytes per device).
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
               "model": config.model.path, **plan.as_dict(), "total_gib": gib(plan.total),
               "hbm_gib": gib(plan.hbm), "suggestions": []}
     if not plan.fits:
-        for why, overrides in suggestions(config, topology.num_devices):
+        for why, overrides in suggestions(config, plan.train_devices, plan):
             print(f"  suggestion: {why}: {' '.join(overrides)}")
             result["suggestions"].append({"why": why, "overrides": overrides})
         if result["suggestions"] and not args.no_recheck:

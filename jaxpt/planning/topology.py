@@ -11,6 +11,10 @@ GIB = 1024**3
 
 # HBM per chip, GiB (public TPU system specs).
 TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+# Bidirectional inter-chip interconnect (ICI) bandwidth per chip, GB/s (the Cloud TPU
+# system architecture pages; v4's page gives none). Plans of split RL runs estimate the
+# weight sync's time from it.
+TPU_ICI_GBPS = {"v5e": 400, "v5p": 1200, "v6e": 800}
 
 _SPEC = re.compile(r"^(?P<kind>[a-z0-9]+):(?P<shape>[0-9x]+)$")
 
@@ -27,6 +31,9 @@ class Topology:
     platform: str  # "tpu" | "cpu"
     devices: tuple
     hbm_bytes: int  # per device
+    # One direction of a chip's ICI links together, bytes/s (half the bidirectional
+    # figure); None where unknown (CPU, v4).
+    ici_bytes_per_s: float | None = None
 
     @property
     def num_devices(self) -> int:
@@ -89,7 +96,9 @@ def get_topology(spec: str, hbm_gib: float | None = None) -> Topology:
         memory = TPU_HBM_GIB[kind] * GIB
     if hbm_gib is not None:
         memory = int(hbm_gib * GIB)
-    return Topology(spec, "cpu" if kind == "cpu" else "tpu", devices, memory)
+    ici = TPU_ICI_GBPS.get(kind)
+    return Topology(spec, "cpu" if kind == "cpu" else "tpu", devices, memory,
+                    None if ici is None else ici * 1e9 / 2)
 
 
 def libtpu_available() -> bool:
