@@ -346,7 +346,7 @@ def synced_policy(run: AbstractRun, mesh) -> tuple:
     from jaxpt.tasks.rl.pipeline import WeightSync
 
     policy = (run.state.params, run.state.rest)
-    shardings = WeightSync(mesh)._target(policy)  # the sync's own placement rule
+    shardings = WeightSync(mesh).target_shardings(policy)  # the sync's own placement rule
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         policy, shardings)
 

@@ -9,6 +9,10 @@ weights move to the rollout side, ``WeightSync``), which lets the worker start r
 ``i + k``; it then waits for rollout ``i``, which the worker began while rollout ``i - 1``
 trained. Each batch's lag (``staleness``) is ``min(i, k)`` versions.
 
+The rollout side holds the weights of every version a started or queued rollout samples
+with: two when sampling keeps up with the update (the version sampling and the one just
+published), up to ``k + 1`` when it falls behind.
+
 A checkpoint waits for the rollouts in flight and saves the finished ones with their
 versions: a resumed run takes them and publishes its next version exactly where the
 uninterrupted run would have.
@@ -70,7 +74,9 @@ class WeightSync:
         self.bytes, self.seconds = 0, 0.0
         self.last = None  # the newest (params, rest) on the rollout side
 
-    def _target(self, tree):
+    def target_shardings(self, tree):
+        """Where ``tree``'s leaves (arrays or ShapeDtypeStructs with shardings) land on the
+        rollout side."""
         from jax.sharding import NamedSharding
 
         if self.rollout_mesh is None:
@@ -83,7 +89,7 @@ class WeightSync:
         )
 
     def _move(self, tree):
-        return jax.device_put(tree, self._target(tree), may_alias=False)
+        return jax.device_put(tree, self.target_shardings(tree), may_alias=False)
 
     def __call__(self, params, rest) -> tuple[Any, Any]:
         start = time.perf_counter()
