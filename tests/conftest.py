@@ -78,10 +78,10 @@ def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") == "loadgroup":
         from xdist.scheduler import LoadGroupScheduling
 
-        # Units in collection order (the order above), not xdist's default of the units
-        # with the most tests first: that put every one-test unit last, the quickstart and
-        # accelerator-check runs among them, and the multi-host run (8 tests) after
-        # modules of many quick ones, so that one worker ran long while the other idled.
+        # Units in collection order (the order above). xdist's default, the units with the
+        # most tests first, overrode it: the multi-host run (8 tests) started after modules
+        # of many quick tests, and one-test units (the quickstart, the accelerator check)
+        # only after every module.
         config.option.loadscopereorder = False
 
         class SharedFixtureScheduling(LoadGroupScheduling):
