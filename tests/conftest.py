@@ -2,6 +2,7 @@
 tests and processes, and share small fixtures."""
 
 import ast
+import collections
 import functools
 import gc
 import importlib.metadata
@@ -58,13 +59,15 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """The long tests first, so that no long one starts last while the other xdist worker
     idles: modules holding slow (end-to-end) tests, then modules that share a module-scoped
-    fixture (a run several tests read), then the rest; a module's tests stay together."""
+    fixture (a run several tests read: one unit of work, see ``SharedFixtureScheduling``),
+    the larger first, then the rest; a module's tests stay together."""
     slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    shared_sizes = collections.Counter(
+        item.path for item in items if _defines_module_fixture(str(item.path)))
 
     def rank(item):
-        if item.path in slow_modules:
-            return 0
-        return 1 if _defines_module_fixture(str(item.path)) else 2
+        size = shared_sizes[item.path]  # 0: each test a unit of its own
+        return (0 if item.path in slow_modules else 1 if size else 2), -size
 
     items.sort(key=rank)  # stable: collection order within a rank
 
@@ -74,6 +77,12 @@ def pytest_xdist_make_scheduler(config, log):
     """Under ``--dist loadgroup`` (``make test``), ``SharedFixtureScheduling`` below."""
     if config.getvalue("dist") == "loadgroup":
         from xdist.scheduler import LoadGroupScheduling
+
+        # Units in collection order (the order above). xdist's default, the units with the
+        # most tests first, overrode it: the multi-host run (8 tests) started after modules
+        # of many quick tests, and one-test units (the quickstart, the accelerator check)
+        # only after every module.
+        config.option.loadscopereorder = False
 
         class SharedFixtureScheduling(LoadGroupScheduling):
             """One test at a time to whichever worker is free, in collection order, but a

@@ -123,12 +123,23 @@ def test_page_pool_counts_shares_and_evicts():
     assert pool.peak_used == 4
 
 
+def _forward(model, ids, positions, valid, cache):
+    return model(ids, positions, valid, cache=cache)
+
+
+# Compiled, as the engine runs it (op by op, a layout's ~230 operations compiled one at a
+# time cost ~10 s of CPU); the combined layout's kernel reference off TPU loops in Python,
+# eager calls only (``paged._attend_combined``).
+_FORWARDS = {SPLIT: nnx.jit(_forward), HEAD_MAJOR: nnx.jit(_forward), COMBINED: _forward}
+
+
 @pytest.mark.parametrize("layout", [SPLIT, COMBINED, HEAD_MAJOR])
 def test_paged_forward_matches_the_cache_free_forward(tiny, layout):
     """A prompt prefilled in chunks (the last one padded) then decoded one token at a
     time through pages in either layout gives the logits of one plain forward."""
     ids = np.asarray([PROMPTS[6] + PROMPTS[4]])  # 23 tokens
-    expected = np.asarray(tiny(jnp.asarray(ids)))
+    expected = np.asarray(nnx.jit(lambda model, ids: model(ids))(tiny, jnp.asarray(ids)))
+    forward = _FORWARDS[layout]
     cache = PagedKVCache.init(tiny.config, 10, 4, layout=layout)
     cache = cache.with_table(np.array([[3, 1, 7, 2, 9, 4, 5, 0]]))
     logits = []
@@ -137,12 +148,12 @@ def test_paged_forward_matches_the_cache_free_forward(tiny, layout):
         chunk[0, :count] = ids[0, start : start + count]
         positions = start + np.arange(8)[None]
         valid = (np.arange(8) < count)[None].astype(np.int32)
-        out, cache = tiny(jnp.asarray(chunk), jnp.asarray(positions), jnp.asarray(valid),
-                          cache=cache)
+        out, cache = forward(tiny, jnp.asarray(chunk), jnp.asarray(positions),
+                             jnp.asarray(valid), cache)
         logits.append(np.asarray(out[:, :count]))
     for p in range(13, 23):
-        out, cache = tiny(jnp.asarray(ids[:, p : p + 1]), jnp.asarray([[p]]),
-                          jnp.ones((1, 1), jnp.int32), cache=cache)
+        out, cache = forward(tiny, jnp.asarray(ids[:, p : p + 1]), jnp.asarray([[p]]),
+                             jnp.ones((1, 1), jnp.int32), cache)
         logits.append(np.asarray(out))
     np.testing.assert_allclose(np.concatenate(logits, axis=1), expected, atol=2e-5)
 

@@ -1,17 +1,17 @@
 """Extending jaxpt from a user's own modules, outside the package: a task and a model family
 (tests/plugins/jaxpt_ext_demo) registered on import, brought in by a config's ``imports``,
-trained by name through ``python -m jaxpt.train`` and from Python, exported and read back."""
+trained by name through the train CLI's ``main`` (what ``python -m jaxpt.train`` runs; the
+shim itself is test_cli's) and from Python, exported and read back."""
 
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from flax import nnx
-from tiny import ROOT, TINY, one_device_env, train_rows
+from tiny import ROOT, TINY, train_rows
 
 import jaxpt.models as jm
 from jaxpt import config as config_lib
@@ -29,22 +29,30 @@ TINY_GELU = {
     "hidden_act": "gelu_pytorch_tanh",
 }
 IDS = np.arange(12, dtype=np.int32).reshape(2, 6) * 7 % 128
+pytestmark = pytest.mark.usefixtures("one_device_runs")
+_REGISTRIES = []  # the task and family registries before this module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def plugins_importable():
-    """The plugin package on ``sys.path`` (as PYTHONPATH puts it for a subprocess); the
-    task and family registries as they were once the module is done."""
-    saved_tasks, saved_families = dict(tasks_lib.TASKS), dict(families._FAMILIES)
-    sys.path.insert(0, PLUGINS)
-    yield
-    sys.path.remove(PLUGINS)
+def _forget_plugins():
+    """The registries as they were before this module, its plugin modules unimported."""
     for name in [m for m in sys.modules if m.split(".")[0] == "jaxpt_ext_demo"]:
         del sys.modules[name]
+    saved_tasks, saved_families = _REGISTRIES
     tasks_lib.TASKS.clear()
     tasks_lib.TASKS.update(saved_tasks)
     families._FAMILIES.clear()
     families._FAMILIES.update(saved_families)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins_importable():
+    """The plugin package on ``sys.path`` (as PYTHONPATH puts it for a process); the
+    task and family registries as they were once the module is done."""
+    _REGISTRIES[:] = [dict(tasks_lib.TASKS), dict(families._FAMILIES)]
+    sys.path.insert(0, PLUGINS)
+    yield
+    sys.path.remove(PLUGINS)
+    _forget_plugins()
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +68,13 @@ def gelu_dir(tmp_path_factory):
     return path
 
 
-def _train_cli(*args: str) -> subprocess.CompletedProcess:
-    """``python -m jaxpt.train ARGS`` with the plugins on PYTHONPATH, on one CPU device."""
-    path = [PLUGINS, *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = one_device_env(PYTHONPATH=os.pathsep.join(path))
-    return subprocess.run(
-        [sys.executable, "-m", "jaxpt.train", *args], cwd=ROOT, env=env, capture_output=True,
-        text=True, check=False,
-    )
+def _train_cli(*args: str) -> int:
+    """The exit status of ``python -m jaxpt.train ARGS``'s ``main``, run in this process
+    (on one CPU device, ``one_device_runs``: in a subprocess, importing jax and compiling
+    cost ~10 s more) as a fresh process would run it: the plugin modules not yet imported
+    nor registered, so that the config's ``imports`` must bring them."""
+    _forget_plugins()
+    return train_main(list(args))
 
 
 def _resume_in_process(output_dir: str, mesh, max_steps: int):
@@ -88,11 +95,11 @@ def _resume_in_process(output_dir: str, mesh, max_steps: int):
 
 def test_a_users_task_trains_by_name(tiny_dir, tmp_path):
     out = str(tmp_path / "run")
-    done = _train_cli(
+    assert _train_cli(
         "--config", TASK_YAML, f"output_dir={out}", f"model.path={tiny_dir}",
         "smoothed_sft.smoothing=0.2",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    ) == 0
+    assert "jaxpt_ext_demo.smoothed_sft" in sys.modules  # the config's imports brought it
     rows = train_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -108,8 +115,8 @@ def test_a_users_task_trains_by_name(tiny_dir, tmp_path):
 
 def test_a_users_model_family_trains_exports_and_reads_back(gelu_dir, tmp_path, mesh1):
     out = str(tmp_path / "run")
-    done = _train_cli("--config", ARCH_YAML, f"output_dir={out}", f"model.path={gelu_dir}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert _train_cli("--config", ARCH_YAML, f"output_dir={out}", f"model.path={gelu_dir}") == 0
+    assert "jaxpt_ext_demo.tiny_gelu" in sys.modules
     assert len(train_rows(out)) == 3 and all(np.isfinite(r["loss"]) for r in train_rows(out))
 
     _, result, trained_logits = _resume_in_process(out, mesh1, max_steps=4)
