@@ -6,14 +6,12 @@ exactly like the same split run in one process."""
 
 import json
 import os
-import subprocess
 import sys
-import time
 import types
 
 import numpy as np
 import pytest
-from tiny import free_port, one_device_env, train_rows
+from tiny import free_port, one_device_env, start_processes, train_rows, wait_processes
 
 from jaxpt.checkpoint import fingerprint
 from jaxpt.config import ConfigError, load_config
@@ -60,25 +58,8 @@ def _launch(overrides: list[str], tmp_path) -> list[str]:
                          "async-processes")
     jobs = json.dumps([[GRPO_ARITH, overrides]])
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    started = []
-    for i, log in enumerate(logs):
-        with open(log, "w") as out:
-            started.append(subprocess.Popen(
-                [sys.executable, WORKER, "1", jobs, cache],
-                env={**env, "JAXPT_PROCESS_ID": str(i)}, stdout=out, stderr=subprocess.STDOUT,
-                cwd=ROOT))
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in started:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in started:
-                q.kill()
-                q.wait()
-    texts = [log.read_text() for log in logs]
-    if any(p.returncode != 0 for p in started):
-        pytest.fail("\n".join(f"--- process {i} (exit {p.returncode}) ---\n{t[-5000:]}"
-                              for i, (p, t) in enumerate(zip(started, texts))))
+    started = start_processes([sys.executable, WORKER, "1", jobs, cache], env, logs, ROOT)
+    texts = wait_processes(started, logs, TIMEOUT_S, "the asynchronous run", tail=5000)
     return texts
 
 

@@ -22,7 +22,9 @@ from tiny import (
     make_tiny_dir,
     one_device_env,
     sft_overrides,
+    start_processes,
     train_rows,
+    wait_processes,
 )
 
 from jaxpt.config import load_config
@@ -52,37 +54,15 @@ def _start(processes: int, jobs: list, tmp_path, name: str) -> list[subprocess.P
     # one layout of processes is never loaded in another.
     cache = os.path.join(os.environ.get("JAX_COMPILATION_CACHE_DIR", str(tmp_path)),
                          f"processes-{processes}")
-    started = []
-    for i in range(processes):
-        log = open(tmp_path / f"{name}_{i}.log", "w")  # noqa: SIM115 - closed in _wait
-        started.append(subprocess.Popen(
-            [sys.executable, WORKER, str(8 // processes), json.dumps(jobs), cache],
-            env={**env, "JAXPT_PROCESS_ID": str(i)} if processes > 1 else env,
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        ))
-        started[-1].log = log
-    return started
+    logs = [tmp_path / f"{name}_{i}.log" for i in range(processes)]
+    return start_processes([sys.executable, WORKER, str(8 // processes), json.dumps(jobs), cache],
+                           env, logs, ROOT)
 
 
 def _wait(started: list[subprocess.Popen], tmp_path, name: str) -> list[str]:
     """Each worker's output, once all exited with 0 (else fail showing every log)."""
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in started:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in started:
-                q.kill()
-                q.wait()
-    outputs = []
-    for i, p in enumerate(started):
-        p.log.close()
-        outputs.append((tmp_path / f"{name}_{i}.log").read_text())
-    if any(p.returncode != 0 for p in started):
-        shown = "\n".join(f"--- process {i} (exit {p.returncode}) ---\n{out[-6000:]}"
-                          for i, (p, out) in enumerate(zip(started, outputs)))
-        pytest.fail(f"{name}: a worker failed\n{shown}")
-    return outputs
+    logs = [tmp_path / f"{name}_{i}.log" for i in range(len(started))]
+    return wait_processes(started, logs, TIMEOUT_S, f"{name}: a worker")
 
 
 def _run(processes: int, jobs: list, tmp_path, name: str) -> list[str]:

@@ -4,14 +4,12 @@ own devices, compiling each transfer once; a mismatched transfer raises on both 
 
 import json
 import os
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from tiny import free_port, one_device_env
+from tiny import free_port, one_device_env, start_processes, wait_processes
 
 from jaxpt.sharding import make_mesh
 from jaxpt.tasks.rl.transport import PeerLink
@@ -29,24 +27,8 @@ def _launch(devices: int, tmp_path) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")])
     env.update(JAXPT_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAXPT_NUM_PROCESSES="2")
     logs = [tmp_path / f"transport{devices}_{i}.log" for i in range(2)]
-    started = []
-    for i, log in enumerate(logs):
-        with open(log, "w") as out:
-            started.append(subprocess.Popen(
-                [sys.executable, WORKER, str(devices)], env={**env, "JAXPT_PROCESS_ID": str(i)},
-                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in started:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in started:
-                q.kill()
-                q.wait()
-    texts = [log.read_text() for log in logs]
-    if any(p.returncode != 0 for p in started):
-        pytest.fail("\n".join(f"--- process {i} (exit {p.returncode}) ---\n{t[-4000:]}"
-                              for i, (p, t) in enumerate(zip(started, texts))))
+    started = start_processes([sys.executable, WORKER, str(devices)], env, logs, ROOT)
+    texts = wait_processes(started, logs, TIMEOUT_S, "the transport worker", tail=4000)
     return [json.loads(next(line[len("RESULT "):] for line in t.splitlines()
                             if line.startswith("RESULT "))) for t in texts]
 

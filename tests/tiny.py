@@ -4,6 +4,9 @@ overrides of a seconds-long SFT run, and the metrics rows a run writes."""
 import json
 import os
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -90,3 +93,37 @@ def sft_batch(rows=2, seq_len=16):
         "positions": np.tile(np.arange(seq_len, dtype=np.int32), (rows, 1)),
         "segment_ids": np.ones((rows, seq_len), np.int32),
     }
+
+
+def start_processes(argv: list[str], env: dict, logs: list, cwd: str) -> list[subprocess.Popen]:
+    """One process of ``argv`` per log path in ``logs`` (JAXPT_PROCESS_ID 0, 1, ... when
+    there are several), each writing its output there."""
+    started = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:
+            started.append(subprocess.Popen(
+                argv, env={**env, "JAXPT_PROCESS_ID": str(i)} if len(logs) > 1 else env,
+                stdout=out, stderr=subprocess.STDOUT, cwd=cwd))
+    return started
+
+
+def wait_processes(started: list[subprocess.Popen], logs: list, timeout_s: float,
+                   what: str = "a process", tail: int = 6000) -> list[str]:
+    """Each process's output once all exited with 0; killed after ``timeout_s`` in all, and
+    a failure shows every log's end."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    for p in started:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in started:
+                q.kill()
+                q.wait()
+    texts = [Path(log).read_text() for log in logs]
+    if any(p.returncode != 0 for p in started):
+        pytest.fail(f"{what} failed\n" + "\n".join(
+            f"--- process {i} (exit {p.returncode}) ---\n{t[-tail:]}"
+            for i, (p, t) in enumerate(zip(started, texts))))
+    return texts
