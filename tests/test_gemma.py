@@ -319,37 +319,52 @@ def test_softcapped_attention_and_its_gradient_match_autodiff_of_a_plain_one():
 
 def test_decode_paged_and_splash_paths_soft_cap_and_scale():
     # Decode against a cache in blocks (200 slots filled of 256) and in one piece.
-    q, k, v = _qkv(256, seed=2)
-    mask_b11s = jnp.broadcast_to(jnp.arange(256) < 200, (B, 1, 1, 256))
-    expected = jax.jit(_plain_attention)(q[:, 199:200], k, v, mask_b11s)
-    k_bkhs, v_bksh = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
-    decode = jax.jit(functools.partial(decode_attention, scale=SCALE, softcap=CAP))
-    for filled in (None, 200):
-        assert max_diff(decode(q[:, 199:200], k_bkhs, v_bksh, mask_b11s, filled), expected) < 1e-5
+    @jax.jit
+    def decode_paths(q, k, v, filled):  # filled: traced, as the engine passes it
+        mask_b11s = jnp.broadcast_to(jnp.arange(256) < 200, (B, 1, 1, 256))
+        expected = _plain_attention(q[:, 199:200], k, v, mask_b11s)
+        k_bkhs, v_bksh = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
+        decode = functools.partial(decode_attention, scale=SCALE, softcap=CAP)
+        return expected, [decode(q[:, 199:200], k_bkhs, v_bksh, mask_b11s, f)
+                          for f in (None, filled)]
+
+    expected, decoded = decode_paths(*_qkv(256, seed=2), 200)
+    for out in decoded:  # filled: None, 200
+        assert max_diff(out, expected) < 1e-5
     # Paged (split pages of 4 slots): a prefill chunk and a decode row.
     t, page = 8, 4
-    q, k, v = _qkv(t, seed=3)
-    geometry = types.SimpleNamespace(num_kv_heads=2, head_dim=16, num_layers=1)
-    cache = paged.PagedKVCache.init(geometry, num_pages=1 + B * t // page, page_size=page)
-    cache = cache.with_table(np.arange(1, 1 + B * t // page).reshape(B, t // page))
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t))
-    pmask = paged.PagedMask(positions, jnp.ones((B, t), bool), window=3)
-    layer = paged.write(cache.layer(0), k, v, pmask)
-    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-    window_mask = jnp.broadcast_to((j <= i) & (i - j < 3), (B, 1, t, t))
-    expected = _plain_attention(q, k, v, window_mask)
-    prefill = paged.attend(q, layer, pmask, scale=SCALE, softcap=CAP)
+
+    @jax.jit
+    def paged_paths(q, k, v):
+        geometry = types.SimpleNamespace(num_kv_heads=2, head_dim=16, num_layers=1)
+        cache = paged.PagedKVCache.init(geometry, num_pages=1 + B * t // page, page_size=page)
+        cache = cache.with_table(np.arange(1, 1 + B * t // page).reshape(B, t // page))
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t))
+        pmask = paged.PagedMask(positions, jnp.ones((B, t), bool), window=3)
+        layer = paged.write(cache.layer(0), k, v, pmask)
+        i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+        window_mask = jnp.broadcast_to((j <= i) & (i - j < 3), (B, 1, t, t))
+        expected = _plain_attention(q, k, v, window_mask)
+        prefill = paged.attend(q, layer, pmask, scale=SCALE, softcap=CAP)
+        last = paged.PagedMask(positions[:, -1:], jnp.ones((B, 1), bool), window=3)
+        decode = paged.attend(q[:, -1:], layer, last, scale=SCALE, softcap=CAP)
+        return expected, prefill, decode
+
+    expected, prefill, decode = paged_paths(*_qkv(t, seed=3))
     assert max_diff(prefill, expected) < 1e-5
-    last = paged.PagedMask(positions[:, -1:], jnp.ones((B, 1), bool), window=3)
-    decode = paged.attend(q[:, -1:], layer, last, scale=SCALE, softcap=CAP)
-    assert max_diff(decode, expected[:, -1:]) < 1e-5
+    assert max_diff(decode, np.asarray(expected)[:, -1:]) < 1e-5
+
     # Splash (its interpreter) over 128 tokens, one row.
-    q, k, v = (x[:1] for x in _qkv(128, seed=4, n=2, k=1, h=64))
-    mask = jax.tree.map(lambda x: x[:1], _self_mask(128, window=16))
-    real = (mask.q_segment_bt != 0)[:, :, None, None]
-    out = splash_attention(q, k, v, mask, interpret=True, scale=SCALE, softcap=CAP)
-    expected = grouped_attention(q, k, v, mask, scale=SCALE, softcap=CAP)
-    assert max_diff(jnp.where(real, out, 0), jnp.where(real, expected, 0)) < 1e-4
+    @jax.jit
+    def splash_and_reference(q, k, v):
+        q, k, v = (x[:1] for x in (q, k, v))
+        mask = jax.tree.map(lambda x: x[:1], _self_mask(128, window=16))
+        real = (mask.q_segment_bt != 0)[:, :, None, None]
+        out = splash_attention(q, k, v, mask, interpret=True, scale=SCALE, softcap=CAP)
+        expected = grouped_attention(q, k, v, mask, scale=SCALE, softcap=CAP)
+        return jnp.where(real, out, 0), jnp.where(real, expected, 0)
+
+    assert max_diff(*splash_and_reference(*_qkv(128, seed=4, n=2, k=1, h=64))) < 1e-4
 
 
 def test_xla_and_cudnn_are_not_chosen_for_soft_capped_attention():

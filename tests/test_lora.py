@@ -292,20 +292,30 @@ def test_targets_matching_nothing_is_an_error(tmp_path, tiny_dir):
         setup(config)
 
 
+@nnx.jit
+def _set_b(model, value):
+    for lora in adapted(model).values():
+        lora.b[...] = lora.b[...] * 0 + value
+
+
+@nnx.jit
+def _forward_with_dropout(model, key, ids):
+    """A train step's forward: a copy of ``model`` (the key stays in this step) with dropout."""
+    model = nnx.merge(*nnx.split(model), copy=True)
+    enable_dropout(model, key)
+    return model(ids)
+
+
 def test_dropout_acts_in_train_steps_only(tiny_dir, mesh1):
     with jax.set_mesh(mesh1):
         model = from_pretrained(tiny_dir, mesh=mesh1)
         add_adapters(model, LoRASpec(RANK, ALPHA, dropout=0.5, targets=("q_proj",)), seed=0,
                      mesh=mesh1)
-        for lora in adapted(model).values():
-            lora.b[...] = lora.b[...] * 0 + 0.05
-        plain = np.asarray(model(IDS))
-        np.testing.assert_array_equal(np.asarray(model(IDS)), plain)  # no key: no dropout
-        dropped = []
-        for seed in (0, 1):
-            m = nnx.merge(*nnx.split(model), copy=True)
-            enable_dropout(m, jax.random.key(seed))
-            dropped.append(np.asarray(m(IDS)))
+        _set_b(model, 0.05)
+        plain = np.asarray(_forward(model, IDS))
+        np.testing.assert_array_equal(np.asarray(_forward(model, IDS)), plain)  # no key: no dropout
+        dropped = [np.asarray(_forward_with_dropout(model, jax.random.key(seed), IDS))
+                   for seed in (0, 1)]
         assert np.abs(dropped[0] - plain).max() > 1e-4
         assert np.abs(dropped[0] - dropped[1]).max() > 1e-4
 

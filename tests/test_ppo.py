@@ -53,12 +53,18 @@ def rollout_batch(actor_critic):
     )
     batch = train_batch(rollout, np.zeros(4, np.float32), np.ones(4, bool))
     del batch["advantages"]
-    logits = actor_critic.policy(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    on_policy = np.asarray(token_logprobs(logits, jnp.asarray(batch["target_ids"])))
+    on_policy = np.asarray(_logprobs(actor_critic.policy, batch))
     batch["old_logprobs"] = np.where(batch["completion_mask"] > 0, on_policy, 0.0).astype(
         np.float32
     )
     return batch
+
+
+@nnx.jit
+def _logprobs(model, batch):
+    """``model``'s log-prob of every target of ``batch``, in one compiled program."""
+    logits = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    return token_logprobs(logits, batch["target_ids"])
 
 
 def _window(batch, key):
@@ -73,31 +79,38 @@ def test_loss_at_ratio_one_is_minus_mean_advantage_plus_the_value_and_kl_terms(
     mask = _window(batch, "completion_mask")
     n = mask.sum()
     advantages = np.random.default_rng(1).normal(size=mask.shape).astype(np.float32) * mask
-    values = np.asarray(actor_critic.values(batch, window))
+    values = np.asarray(nnx.jit(lambda model, batch: model.values(batch, window))(
+        actor_critic, batch
+    ))
     batch.update(
         advantages=advantages, old_values=values * mask,
         returns=(values + 1.0) * mask,  # every valid token: 0.5 * (v - R)^2 = 0.5, unclipped
         ref_logprobs=(_window(batch, "old_logprobs") - 0.1) * mask,
     )
     ctx = StepContext(jax.random.key(0), jnp.int32(0))
-    cfg = PpoConfig(max_completion_length=LC, vf_coef=0.3, rewards=[])
-    out = ppo_loss(actor_critic, batch, ctx, cfg=cfg)
+    configs = [
+        PpoConfig(max_completion_length=LC, vf_coef=0.3, rewards=[]),
+        # kl_penalty: loss adds kl_coef * k3 per token; ref - logp = -0.1 everywhere.
+        PpoConfig(max_completion_length=LC, vf_coef=0.3, kl_penalty="loss", kl_coef=0.5,
+                  rewards=[]),
+        # sequence_mean: each row's token mean, then the mean over rows.
+        PpoConfig(max_completion_length=LC, vf_coef=0.0, loss_aggregation="sequence_mean",
+                  rewards=[]),
+    ]
+    # The three losses in one compiled program (PpoConfig holds a list: it cannot be static).
+    outs = nnx.jit(lambda model, batch, ctx: [ppo_loss(model, batch, ctx, cfg=cfg)
+                                              for cfg in configs])(actor_critic, batch, ctx)
+    out = outs[0]
     expected = (-(advantages * mask).sum() + 0.3 * 0.5 * n) / n
     np.testing.assert_allclose(float(out.numerator / out.denominator), expected, rtol=1e-5)
     np.testing.assert_allclose(float(out.metrics["value_loss"] / out.denominator), 0.5, rtol=1e-5)
     assert float(out.denominator) == n
-    # kl_penalty: loss adds kl_coef * k3 per token; ref - logp = -0.1 everywhere.
     k3 = np.exp(-0.1) + 0.1 - 1
-    cfg = PpoConfig(max_completion_length=LC, vf_coef=0.3, kl_penalty="loss", kl_coef=0.5,
-                    rewards=[])
-    out = ppo_loss(actor_critic, batch, ctx, cfg=cfg)
+    out = outs[1]
     np.testing.assert_allclose(
         float(out.numerator / out.denominator), expected + 0.5 * k3, rtol=1e-5
     )
-    # sequence_mean: each row's token mean, then the mean over rows.
-    cfg = PpoConfig(max_completion_length=LC, vf_coef=0.0, loss_aggregation="sequence_mean",
-                    rewards=[])
-    out = ppo_loss(actor_critic, batch, ctx, cfg=cfg)
+    out = outs[2]
     per_row = -(advantages * mask).sum(1) / mask.sum(1)
     np.testing.assert_allclose(float(out.numerator / out.denominator), per_row.mean(), rtol=1e-5)
 
