@@ -44,17 +44,41 @@ class Produced:
     log_rows: list  # the first rows for completions.jsonl (advantage added when taken)
     advantages: np.ndarray  # [B] per-row advantage (make_batch's)
 
+    def arrays(self) -> dict:
+        """The train batch and the advantages as one dict of host arrays (what a checkpoint
+        or another process receives; ``with_arrays`` reads it back)."""
+        return {**self.batch, "__advantages": np.asarray(self.advantages)}
+
+    @classmethod
+    def with_arrays(cls, index: int, version: int, arrays: dict, metrics: dict,
+                    log_rows: list) -> Produced:
+        batch = dict(arrays)
+        advantages = batch.pop("__advantages")
+        return cls(index, version, batch, metrics, log_rows, advantages)
+
     def to_state(self) -> dict:
         return {"index": self.index, "version": self.version,
-                "batch": encode_arrays({**self.batch, "__advantages": self.advantages}),
+                "batch": encode_arrays(self.arrays()),
                 "metrics": json.dumps(self.metrics), "log_rows": json.dumps(self.log_rows)}
 
     @classmethod
     def from_state(cls, state: dict) -> Produced:
-        batch = decode_arrays(state["batch"])
-        advantages = batch.pop("__advantages")
-        return cls(int(state["index"]), int(state["version"]), batch,
-                   json.loads(state["metrics"]), json.loads(state["log_rows"]), advantages)
+        return cls.with_arrays(int(state["index"]), int(state["version"]),
+                               decode_arrays(state["batch"]), json.loads(state["metrics"]),
+                               json.loads(state["log_rows"]))
+
+
+def take_metrics(index: int, produced: Produced, sync_bytes: int, sync_seconds: float,
+                 trainer_wait_s: float, sampler_idle_s: float) -> dict:
+    """What a pipeline logs with rollout ``index`` (the same keys in one process or two)."""
+    return {
+        "weight_sync/bytes": float(sync_bytes),
+        "weight_sync/seconds": sync_seconds,
+        "time/trainer_wait_s": trainer_wait_s,
+        "time/sampler_idle_s": sampler_idle_s,
+        "staleness": float(index - produced.version),
+        "policy_version": float(index),
+    }
 
 
 class WeightSync:
@@ -127,21 +151,14 @@ class RolloutPipeline:
         and wait for rollout ``index``. Returns it with the pipeline's metrics."""
         graphdef, params, rest = policy
         params, rest = self.sync(params, rest)
-        metrics = {"weight_sync/bytes": float(self.sync.bytes),
-                   "weight_sync/seconds": self.sync.seconds}
         while self.submitted <= index + self.max_staleness:
             j = self.submitted
             self._queue[j] = self._worker.submit(self._run, j, index, (graphdef, params, rest))
             self.submitted += 1
         start = time.perf_counter()
         produced = self._queue.pop(index).result()
-        metrics.update({
-            "time/trainer_wait_s": time.perf_counter() - start,
-            "time/sampler_idle_s": self._idle.pop(index, 0.0),
-            "staleness": float(index - produced.version),
-            "policy_version": float(index),
-        })
-        return produced, metrics
+        return produced, take_metrics(index, produced, self.sync.bytes, self.sync.seconds,
+                                      time.perf_counter() - start, self._idle.pop(index, 0.0))
 
     def _run(self, index: int, version: int, policy: tuple) -> Produced:
         start = time.perf_counter()
@@ -157,8 +174,9 @@ class RolloutPipeline:
         checkpoint), in order."""
         return [self._queue[j].result() for j in sorted(self._queue)]
 
-    def restore(self, produced: list[Produced]) -> None:
-        """Queue rollouts a checkpoint saved (``finished``), as if just produced."""
+    def restore(self, produced: list[Produced], submitted: int) -> None:
+        """Queue rollouts a checkpoint saved (``finished``), as if just produced, with
+        ``submitted`` rollouts handed to the worker so far."""
         self.close()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="jaxpt-rollouts")
         self._queue, self._idle, self._last_end = {}, {}, None
@@ -166,7 +184,7 @@ class RolloutPipeline:
             future: Future = Future()
             future.set_result(item)
             self._queue[item.index] = future
-        self.submitted = max((p.index + 1 for p in produced), default=self.submitted)
+        self.submitted = submitted
 
     def close(self) -> None:
         for future in self._queue.values():

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpt.tasks.rl.pipeline import Produced
+from jaxpt.tasks.rl.pipeline import Produced, take_metrics
 
 log = logging.getLogger(__name__)
 
@@ -160,24 +160,16 @@ class RemotePipeline:
         self.submitted = index + 1
         self._waiting = index + 1 < self.total
         self.source.epoch, self.source.cursor = doc["position"]
-        advantages = arrays.pop("__advantages")
-        produced = Produced(index, doc["version"], arrays, doc["metrics"], doc["log_rows"],
-                            advantages)
-        metrics = {
-            "weight_sync/bytes": float(stats.nbytes),
-            "weight_sync/seconds": stats.seconds,
-            "time/trainer_wait_s": (ready - start) + (done - sent),
-            "time/sampler_idle_s": doc["idle_s"],
-            "staleness": float(index - produced.version),
-            "policy_version": float(index),
-        }
-        return produced, metrics
+        produced = Produced.with_arrays(index, doc["version"], arrays, doc["metrics"],
+                                        doc["log_rows"])
+        return produced, take_metrics(index, produced, stats.nbytes, stats.seconds,
+                                      (ready - start) + (done - sent), doc["idle_s"])
 
     def finished(self) -> list[Produced]:
         """Rollouts sampled ahead live in the rollout process: a checkpoint holds none."""
         return []
 
-    def restore(self, produced: list[Produced]) -> None:
+    def restore(self, produced: list[Produced], submitted: int) -> None:
         if produced:
             log.warning("dropping %d rollouts queued by a single-process checkpoint: the "
                         "rollout process samples them again", len(produced))
@@ -276,8 +268,7 @@ class RolloutServer:
         return self.sent
 
     def _send(self, produced: Produced) -> None:
-        arrays = {name: np.asarray(x) for name, x in produced.batch.items()}
-        arrays["__advantages"] = np.asarray(produced.advantages)
+        arrays = {name: np.asarray(x) for name, x in produced.arrays().items()}
         doc = {
             "index": produced.index, "version": produced.version,
             "metrics": produced.metrics, "log_rows": produced.log_rows,

@@ -188,16 +188,16 @@ class RolloutSource:
 
     # -- checkpointing
     def get_state(self) -> dict:
+        # The rollouts sampled ahead first: the prompt position is theirs once they finish.
+        queue = None if self.pipeline is None else self.pipeline.finished()
         state = {"epoch": self.epoch, "cursor": self.cursor, "iteration": self.iteration,
                  "rollouts": self.rollouts}
         if self.pending is not None and self.iteration < self.reuse:
             state["pending"] = encode_arrays(self.pending)
         if self.finish is not None:
             state["finish"] = self.finish.get_state()
-        if self.pipeline is not None:  # the rollouts sampled ahead, waited for first
-            queue = [p.to_state() for p in self.pipeline.finished()]
-            state.update(epoch=self.epoch, cursor=self.cursor, queue=queue,
-                         submitted=self.pipeline.submitted)
+        if queue is not None:
+            state.update(queue=[p.to_state() for p in queue], submitted=self.pipeline.submitted)
         return state
 
     def set_state(self, state: dict) -> None:
@@ -208,8 +208,8 @@ class RolloutSource:
         if self.finish is not None and "finish" in state:
             self.finish.set_state(state["finish"])
         if self.pipeline is not None:
-            self.pipeline.restore([Produced.from_state(p) for p in state.get("queue", [])])
-            self.pipeline.submitted = int(state.get("submitted", self.rollouts))
+            self.pipeline.restore([Produced.from_state(p) for p in state.get("queue", [])],
+                                  submitted=int(state.get("submitted", self.rollouts)))
 
     def close(self) -> None:
         if self.pipeline is not None:
@@ -255,19 +255,10 @@ class RolloutSource:
             batch, advantages_b, log_rows = produced.batch, produced.advantages, produced.log_rows
             rollout_metrics, metrics = {**produced.metrics, **pipeline_metrics}, {}
         else:
-            indices = self._next_prompt_indices()
-            if self._samples_this_rollout(self.rollouts):
-                rollout, rollout_metrics = self.sample(state, indices)
-            else:
-                rollout, rollout_metrics = self.dataset_rollout(indices)
-            if self.group_filter is not None:
-                rollout, fill_metrics = self._fill_with_passing_groups(
-                    rollout, rollout_metrics,
-                    lambda r: self.sample(state, self._next_prompt_indices(), round_index=r),
-                )
-                rollout_metrics.update(fill_metrics)
-            batch, metrics, advantages_b = self.make_batch(rollout)
-            log_rows = self._log_rows(rollout)
+            produced = self._rollout(self.rollouts, self.rollouts, self.policy_view(state),
+                                     self._step_key(state))
+            batch, advantages_b, log_rows = produced.batch, produced.advantages, produced.log_rows
+            rollout_metrics, metrics = produced.metrics, {}
         if self.finish is not None:
             start = time.perf_counter()
             batch, finish_metrics, advantages_b = self.finish(state, batch)
@@ -281,12 +272,18 @@ class RolloutSource:
 
     def _produce(self, index: int, version: int, policy: tuple) -> Produced:
         """Rollout ``index`` with the rollout side's ``policy`` (graphdef, params, rest) of
-        ``version``, on the worker thread: prompts, samples, rewards and train rows, drawing
-        with the key the synchronous run gives the step that trains it."""
+        ``version``, on the worker thread, drawing with the key the synchronous run gives the
+        step that trains it."""
+        key = jax.random.fold_in(jax.random.wrap_key_data(self._base_key), index * self.reuse)
+        return self._rollout(index, version, policy, key)
+
+    def _rollout(self, index: int, version: int, policy: tuple, key) -> Produced:
+        """Rollout ``index`` sampled by ``policy`` (graphdef, params, rest) of ``version``
+        with ``key``: prompts, samples (more rounds with dynamic sampling) or the rows' own
+        completions, rewards and train rows, on the mesh that samples."""
         from jaxpt.sharding import use_rules
 
         mesh = self.rollout_mesh or self.ctx.mesh
-        key = jax.random.fold_in(jax.random.wrap_key_data(self._base_key), index * self.reuse)
         with jax.set_mesh(mesh), use_rules(self.ctx.rules):
             indices = self._next_prompt_indices()
             if self._samples_this_rollout(index):
@@ -413,12 +410,17 @@ class RolloutSource:
     def sample(self, state, indices: list[int], round_index: int = 0) -> tuple[Rollout, dict]:
         """Sample and score completions of the prompts ``indices`` with ``state``'s params
         (``round_index`` > 0: another rollout for the same step, with its own key)."""
-        key = jax.random.fold_in(
-            jax.random.wrap_key_data(jax.device_get(state.rng)), int(jax.device_get(state.step))
-        )
+        key = self._step_key(state)
         if round_index:
             key = jax.random.fold_in(key, round_index)
         return self._sample(self.policy_view(state), indices, key)
+
+    @staticmethod
+    def _step_key(state):
+        """The sampling key of the step ``state`` is at (synchronous rollouts)."""
+        return jax.random.fold_in(
+            jax.random.wrap_key_data(jax.device_get(state.rng)), int(jax.device_get(state.step))
+        )
 
     def _sample(self, policy: tuple, indices: list[int], key) -> tuple[Rollout, dict]:
         """Sample and score completions of the prompts ``indices`` with ``policy`` (graphdef,
