@@ -85,6 +85,8 @@ class ArithmeticSection:
     test_fraction: float = 0.1  # share of problems (by hash) that are held out
     dropped_carry_rate: float = 0.0  # train solutions that forget a carry (a sloppy teacher)
     near_duplicate_rate: float = 0.0  # train rows that get a reworded copy (noise to curate)
+    ops: list[str] = dataclasses.field(default_factory=lambda: ["+", "-"])  # of + - *
+    tool_skip_rate: float = 0.0  # style tool: train traces that skip the calculator and guess
     step_error_rate: float = 0.5  # step-labelled solutions (task: prm) with a mistake
     step_mistakes: list[str] = dataclasses.field(  # their kinds: drop_carry | slip
         default_factory=lambda: ["drop_carry"])
@@ -251,6 +253,31 @@ class RlSection:
     rollout_mesh: dict[str, int] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class EnvsSection:
+    """Multi-turn episodes (grpo, ppo): each rollout row is an episode of an environment
+    (``jaxpt.envs``) instead of one completion."""
+
+    # tools (jaxpt.envs.ToolEnv: the row's prompt, the tools below, done when a turn calls
+    # none) | openenv | reasoning_gym | an import path pkg.mod:MyEnv; None: single-turn
+    # (unless tools are given, which mean spec tools)
+    spec: str | None = None
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # the env's arguments
+    # Tools the policy may call: built-in names (calculator, python) or pkg.mod:function
+    tools: list[str] = dataclasses.field(default_factory=list)
+    max_turns: int = 8  # assistant turns per episode
+    max_turn_tokens: int | None = None  # per turn; None: what the episode's budget leaves
+    max_parallel: int = 8  # environment steps (tool calls) running at once
+    tool_timeout_s: float = 10.0  # wall time per tool call
+    max_tool_calls_per_turn: int = 8  # calls past this get an error result, unrun
+    parser: str = "auto"  # tool-call format: auto (from the chat template) | hermes | ...
+    # the evaluator also scores episodes whose tools are withheld (eval_accuracy_no_tools)
+    eval_without_tools: bool = False
+
+    def enabled(self) -> bool:
+        return self.spec is not None or bool(self.tools)
+
+
 BASE_SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "mesh": MeshSection,
@@ -263,6 +290,7 @@ BASE_SECTIONS: dict[str, type] = {
     "lora": LoraSection,
     "distributed": DistributedSection,
     "rl": RlSection,
+    "envs": EnvsSection,
 }
 
 CHOICES = {
@@ -415,6 +443,18 @@ def _check_choices_and_ranges(config) -> None:
         raise ConfigError(
             f"config key 'rl.max_staleness' must be >= 0, got {config.rl.max_staleness}"
         )
+    if config.envs.enabled():
+        if config.task not in ("grpo", "ppo"):
+            raise ConfigError(f"config section 'envs' (multi-turn episodes) applies to the grpo "
+                              f"and ppo tasks, not {config.task!r}")
+        for key in ("max_turns", "max_parallel", "max_tool_calls_per_turn"):
+            if getattr(config.envs, key) < 1:
+                raise ConfigError(f"config key 'envs.{key}' must be >= 1, got "
+                                  f"{getattr(config.envs, key)}")
+        if config.envs.max_turn_tokens is not None and config.envs.max_turn_tokens < 1:
+            raise ConfigError("config key 'envs.max_turn_tokens' must be >= 1 or null")
+        if config.envs.tool_timeout_s <= 0:
+            raise ConfigError("config key 'envs.tool_timeout_s' must be > 0")
     asynchronous = [k for k in ("max_staleness", "train_devices", "rollout_devices")
                     if getattr(config.rl, k) not in (None, 0)]
     if asynchronous and config.task not in ("grpo", "ppo"):

@@ -215,3 +215,54 @@ def test_bad_requests_are_refused_with_the_reason(tiny):
     small.add(list(range(1, 10)), 4, jax.random.key(0))  # 3 pages: more than the pool
     with pytest.raises(RuntimeError, match="cannot hold one sequence"):
         small.run()
+
+
+@pytest.mark.parametrize("pages", [None, 10], ids=["roomy-pool", "preempting-pool"])
+def test_held_sample_resumes_on_its_own_pages(tiny, pages):
+    """A held sample ends, keeps its pages, and resumes after appended tokens (a tool's
+    result): its next tokens and log-probs are those of a fresh request whose prompt is the
+    whole history with the same key, and only the new tokens (plus its last sampled one) are
+    prefilled; released, every page comes back. A small pool preempts one of three
+    episodes and still continues it exactly."""
+    config = SamplingConfig.make(temperature=1.0, top_k=20)
+    key_turn, appended = jax.random.key(5), [7, 8, 9, 10, 11]
+
+    def episode_engine():
+        return Engine(tiny, config, slots=3, max_seq_len=64, page_size=4, steps_per_call=4,
+                      num_pages=pages)
+
+    engine = episode_engine()
+    firsts = [engine.add(p, 6, jax.random.key(i), hold=True) for i, p in enumerate(PROMPTS[:3])]
+    turn_one = {c.request_id: c for c in engine.run()}
+    assert engine.held() == 3 and engine.pool.used > 0
+    before = engine.stats.prefill_tokens
+    seconds = [engine.resume(r, appended, 8, key_turn, hold=False) for r in firsts]
+    turn_two = {c.request_id: c for c in engine.run()}
+    if pages is None:  # the history stayed in the pages: only the new tokens ran
+        assert engine.stats.prefill_tokens - before == 3 * (len(appended) + 1)
+    assert engine.held() == 0 and engine.pool.used == 0
+
+    fresh = episode_engine()
+    for r, prompt in zip(firsts, PROMPTS[:3]):
+        fresh.add(prompt + turn_one[r].tokens + appended, 8, key_turn)
+    expected = fresh.run()
+    for second, want in zip(seconds, expected):
+        assert turn_two[second].tokens == want.tokens
+        np.testing.assert_allclose(turn_two[second].policy_logprobs, want.policy_logprobs,
+                                   atol=2e-5)
+    if pages is not None:
+        assert engine.stats.preemptions > 0
+
+
+def test_resume_errors_and_release(tiny):
+    engine = Engine(tiny, SamplingConfig.make(temperature=0.0), slots=2, max_seq_len=32,
+                    page_size=4)
+    first = engine.add(PROMPTS[0], 4, jax.random.key(0), hold=True)
+    engine.run()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.resume(first, [1] * 30, 4, jax.random.key(1))
+    assert engine.held() == 1  # a refused resume leaves the sample held
+    engine.release(first)
+    assert engine.held() == 0 and engine.pool.used == 0
+    with pytest.raises(KeyError, match="not held"):
+        engine.resume(first, [1], 4, jax.random.key(1))

@@ -46,17 +46,24 @@ class Problem:
 
     @property
     def answer(self) -> str:
+        if self.op == "*":
+            return str(self.a * self.b)
         return str(self.a + self.b if self.op == "+" else self.a - self.b)
 
     @property
     def key(self) -> str:
-        """Canonical form used to assign the split (addition is commutative)."""
-        a, b = (min(self.a, self.b), max(self.a, self.b)) if self.op == "+" else (self.a, self.b)
+        """Canonical form used to assign the split (addition and multiplication commute)."""
+        commutes = self.op in ("+", "*")
+        a, b = (min(self.a, self.b), max(self.a, self.b)) if commutes else (self.a, self.b)
         return f"{a}{self.op}{b}"
 
 
 DEFAULT_QUESTION = "What is {a}{op}{b}?"
-STYLES = ("worked", "answer")
+# worked: column by column; answer: the number alone; tool: a calculator call, its result
+# in a tool turn, then the answer (``tool_trace``)
+STYLES = ("worked", "answer", "tool")
+OPS = ("+", "-", "*")
+CALCULATOR_CALL = '<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}\n</tool_call>'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +84,11 @@ class ArithmeticTask:
     and the held-out split stay true, so supervised fine-tuning copies the teacher's habit
     while a verifier-scored RL stage can unlearn it.
 
+    ``tool_skip_rate`` (style "tool") makes the train split's traces come from a teacher
+    that often does not use its calculator: that share of the problems get a reply that
+    skips the call and guesses an answer close to the true one but wrong. The held-out
+    split and the ``answer`` column stay true.
+
     ``near_duplicate_rate`` plants near-duplicates in the train split, as scraped data has:
     that share of the rows gets one extra copy whose question is reworded and re-spaced
     ("what's 67 + 34 ?") and whose reply is the same, so a habit in it counts twice. It is
@@ -95,12 +107,20 @@ class ArithmeticTask:
     test_fraction: float = 0.1
     dropped_carry_rate: float = 0.0
     near_duplicate_rate: float = 0.0
+    tool_skip_rate: float = 0.0
 
     def __post_init__(self):
         ops = tuple(self.ops)
         object.__setattr__(self, "ops", ops)
-        if not ops or not set(ops) <= {"+", "-"}:
-            raise ValueError(f"ops must be a non-empty subset of '+', '-', got {ops}")
+        if not ops or not set(ops) <= set(OPS):
+            raise ValueError(f"ops must be a non-empty subset of {list(OPS)}, got {list(ops)}")
+        if "*" in ops and self.style == "worked":
+            raise ValueError("worked solutions cover '+' and '-': use style 'answer' or 'tool' "
+                             "with '*'")
+        if not 0 <= self.tool_skip_rate <= 1:
+            raise ValueError(f"tool_skip_rate must be in [0, 1], got {self.tool_skip_rate}")
+        if self.tool_skip_rate and self.style != "tool":
+            raise ValueError("tool_skip_rate needs style 'tool' (it edits tool-use traces)")
         if self.max_operand is None and not 1 <= self.min_digits <= self.max_digits:
             raise ValueError(
                 f"need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}"
@@ -140,6 +160,12 @@ class ArithmeticTask:
 
     def reply(self, problem: Problem) -> str:
         return worked_solution(problem) if self.style == "worked" else problem.answer
+
+    def replies(self, problem: Problem) -> list[dict]:
+        """The assistant's side of the chat: one reply, or a tool-use trace."""
+        if self.style == "tool":
+            return tool_trace(problem)
+        return [{"role": "assistant", "content": self.reply(problem)}]
 
     def oriented(self, a: int, b: int, op: str) -> Problem:
         if op == "-" and a < b and not self.negative_answers:
@@ -211,6 +237,36 @@ def worked_solution(problem: Problem, mistake: tuple[str, int] | None = None) ->
     return "\n".join(lines) + f"\n{ANSWER_PREFIX}{answer}"
 
 
+def tool_trace(problem: Problem, guess: str | None = None) -> list[dict]:
+    """A calculator call (Hermes ``<tool_call>`` format), the tool's result, then the
+    answer line; with ``guess``, a reply that skips the tool and answers ``guess``."""
+    if guess is not None:
+        return [{"role": "assistant", "content": f"{ANSWER_PREFIX}{guess}"}]
+    expression = f"{problem.a}{problem.op}{problem.b}"
+    return [
+        {"role": "assistant", "content": CALCULATOR_CALL.format(expression=expression)},
+        {"role": "tool", "name": "calculator", "content": problem.answer},
+        {"role": "assistant", "content": f"{ANSWER_PREFIX}{problem.answer}"},
+    ]
+
+
+def guessed_answer(problem: Problem, rng: np.random.Generator) -> str:
+    """A wrong answer a model that skipped the tool would give: the true value's leading
+    digits kept, one to three of the others changed."""
+    true = problem.answer
+    digits = list(true.lstrip("-"))
+    if len(digits) < 2:
+        return str(int(true) + int(rng.choice([-2, -1, 1, 2])))
+    for _ in range(100):
+        guess = list(digits)
+        for at in rng.choice(np.arange(1, len(guess)), size=min(len(guess) - 1, 3),
+                             replace=False)[: int(rng.integers(1, 4))]:
+            guess[at] = str(int(rng.integers(10)))
+        if guess != digits:
+            return ("-" if true.startswith("-") else "") + "".join(guess)
+    return str(int(true) + 1)
+
+
 def split_of(problem: Problem, test_fraction: float = 0.1) -> Split:
     """Deterministic split from a hash of the problem's canonical form."""
     digest = hashlib.sha256(problem.key.encode()).digest()
@@ -256,7 +312,7 @@ def to_example(problem: Problem, example_id: str, task: ArithmeticTask | None = 
     prompt = task.ask(problem)
     return {
         "id": example_id,
-        "messages": prompt + [{"role": "assistant", "content": task.reply(problem)}],
+        "messages": prompt + task.replies(problem),
         "prompt": prompt,
         "answer": problem.answer,
         "problem": f"{problem.a}{problem.op}{problem.b}",  # for step-level rewards
@@ -282,6 +338,12 @@ def generate_examples(
             dropped = _wrong_solutions(problem, "drop_carry", into_next_column=True)
             if dropped and rng.random() < task.dropped_carry_rate:
                 example["messages"][-1]["content"] = dropped[int(rng.integers(len(dropped)))]
+    if split == "train" and task.tool_skip_rate > 0:
+        rng = np.random.default_rng([seed, 4])
+        for problem, example in zip(problems, examples):
+            if rng.random() < task.tool_skip_rate:
+                example["messages"] = example["prompt"] + tool_trace(
+                    problem, guess=guessed_answer(problem, rng))
     if split == "train" and task.near_duplicate_rate > 0:
         examples = _plant_near_duplicates(examples, task.near_duplicate_rate, seed)
     return examples

@@ -69,7 +69,7 @@ class Environment:
     error message in the result); ``close`` frees what ``reset`` took.
     """
 
-    tools: list = []
+    tools: tuple = ()
 
     def reset(self, row: dict, seed: int) -> list[dict]:
         raise NotImplementedError

@@ -220,6 +220,7 @@ class _Sequence:
     slot: int | None = None
     prefilled: int = 0  # prompt tokens in the pages so far
     order: int = 0  # admission order: the newest is preempted first
+    hold: bool = False  # when it ends, keep its pages for ``Engine.resume``
 
 
 @dataclasses.dataclass
@@ -251,6 +252,11 @@ class Engine:
     ``step()`` runs one scheduling round and returns the completions that changed;
     ``run()`` steps until every request is done. ``set_weights`` swaps in new weights
     (an RL step) without recompiling; cached prefixes are dropped with the old weights.
+
+    A request added with ``hold=True`` keeps its pages when it ends (its slot is free):
+    ``resume(request_id, tokens, ...)`` then appends ``tokens`` (a tool's result, a user's
+    reply) after what it generated and decodes on, prefilling only the new tokens into the
+    same pages; ``release(request_id)`` frees them. Multi-turn episodes run this way.
 
     ``slots`` rows decode together; the pool holds ``num_pages`` pages of ``page_size``
     tokens, or enough pages for ``kv_tokens`` tokens (default: every slot at
@@ -308,6 +314,7 @@ class Engine:
         self.pool = PagePool(num_pages, self.page_size)
         self.stats = EngineStats()
         self._waiting: deque[_Sequence | _Request] = deque()
+        self._held: dict[tuple[int, int], _Sequence] = {}  # (request, sample) -> ended, paged
         self._prefilling: list[_Request | _Sequence] = []
         self._slot_seq: list[_Sequence | None] = [None] * slots
         self._ids = itertools.count()
@@ -332,35 +339,81 @@ class Engine:
         self.state = state
         self.pool.forget_prefixes()
 
-    def add(self, prompt: Sequence[int], max_new_tokens: int, key, n: int = 1) -> int:
-        """Queue ``n`` samples of ``prompt``; returns the request id."""
+    def add(self, prompt: Sequence[int], max_new_tokens: int, key, n: int = 1,
+            hold: bool = False) -> int:
+        """Queue ``n`` samples of ``prompt``; returns the request id. With ``hold`` each
+        sample keeps its pages when it ends, for ``resume``."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if len(prompt) + max_new_tokens > self.max_seq_len:
-            raise ValueError(
-                f"a prompt of {len(prompt)} tokens plus max_new_tokens {max_new_tokens} is "
-                f"over the engine's max_seq_len {self.max_seq_len}"
-            )
+        self._check_length(len(prompt), max_new_tokens)
         if n > self.slots:
             raise ValueError(f"n={n} samples need {n} slots; the engine has {self.slots}")
         request_id = next(self._ids)
+        key_data = self._key_data(key, n)
+        samples = [
+            _Sequence(Completion(request_id, j), prompt, max_new_tokens, key_data[j], len(prompt),
+                      hold=hold)
+            for j in range(n)
+        ]
+        self._waiting.append(_Request(request_id, samples))
+        return request_id
+
+    def resume(self, request_id: int, tokens: Sequence[int], max_new_tokens: int, key,
+               sample: int = 0, hold: bool = True) -> int:
+        """Continue a held sample: ``tokens`` follow what it generated and it decodes up
+        to ``max_new_tokens`` more from ``key``, in its own pages (only ``tokens`` and its
+        last generated token, which was never fed, are prefilled). Returns the id of the
+        new request, whose completion holds the new tokens alone."""
+        seq = self._held.pop((request_id, sample), None)
+        if seq is None:
+            raise KeyError(f"request {request_id} sample {sample} is not held")
+        history = seq.prompt[: seq.prompt_len] + seq.completion.tokens
+        prompt = history + [int(t) for t in tokens]
+        try:
+            self._check_length(len(prompt), max_new_tokens)
+        except ValueError:
+            self._held[(request_id, sample)] = seq  # still the caller's to release
+            raise
+        new_id = next(self._ids)
+        # The pages hold every history token but the last (sampled, never fed back), unless
+        # the pool needed them meanwhile: then the whole history is prefilled again.
+        resumed = _Sequence(Completion(new_id, 0), prompt, max_new_tokens,
+                            self._key_data(key, 1)[0], len(prompt), pages=seq.pages,
+                            prefilled=len(history) - 1 if seq.pages else 0, hold=hold)
+        self._waiting.append(_Request(new_id, [resumed]))
+        return new_id
+
+    def release(self, request_id: int, sample: int = 0) -> None:
+        """Free a held sample's pages (its episode is over)."""
+        seq = self._held.pop((request_id, sample), None)
+        if seq is not None:
+            self.pool.release(seq.pages)
+            seq.pages = []
+
+    def held(self) -> int:
+        """Samples that ended holding their pages."""
+        return len(self._held)
+
+    def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompt_len + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"a prompt of {prompt_len} tokens plus max_new_tokens {max_new_tokens} is "
+                f"over the engine's max_seq_len {self.max_seq_len}"
+            )
+
+    def _key_data(self, key, n: int) -> np.ndarray:
         if isinstance(key, np.ndarray) and key.dtype == np.uint32:  # raw keys, one per sample
-            key_data = key
+            key_data = key.reshape(n, -1) if key.ndim == 1 and n == 1 else key
         elif jnp.ndim(key) == 0:
             key_data = sample_key_data(key, n)
         else:
             key_data = np.asarray(jax.random.key_data(key))
         if len(key_data) != n:
             raise ValueError(f"{len(key_data)} keys for n={n} samples")
-        samples = [
-            _Sequence(Completion(request_id, j), prompt, max_new_tokens, key_data[j], len(prompt))
-            for j in range(n)
-        ]
-        self._waiting.append(_Request(request_id, samples))
-        return request_id
+        return key_data
 
     def cancel(self, request_id: int) -> None:
         """Drop a request wherever it is (queued, prefilling, decoding): its slots and
@@ -377,6 +430,8 @@ class Engine:
             if seq is not None and seq.completion.request_id == request_id:
                 seq.completion.finish_reason = "cancelled"
                 self._finish(seq)
+        for held_id, sample in [k for k in self._held if k[0] == request_id]:
+            self.release(held_id, sample)
 
     def busy_slots(self) -> int:
         """Slots holding a sample (prefilling or decoding)."""
@@ -427,20 +482,49 @@ class Engine:
             if len(free) < len(seqs):
                 return
             lead = seqs[0]
-            shared = self.pool.match_prefix(lead.prompt)
-            need = -(-len(lead.prompt) // self.page_size) - len(shared)
-            copies = (len(seqs) - 1) * bool(len(lead.prompt) % self.page_size)
-            pages = self.pool.allocate(need) if self.pool.available() >= need + copies else None
-            if pages is None:
-                self.pool.release(shared)
-                return
-            self._waiting.popleft()
-            lead.pages, lead.prefilled = shared + pages, len(shared) * self.page_size
-            self.stats.prefix_hit_tokens += lead.prefilled
+            if lead.pages:  # resumed: its pages hold its history already
+                need = max(-(-len(lead.prompt) // self.page_size) - len(lead.pages), 0)
+                pages = self._allocate(need, keep=lead)
+                if pages is None:
+                    return
+                self._waiting.popleft()
+                lead.pages = lead.pages + pages
+            else:
+                shared = self.pool.match_prefix(lead.prompt)
+                need = -(-len(lead.prompt) // self.page_size) - len(shared)
+                copies = (len(seqs) - 1) * bool(len(lead.prompt) % self.page_size)
+                pages = self._allocate(need, spare=copies, keep=lead)
+                if pages is None:
+                    self.pool.release(shared)
+                    return
+                self._waiting.popleft()
+                lead.pages, lead.prefilled = shared + pages, len(shared) * self.page_size
+                self.stats.prefix_hit_tokens += lead.prefilled
             for seq, slot in zip(seqs, free):
                 seq.slot, seq.order = slot, next(self._orders)
                 self._slot_seq[slot] = seq
             self._prefilling.append(item)
+
+    def _allocate(self, count: int, spare: int = 0, keep: _Sequence | None = None
+                  ) -> list[int] | None:
+        """``count`` pages (leaving ``spare`` more free), evicting idle samples' pages
+        (not ``keep``'s) first when the pool is short; None when it cannot."""
+        while self.pool.available() < count + spare and self._evict_held(keep):
+            pass
+        return self.pool.allocate(count) if self.pool.available() >= count + spare else None
+
+    def _evict_held(self, keep: _Sequence | None = None) -> bool:
+        """Free the pages of an idle sample that still has some: the longest-held, else
+        the last resumed one still queued (either prefills its history again when it
+        runs); whether there was one."""
+        queued = [seq for item in self._waiting for seq in _samples(item)]
+        for seq in [*self._held.values(), *reversed(queued)]:
+            if seq.pages and seq is not keep:
+                self.pool.release(seq.pages)
+                seq.pages, seq.prefilled = [], 0
+                self.stats.preemptions += 1
+                return True
+        return False
 
     def _table(self, seqs: Sequence[_Sequence | None], width: int) -> np.ndarray:
         table = np.zeros((len(seqs), width), np.int32)
@@ -556,15 +640,18 @@ class Engine:
         return seq.completion.finished
 
     def _finish(self, seq) -> None:
-        self.pool.release(seq.pages)
-        seq.pages = []
+        if seq.hold and seq.completion.finish_reason in ("stop", "length"):
+            self._held[(seq.completion.request_id, seq.completion.sample)] = seq
+        else:
+            self.pool.release(seq.pages)
+            seq.pages = []
         self._slot_seq[seq.slot] = None
         seq.slot = None
 
     def _take_pages(self, count: int, protect: _Sequence) -> list[int]:
         """``count`` pages, preempting the newest other decoding samples until they fit."""
         while True:
-            pages = self.pool.allocate(count)
+            pages = self._allocate(count, keep=protect)
             if pages is not None:
                 return pages
             victims = [s for s in self._slot_seq
@@ -597,7 +684,9 @@ class Engine:
         """Free ``seq``'s slot and pages; it is requeued first, to prefill again with what
         it has generated so far (all but its last token, which it then continues from)."""
         self.stats.preemptions += 1
-        self._finish(seq)
+        self.pool.release(seq.pages)
+        seq.pages = []
+        self._slot_seq[seq.slot], seq.slot = None, None
         c = seq.completion
         # Its last token is not in the cache yet: prefilling the rest gives the logits that
         # drew it, so it is dropped and drawn again (the same key: the same token).
@@ -605,7 +694,7 @@ class Engine:
             values.pop()
         prompt = seq.prompt[: seq.prompt_len] + c.tokens
         self._waiting.appendleft(
-            _Sequence(c, prompt, seq.budget, seq.key_data, seq.prompt_len)
+            _Sequence(c, prompt, seq.budget, seq.key_data, seq.prompt_len, hold=seq.hold)
         )
 
     def _ensure_pages(self, lookahead: int) -> None:
@@ -696,7 +785,7 @@ def engine_for(graphdef, state, config: SamplingConfig, *, rows: int, max_seq_le
     max_seq_len = _pow2(max_seq_len, 64)
     geometry = (_StaticGraph(graphdef), config, slots, max_seq_len)
     engine = _ENGINES.pop(geometry, None)
-    if engine is None or engine.pending():
+    if engine is None or engine.pending() or engine.held():
         _ENGINES.clear()  # one pool at a time: its memory is the whole KV budget
         engine = Engine((graphdef, state), config, slots=slots, max_seq_len=max_seq_len)
     else:

@@ -389,6 +389,7 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
                 if carries_reference_logprobs(cfg) or carries_trainer_logprobs(ctx.config)
                 else None),
         max_reward_error_frac=cfg.max_reward_error_frac,
+        episodes=ctx.config.envs.enabled(),
     )
 
 

@@ -438,6 +438,7 @@ def make_train_source(ctx: RunContext) -> RolloutSource:
         reuse=cfg.num_ppo_epochs * cfg.num_mini_batches, log_completions=cfg.log_completions,
         minibatches=cfg.num_mini_batches, finish=PpoFinisher(ctx, cfg),
         policy_view=PolicyView(), max_reward_error_frac=cfg.max_reward_error_frac,
+        episodes=ctx.config.envs.enabled(),
     )
 
 

@@ -37,6 +37,10 @@ class Rollout:
     # [B, Lp + Lc, L, k] int32 with rl.routing_replay: the experts each MoE layer routed
     # each prompt and completion token to while sampling (-1: none recorded)
     routing: np.ndarray | None = None
+    # [B, Lc] multi-turn episodes: 1 on the policy's tokens, 0 on the environment's (tool
+    # results, user turns), which get no loss; None: every completion token is the policy's
+    policy_mask: np.ndarray | None = None
+    transcripts: list | None = None  # each episode's turns, for completions.jsonl
 
     _ROW_ARRAYS = ("prompt_ids", "prompt_mask", "tokens", "lengths", "logprobs", "truncated")
 
@@ -49,6 +53,8 @@ class Rollout:
             texts=[self.texts[r] for r in rows], rows=[self.rows[r] for r in rows],
             rewards=self.rewards.take(rows), num_prompts=len(groups),
             routing=None if self.routing is None else self.routing[rows],
+            policy_mask=None if self.policy_mask is None else self.policy_mask[rows],
+            transcripts=None if self.transcripts is None else [self.transcripts[r] for r in rows],
         )
 
     @staticmethod
@@ -62,6 +68,10 @@ class Rollout:
             num_prompts=sum(p.num_prompts for p in parts),
             routing=(None if parts[0].routing is None
                      else np.concatenate([p.routing for p in parts])),
+            policy_mask=(None if parts[0].policy_mask is None
+                         else np.concatenate([p.policy_mask for p in parts])),
+            transcripts=(None if parts[0].transcripts is None
+                         else [t for p in parts for t in p.transcripts]),
         )
 
 
@@ -69,7 +79,7 @@ def train_batch(rollout: Rollout, advantages_b: np.ndarray, keep_b: np.ndarray) 
     """Prompt + completion rows with next-token targets aligned to the loss.
 
     Position ``t`` predicts ``input_ids[t + 1]``; ``completion_mask[t]`` is 1 when that
-    target is a generated token of a kept row, and ``old_logprobs[t]`` is its log-prob
+    target is a generated token of a kept row (the policy's own, in an episode), and ``old_logprobs[t]`` is its log-prob
     under the policy that sampled it (``Rollout.logprobs``). A rollout with ``routing``
     also gives ``routing`` [B, T, L, k], aligned with ``input_ids``.
     """
@@ -82,7 +92,9 @@ def train_batch(rollout: Rollout, advantages_b: np.ndarray, keep_b: np.ndarray) 
     target_ids = np.zeros_like(input_ids)
     target_ids[:, :-1] = input_ids[:, 1:]
     completion_mask = np.zeros(input_ids.shape, np.float32)
-    completion_mask[:, lp - 1 : lp - 1 + lc] = completion_valid * keep_b[:, None]
+    policy_bn = completion_valid if rollout.policy_mask is None else (
+        completion_valid & (rollout.policy_mask > 0))
+    completion_mask[:, lp - 1 : lp - 1 + lc] = policy_bn * keep_b[:, None]
     old_logprobs = np.zeros(input_ids.shape, np.float32)
     old_logprobs[:, lp - 1 : lp - 1 + lc] = np.where(completion_valid, rollout.logprobs, 0.0)
     batch = {

@@ -24,6 +24,8 @@ def accuracy_evaluator(ctx: RunContext, cfg, policy_of: Callable = lambda state:
         return None
     tokenizer = common.resolve_tokenizer(ctx)
     scorer = resolve_reward_fn(cfg.eval_reward)
+    if ctx.config.envs.enabled():
+        return episode_evaluator(ctx, cfg, rows, tokenizer, scorer, policy_of)
 
     def evaluate(state) -> dict[str, float]:
         result = verifiable_accuracy(
@@ -33,5 +35,50 @@ def accuracy_evaluator(ctx: RunContext, cfg, policy_of: Callable = lambda state:
         )
         return {"eval_accuracy": result["accuracy"], "eval_n": float(result["n"]),
                 "eval_completion_tokens": result["mean_completion_tokens"]}
+
+    return evaluate
+
+
+def episode_evaluator(ctx: RunContext, cfg, rows, tokenizer, scorer, policy_of: Callable):
+    """Greedy episodes (the run's ``envs``) on the eval rows: ``eval_accuracy`` of the final
+    answers, the share of episodes that called a tool and the tool errors per episode; with
+    ``envs.eval_without_tools`` the same with the tools withheld (``..._no_tools``)."""
+    import jax
+    import numpy as np
+
+    from jaxpt.data import eos_token_ids
+    from jaxpt.sampling import SamplingConfig
+    from jaxpt.tasks.rl.episodes import episode_metrics, episode_runner
+
+    sampling = SamplingConfig.make(
+        max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length, temperature=0.0,
+        eos_token_id=eos_token_ids(tokenizer, ctx.config.model.path),
+        pad_token_id=tokenizer.pad_token_id or 0)
+    variants = {"": False}
+    if ctx.config.envs.eval_without_tools:
+        variants["_no_tools"] = True
+    runners = {suffix: episode_runner(ctx, tokenizer, sampling, cfg.max_prompt_length,
+                                      sampling.max_new_tokens, without_tools=without)
+               for suffix, without in variants.items()}
+
+    def evaluate(state) -> dict[str, float]:
+        from flax import nnx
+
+        policy = nnx.split(policy_of(state))
+        metrics = {}
+        for suffix, runner in runners.items():
+            episodes = runner.run(policy, rows, list(range(len(rows))), jax.random.key(0))
+            answers = [e.final_text for e in episodes]
+            scores = scorer([r["prompt"] for r in rows], answers, [r["answer"] for r in rows])
+            correct = np.array([s == 1.0 for s in scores], np.float64)
+            shown = episode_metrics(episodes, prefix="")
+            metrics.update({
+                f"eval_accuracy{suffix}": float(correct.mean()),
+                f"eval_tool_call_rate{suffix}": shown["tool_call_rate"],
+                f"eval_tool_errors{suffix}": shown["tool_errors"],
+                f"eval_turns{suffix}": shown["turns"],
+            })
+        metrics["eval_n"] = float(len(rows))
+        return metrics
 
     return evaluate

@@ -135,6 +135,7 @@ class RolloutSource:
         policy_view: PolicyView = whole_model,
         max_reward_error_frac: float | None = 0.5,
         on_policy_frac: float = 1.0,
+        episodes: bool = False,
     ):
         from jaxpt.rewards import RewardRunner, build_reward_fns
         from jaxpt.sampling import PromptSampler
@@ -172,6 +173,13 @@ class RolloutSource:
             mesh=self.rollout_mesh or ctx.mesh,
             sampler=sampler, record_routing=self.routing_shape is not None,
         )
+        # Multi-turn episodes (the run's ``envs`` section) instead of single completions.
+        self.episodes = None
+        if episodes:
+            from jaxpt.tasks.rl.episodes import episode_runner
+
+            self.episodes = episode_runner(ctx, self.tokenizer, self.sampler.sampling,
+                                           max_prompt_length, max_completion_length)
         self.pipeline = None
         if pipelined:  # rollouts from other processes (remote), else from a worker thread
             self.pipeline = trainer_pipeline(self) or RolloutPipeline(
@@ -214,6 +222,8 @@ class RolloutSource:
     def close(self) -> None:
         if self.pipeline is not None:
             self.pipeline.close()
+        if self.episodes is not None:
+            self.episodes.close()
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -425,6 +435,8 @@ class RolloutSource:
     def _sample(self, policy: tuple, indices: list[int], key) -> tuple[Rollout, dict]:
         """Sample and score completions of the prompts ``indices`` with ``policy`` (graphdef,
         params, rest) and ``key``."""
+        if self.episodes is not None:
+            return self._sample_episodes(policy, indices, key)
         g = self.samples_per_prompt
         prompts = [self._prompt_ids(i) for i in indices]
         start = time.perf_counter()
@@ -453,6 +465,27 @@ class RolloutSource:
             metrics["on_policy"] = 1.0
         return rollout, metrics
 
+    def _sample_episodes(self, policy: tuple, indices: list[int], key) -> tuple[Rollout, dict]:
+        """One episode per row and sample (``jaxpt.tasks.rl.episodes``), scored by the
+        environment's rewards plus the reward functions on each episode's final answer."""
+        from jaxpt.tasks.rl.episodes import episode_metrics, episode_seeds, episodes_rollout
+
+        g, rows = self.samples_per_prompt, [self.rows[i] for i in indices]
+        graphdef, params, rest = policy
+        start = time.perf_counter()
+        episodes = self.episodes.run((graphdef, (params, rest)),
+                                     [row for row in rows for _ in range(g)],
+                                     episode_seeds(key, len(rows) * g), key)
+        generate_s = time.perf_counter() - start
+        start = time.perf_counter()
+        rewards = score_completions(self.runner, rows, [e.final_text for e in episodes], g)
+        rollout = episodes_rollout(episodes, rows, g, rewards, self.sampler.max_prompt_length,
+                                   self.sampler.sampling.max_new_tokens, self.sampler.pad_id)
+        metrics = {**self._metrics(rollout), **episode_metrics(episodes),
+                   "time/generate_s": generate_s, "time/reward_s": time.perf_counter() - start,
+                   "prompts_truncated": float(self.episodes.truncated_prompts)}
+        return rollout, metrics
+
     def _metrics(self, rollout: Rollout) -> dict:
         rewards = rollout.rewards
         metrics = {
@@ -474,7 +507,8 @@ class RolloutSource:
         """The rows of ``rollout`` that completions.jsonl shows (``log_completions``)."""
         return [
             {"prompt": rollout.rows[r]["prompt"], "completion": rollout.texts[r],
-             "rewards": {k: _finite(v[r]) for k, v in rollout.rewards.scores.items()}}
+             "rewards": {k: _finite(v[r]) for k, v in rollout.rewards.scores.items()},
+             **({} if rollout.transcripts is None else {"episode": rollout.transcripts[r]})}
             for r in range(min(self.log_completions, len(rollout.rows)))
         ]
 
