@@ -32,7 +32,9 @@ class ToolCall:
 
 @dataclasses.dataclass
 class AssistantTurn:
-    """What the policy said in one turn: its decoded text (special tokens dropped), the
+    """What the policy said in one turn: its decoded text (special tokens kept, as
+    Mistral's ``[TOOL_CALLS]`` and Llama's ``<|python_tag|>`` are; its end-of-turn token
+    dropped), the
     text outside tool calls (``content``), the calls parsed from it, and why any part of
     it could not be parsed (a malformed call: the episode goes on with an error result)."""
 

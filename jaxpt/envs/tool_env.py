@@ -40,24 +40,18 @@ class ToolEnv(Environment):
         return system + [dict(m) for m in messages]
 
     def step(self, turn: AssistantTurn) -> EnvStep:
-        from jaxpt.envs.tools import error_result, tool_messages
+        from jaxpt.envs.tools import ToolResult, tool_messages
 
         if not turn.tool_calls and not turn.parse_errors:
             return EnvStep(done=True)
         allowed = max(self.max_tool_calls - self.calls_made, 0)
-        calls = turn.tool_calls[:allowed]
-        results = self.runner.run(calls)
-        messages = tool_messages(calls, results)
-        over = turn.tool_calls[allowed:]
-        messages += tool_messages(over, [
-            error_result(c.name, "too_many_calls",
-                         f"this episode may call tools {self.max_tool_calls} times")
-            for c in over])
-        messages += [{"role": "tool", "name": "error",
-                      "content": f"error: could not parse a tool call: {problem}"}
-                     for problem in turn.parse_errors[:8]]
+        calls, over = turn.tool_calls[:allowed], turn.tool_calls[allowed:]
         self.calls_made += len(turn.tool_calls)
-        errors = (sum(r.error is not None for r in results) + len(over)
-                  + len(turn.parse_errors))
-        return EnvStep(messages, info={"tool_calls": dict(Counter(c.name for c in turn.tool_calls)),
-                                       "tool_errors": errors})
+        results = self.runner.run(calls, turn.parse_errors)
+        refused = [ToolResult(c.name, f"error: not run: this episode may call tools "
+                              f"{self.max_tool_calls} times", "too_many_calls") for c in over]
+        results = results[: len(calls)] + refused + results[len(calls):]
+        errors = sum(r.error is not None for r in results)
+        return EnvStep(tool_messages(list(calls) + list(over), results),
+                       info={"tool_calls": dict(Counter(c.name for c in turn.tool_calls)),
+                             "tool_errors": errors})

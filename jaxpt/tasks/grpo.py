@@ -138,8 +138,6 @@ class GrpoConfig:
         if self.max_sampling_rounds > 1 and not self.dynamic_sampling:
             fail("max_sampling_rounds", "fills the batch with groups that have reward spread: "
                  "it needs 'grpo.dynamic_sampling: true'")
-        if not self.rewards and self.reward_model is None:
-            fail("rewards", "needs at least one reward function (or a 'grpo.reward_model')")
 
 
 # ------------------------------------------------------------------------------ the loss
@@ -260,6 +258,9 @@ def check_config(config) -> None:
             f"config key 'train.batch_size' ({config.train.batch_size}) counts completions and "
             f"must be divisible by 'grpo.num_generations' ({cfg.num_generations})"
         )
+    if not cfg.rewards and cfg.reward_model is None and not config.envs.enabled():
+        raise ConfigError("config key 'grpo.rewards' needs at least one reward function (or a "
+                          "'grpo.reward_model', or an environment in 'envs' that rewards)")
     if cfg.reward_model is not None:
         common.check_model_path("grpo.reward_model", cfg.reward_model)
     check_reward_settings("grpo", cfg)

@@ -151,9 +151,10 @@ def check_config(config) -> None:
     if common.lora_enabled(config):
         raise ConfigError("config section 'lora' is not supported by task: ppo yet (under "
                           "LoRA only adapters train, and the critic has none); set lora.rank: 0")
-    if cfg.reward_model is None and not cfg.rewards:
+    if cfg.reward_model is None and not cfg.rewards and not config.envs.enabled():
         raise ConfigError("config key 'ppo.rewards' is empty and 'ppo.reward_model' is null: "
-                          "PPO needs a reward model, reward functions, or both")
+                          "PPO needs a reward model, reward functions, an environment in "
+                          "'envs' that rewards, or several")
     rows = config.train.batch_size
     if rows % cfg.samples_per_prompt:
         raise ConfigError(

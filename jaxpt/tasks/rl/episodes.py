@@ -149,7 +149,13 @@ class EpisodeRunner:
         self.tokenizer, self.make_env, self.sampling = tokenizer, make_env, sampling
         self.lp, self.lc, self.limits = max_prompt_length, max_completion_length, limits
         self.parser = parser_for(getattr(tokenizer, "chat_template", None), parser)
+        from jaxpt.data.tokenizer import end_of_turn_id
+
         self.eos = set(sampling.eos_token_ids)
+        # What closes a turn cut at max_turn_tokens before the environment answers it.
+        self.end_of_turn = end_of_turn_id(tokenizer)
+        if self.end_of_turn is None and sampling.eos_token_ids:
+            self.end_of_turn = sampling.eos_token_ids[0]
         self.truncated_prompts = 0
         self._renderers: dict[Any, TurnRenderer] = {}
         self._pool = futures.ThreadPoolExecutor(limits.max_parallel,
@@ -193,8 +199,8 @@ class EpisodeRunner:
                     by_request[episode.request_id] = i
                     in_flight += 1
                 if engine.pending():
-                    for completion in engine.step():
-                        if completion.finished:
+                    for completion in engine.step():  # a completion may be listed twice
+                        if completion.finished and completion.request_id in by_request:
                             i = by_request.pop(completion.request_id)
                             if self._end_turn(episodes[i], completion):
                                 stepping[self._pool.submit(self._env_step, episodes[i])] = i
@@ -262,7 +268,10 @@ class EpisodeRunner:
         return max(left, 1)
 
     def _end_turn(self, episode: Episode, completion) -> bool:
-        """Record a finished turn; whether the environment should answer it."""
+        """Record a finished turn; whether the environment should answer it. A turn cut at
+        ``max_turn_tokens`` with room left in the episode is closed with the end-of-turn
+        token (not the policy's: no loss) and answered; one that used up the episode's
+        budget ends the episode."""
         start = len(episode.tokens)
         episode.tokens += completion.tokens
         episode.policy_mask += [1] * len(completion.tokens)
@@ -272,9 +281,18 @@ class EpisodeRunner:
         ended = completion.finish_reason == "stop"
         if ended and ids and ids[-1] in self.eos:
             ids = ids[:-1]
+        closable = self.end_of_turn is not None and len(episode.tokens) < self.lc - 1
+        episode.pending_ids = []
+        if not ended and closable:
+            episode.pending_ids = [self.end_of_turn]  # the engine has not seen it yet
+            episode.tokens.append(self.end_of_turn)
+            episode.policy_mask.append(0)
+            episode.logprobs.append(0.0)
+            episode.metrics["turns_cut"] += 1
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        turn = self.parser.parse(text)
+        turn = self.parser(text)
         turn.truncated = not ended
+        ended = ended or closable
         episode.parse_errors += len(turn.parse_errors)
         episode.final_text = turn.content
         entry = {"role": "assistant", "content": turn.content, "text": text,
@@ -330,7 +348,7 @@ class EpisodeRunner:
         episode.logprobs += [0.0] * len(ids)
         episode.transcript += [{**_logged(m), "tokens": [start, len(episode.tokens)]}
                                for m in result.messages]
-        episode.pending_ids = ids
+        episode.pending_ids = episode.pending_ids + ids
         return True
 
     @staticmethod
