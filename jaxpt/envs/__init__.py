@@ -1,6 +1,29 @@
 """Environments of multi-turn episodes: the protocol (``base``), tools and tool-call
-parsing, and adapters for OpenEnv servers and reasoning-gym tasks."""
+parsing, and adapters for OpenEnv servers and reasoning-gym tasks.
 
-from jaxpt.envs.base import AssistantTurn, EnvStep, Environment, ToolCall
+The adapters are imported on first use: ``import jaxpt.envs`` stays as light as the
+protocol, and works without openenv-core (using an adapter without its package is an
+ImportError naming the extra to install).
+"""
 
-__all__ = ["AssistantTurn", "EnvStep", "Environment", "ToolCall"]
+import importlib
+
+from jaxpt.envs.base import AssistantTurn, Environment, EnvStep, ToolCall
+
+_LAZY = {
+    "OpenEnvEnvironment": "jaxpt.envs.openenv",
+}
+
+__all__ = [
+    "AssistantTurn",
+    "EnvStep",
+    "Environment",
+    "OpenEnvEnvironment",
+    "ToolCall",
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxpt.envs' has no attribute {name!r}")
