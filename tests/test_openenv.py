@@ -149,7 +149,8 @@ def guess_in_answer_tag(turn: AssistantTurn) -> dict:
 def test_action_and_observation_mappings(servers):
     def as_tool_result(observation: dict, first: bool) -> list[dict]:
         role = "user" if first else "tool"
-        return [{"role": role, "content": f"{observation['prompt']} ({observation['guesses_left']} left)"}]
+        text = f"{observation['prompt']} ({observation['guesses_left']} left)"
+        return [{"role": role, "content": text}]
 
     env = OpenEnvEnvironment(servers["shared"], action="test_openenv:guess_in_answer_tag",
                              observation_to_messages=as_tool_result)

@@ -2,8 +2,8 @@
 parsing, and adapters for OpenEnv servers and reasoning-gym tasks.
 
 The adapters are imported on first use: ``import jaxpt.envs`` stays as light as the
-protocol, and works without openenv-core (using an adapter without its package is an
-ImportError naming the extra to install).
+protocol, and works without openenv-core and reasoning-gym (using an adapter without its
+package is an ImportError naming the extra to install).
 """
 
 import importlib
@@ -12,6 +12,9 @@ from jaxpt.envs.base import AssistantTurn, Environment, EnvStep, ToolCall
 
 _LAZY = {
     "OpenEnvEnvironment": "jaxpt.envs.openenv",
+    "ReasoningGymEnv": "jaxpt.envs.reasoning_gym",
+    "reasoning_gym_reward": "jaxpt.rewards.reasoning_gym",
+    "reasoning_gym_rows": "jaxpt.data.reasoning_gym",
 }
 
 __all__ = [
@@ -19,7 +22,10 @@ __all__ = [
     "EnvStep",
     "Environment",
     "OpenEnvEnvironment",
+    "ReasoningGymEnv",
     "ToolCall",
+    "reasoning_gym_reward",
+    "reasoning_gym_rows",
 ]
 
 

@@ -80,8 +80,10 @@ class OpenEnvEnvironment(Environment):
 
     def reset(self, row: dict, seed: int) -> list[dict]:
         self.close()
-        client = self._client_class(base_url=self.base_url, connect_timeout_s=self.connect_timeout_s,
-                                    message_timeout_s=self.timeout_s).sync()
+        client = self._client_class(
+            base_url=self.base_url, connect_timeout_s=self.connect_timeout_s,
+            message_timeout_s=self.timeout_s,
+        ).sync()
         kwargs = {**self.reset_kwargs, **(row.get("reset_kwargs") or {}), "seed": seed}
         try:
             result = client.reset(**kwargs)
