@@ -82,6 +82,14 @@ def test_bad_tasks_and_options_are_named():
         reasoning_gym_rows("chain_sum", size=1, seed=0, options={"seed": 3})
 
 
+def test_without_the_package_the_error_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"jaxpt\[examples\]"):
+        reasoning_gym_rows("chain_sum", size=1, seed=0)
+
+
 # -- the reward and the scorer -----------------------------------------------------------------
 
 
@@ -259,3 +267,27 @@ def test_rl_held_out_accuracy_scores_with_the_reasoning_gym_reward(tiny_dir, cha
                                  max_new_tokens=2, scorer=scorer)
     assert result["n"] == 3 and result["accuracy"] == 0.0  # two random tokens: no tag
     assert {"answer", "task", "entry", "task_options"} <= set(seen)
+
+
+def test_a_grpo_rollout_and_eval_on_reasoning_gym_rows(tiny_dir, tmp_path, mesh1):
+    # The rows' columns (task, entry) reach the reward through a real rollout and the
+    # held-out eval: data.train / data.eval: reasoning_gym with grpo's reasoning_gym reward.
+    from jaxpt.loop import setup
+
+    overrides = {
+        "output_dir": str(tmp_path), "model.path": tiny_dir, "data.train": "reasoning_gym",
+        "data.eval": "reasoning_gym", "data.reasoning_gym.task": "chain_sum",
+        "data.reasoning_gym.size": 8, "data.reasoning_gym.eval_size": 2,
+        "train.batch_size": 4, "grpo.num_generations": 2, "grpo.max_prompt_length": 96,
+        "grpo.max_completion_length": 4, "grpo.eval_prompts": 2,
+        "grpo.eval_reward": "reasoning_gym", "logging.progress": "false",
+        "logging.tensorboard": "false",
+    }
+    config = load_config(GRPO_ARITH, [f"{k}={v}" for k, v in overrides.items()],
+                         values={"grpo": {"rewards": [{"name": "reasoning_gym"}]}})
+    with setup(config, mesh=mesh1) as run:
+        _, metrics = run.source.sample(run.state, [0, 1])
+        evaluated = run.evaluate(run.state)
+    assert metrics["rewards/reasoning_gym/mean"] == 0.0  # 4 random tokens: no <answer> tag
+    assert metrics["rewards/reasoning_gym/errors"] == 0.0
+    assert evaluated["eval_accuracy"] == 0.0 and evaluated["eval_n"] == 2.0
