@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from tiny import free_port
 
@@ -111,7 +112,7 @@ def user(text: str) -> list[dict]:
 def test_an_episode_of_several_steps(servers):
     env = OpenEnvEnvironment(servers["shared"], timeout_s=10)
     try:
-        first = env.reset({"prompt": "You play a game."}, seed=17)
+        first = env.reset({"prompt": "You play a game."}, seed=np.int64(17))
         # The row's prompt and the first observation join into one user turn.
         assert first == user("You play a game.\n\nGuess a digit from 0 to 9.")
         wrong = env.step(turn(" 3 "))
@@ -119,6 +120,7 @@ def test_an_episode_of_several_steps(servers):
         right = env.step(turn("7"))
         assert (right.messages, right.reward, right.done) == (user("Right!"), 1.0, True)
         assert "env_errors" not in right.info.get("metrics", {})
+        assert env.client is None  # the finished episode's session is closed
     finally:
         env.close()
 

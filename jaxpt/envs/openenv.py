@@ -84,7 +84,7 @@ class OpenEnvEnvironment(Environment):
             base_url=self.base_url, connect_timeout_s=self.connect_timeout_s,
             message_timeout_s=self.timeout_s,
         ).sync()
-        kwargs = {**self.reset_kwargs, **(row.get("reset_kwargs") or {}), "seed": seed}
+        kwargs = {**self.reset_kwargs, **(row.get("reset_kwargs") or {}), "seed": int(seed)}
         try:
             result = client.reset(**kwargs)
         except Exception as error:
@@ -105,7 +105,10 @@ class OpenEnvEnvironment(Environment):
             message = f"OpenEnv step failed ({self.base_url}): {type(error).__name__}: {error}"
             return EnvStep(done=True, info={"error": message, "metrics": {"env_errors": 1}})
         reward = 0.0 if result.reward is None else float(result.reward)
-        return EnvStep(self.to_messages(result.observation, False), reward, bool(result.done))
+        messages = self.to_messages(result.observation, False)
+        if result.done:  # free the server's session now: it serves a bounded number at once
+            self.close()
+        return EnvStep(messages, reward, bool(result.done))
 
     def close(self) -> None:
         if self.client is not None:
