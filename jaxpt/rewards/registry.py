@@ -22,6 +22,7 @@ from jaxpt.rewards.arithmetic import worked_steps_reward
 from jaxpt.rewards.code import code_reward
 from jaxpt.rewards.format import format_reward
 from jaxpt.rewards.math import last_number_reward, math_reward
+from jaxpt.rewards.reasoning_gym import reasoning_gym_reward
 from jaxpt.rewards.runner import RewardFn
 
 BUILTIN_REWARDS: dict[str, Callable[..., Any]] = {
@@ -31,6 +32,7 @@ BUILTIN_REWARDS: dict[str, Callable[..., Any]] = {
     "worked_steps": worked_steps_reward,
     "format": format_reward,
     "code": code_reward,
+    "reasoning_gym": reasoning_gym_reward,
 }
 
 _SPEC_KEYS = {"name", "fn", "weight", "kwargs"}

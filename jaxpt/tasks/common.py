@@ -1,6 +1,6 @@
 """What every task uses: the model and its tokenizer, the frozen reference, the data sources
-with their eval split (files or the shipped arithmetic task), pipeline batch sources, and
-the HF export."""
+with their eval split (files, the shipped arithmetic task or reasoning-gym problems),
+pipeline batch sources, and the HF export."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from jaxpt.tasks.base import BuiltModel, RunContext
 log = logging.getLogger(__name__)
 
 ARITHMETIC = "arithmetic"  # data.train / data.eval: the shipped, generated arithmetic task
+REASONING_GYM = "reasoning_gym"  # data.train / data.eval: generated reasoning-gym problems
 
 # Row kinds as `jaxpt.data.load_examples` names them, and the arithmetic generator of each.
 _ARITHMETIC_FILES = {"sft": "arithmetic", "prompt": "arithmetic", "preference": "arithmetic_pref",
@@ -282,12 +283,50 @@ def arithmetic_rows(ctx: RunContext, split: str, kind: str) -> list[dict]:
     return rows
 
 
+def reasoning_gym_source_rows(ctx: RunContext, split: str, kind: str) -> list[dict]:
+    """Prompt rows of the ``data.reasoning_gym`` task: ``size`` problems from ``seed`` for
+    ``train``, ``eval_size`` from ``eval_seed`` otherwise; also written to
+    ``<output_dir>/data/reasoning_gym_<split>.jsonl`` for inspection."""
+    from jaxpt.data import write_jsonl
+    from jaxpt.data.reasoning_gym import HELD_OUT_SEED, reasoning_gym_rows
+
+    if kind != "prompt":
+        raise ConfigError(f"config key 'data.train': reasoning_gym gives RL prompt rows (tasks "
+                          f"grpo, ppo, rejection sampling), not {kind} rows")
+    r = ctx.config.data.reasoning_gym
+    if split == "train":
+        seed, size = r.seed, r.size
+    else:
+        seed, size = HELD_OUT_SEED if r.eval_seed is None else r.eval_seed, r.eval_size
+    try:
+        rows = reasoning_gym_rows(r.task, size=size, seed=seed, options=r.options,
+                                  instruction=r.instruction, system=r.system)
+    except (ImportError, ValueError) as error:
+        raise ConfigError(f"config section 'data.reasoning_gym': {error}") from None
+    if ctx.is_main_process:  # every process generates the same rows
+        path = os.path.join(ctx.output_dir, "data", f"reasoning_gym_{split}.jsonl")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_jsonl(path, rows)
+    return rows
+
+
+def generated_or_named(ctx: RunContext, name: str, split: str, kind: str):
+    """The rows of a generated task (``arithmetic``, ``reasoning_gym``), else ``name``
+    itself (a path or hub name, loaded later)."""
+    if name == ARITHMETIC:
+        return arithmetic_rows(ctx, split, kind)
+    if name == REASONING_GYM:
+        return reasoning_gym_source_rows(ctx, split, kind)
+    return name
+
+
 def data_sources(ctx: RunContext, kind: str):
     """(train source, eval source or None) of ``kind`` rows for this run, made once.
 
     A source is what the pipelines and ``load_rows`` take: a path or hub name, generated
-    arithmetic rows, or already loaded rows. ``data.eval`` names the eval data; without it,
-    ``data.eval_fraction`` of the train rows (a seeded choice) is held out.
+    arithmetic or reasoning-gym rows, or already loaded rows. ``data.eval`` names the eval
+    data; without it, ``data.eval_fraction`` of the train rows (a seeded choice) is held out.
     """
     key = f"data_sources/{kind}"
     if key not in ctx.cache:
@@ -299,9 +338,9 @@ def _make_sources(ctx: RunContext, kind: str):
     from jaxpt.data import LoadedExamples, load_examples
 
     d = ctx.config.data
-    train = arithmetic_rows(ctx, "train", kind) if d.train == ARITHMETIC else d.train
+    train = generated_or_named(ctx, d.train, "train", kind)
     if d.eval is not None:
-        return train, arithmetic_rows(ctx, "test", kind) if d.eval == ARITHMETIC else d.eval
+        return train, generated_or_named(ctx, d.eval, "test", kind)
     if d.eval_fraction <= 0:
         return train, None
     loaded = load_examples(train, kind, d.train_split, d.skip_invalid)
