@@ -165,22 +165,20 @@ def test_retries_until_right_or_out_of_attempts(chain_sum):
         ReasoningGymEnv().reset({"prompt": "hi"}, seed=0)
 
 
-def test_tool_calls_go_to_the_run_tools_hook(chain_sum):
-    class Calculator(ReasoningGymEnv):
-        def run_tools(self, turn):
-            return [{"role": "tool", "name": c.name, "content": "-4"} for c in turn.tool_calls]
-
-    call = ToolCall("calc", {"expression": "4 - 1 - 7"})
-    env = Calculator(tools=["calc"], max_attempts=1)
+def test_tool_calls_run_and_use_no_attempt(chain_sum):
+    """With tools, a turn's calls run (the calculator here) and come back as tool messages
+    without using an attempt; a bad call is a counted error; a turn without calls is the
+    reply that is scored."""
+    call = ToolCall("calculator", {"expression": "4 - 1 - 7"})
+    env = ReasoningGymEnv(tools=["calculator"], max_attempts=1)
     env.reset(chain_sum[1], seed=0)
-    result = env.step(turn('{"name": "calc"}', [call]))
-    assert result.messages == [{"role": "tool", "name": "calc", "content": "-4"}]
-    assert (result.done, result.info["tool_calls"]) == (False, {"calc": 1})
-    assert env.step(turn(tagged("-4"))).reward == 1.0  # the tool turn used no attempt
-    # The base hook answers nothing: the turn is scored as the reply.
-    env = ReasoningGymEnv(tools=["calc"])
-    env.reset(chain_sum[1], seed=0)
-    assert env.step(turn(tagged("-4"), [call])).done
+    result = env.step(turn('{"name": "calculator"}', [call]))
+    assert result.messages == [{"role": "tool", "name": "calculator", "content": "-4"}]
+    assert (result.done, result.info["tool_calls"], result.info["tool_errors"]) == (
+        False, {"calculator": 1}, 0)
+    bad = env.step(turn("", [ToolCall("calculator", {"expression": "open('x')"})]))
+    assert bad.info["tool_errors"] == 1 and bad.messages[0]["content"].startswith("error")
+    assert env.step(turn(tagged("-4"))).reward == 1.0  # the tool turns used no attempt
 
 
 # -- the data source ---------------------------------------------------------------------------

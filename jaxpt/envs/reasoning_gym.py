@@ -21,7 +21,8 @@ class ReasoningGymEnv(Environment):
 
     ``max_attempts``: replies scored before the episode ends (1: single turn);
     ``retry_message``: the user turn after a wrong reply; ``tools``: ``jaxpt.envs.Tool``
-    objects offered to the policy; ``answer_tag``: the tag the answer is read from (None:
+    objects or specs offered to the policy, run by ``runner`` (a shared
+    ``jaxpt.envs.ToolRunner``; else one of its own); ``answer_tag``: the tag the answer is read from (None:
     the whole reply).
     """
 
@@ -31,13 +32,17 @@ class ReasoningGymEnv(Environment):
         max_attempts: int = 1,
         retry_message: str = RETRY_MESSAGE,
         tools: list | None = None,
+        runner=None,
         answer_tag: str | None = ANSWER_TAG,
     ):
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.max_attempts = max_attempts
         self.retry_message = retry_message
-        self.tools = list(tools or [])
+        from jaxpt.envs.tools import ToolRunner, resolve_tools
+
+        self.tools = resolve_tools(list(tools or []))
+        self.runner = runner or (ToolRunner(self.tools) if self.tools else None)
         self.answer_tag = answer_tag
         self.row: dict | None = None
         self.attempts = 0
@@ -52,10 +57,11 @@ class ReasoningGymEnv(Environment):
         return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
     def step(self, turn: AssistantTurn) -> EnvStep:
-        if turn.tool_calls and self.tools:
-            results = self.run_tools(turn)
-            if results:  # no results (no runner wired): the turn is scored as an answer
-                return EnvStep(results, info={"tool_calls": _call_counts(turn)})
+        if (turn.tool_calls or turn.parse_errors) and self.tools:
+            messages, errors = self.run_tools(turn)
+            if messages:  # no results (no runner): the turn is scored as an answer
+                return EnvStep(messages, info={"tool_calls": _call_counts(turn),
+                                               "tool_errors": errors})
         self.attempts += 1
         row = self.row
         score = score_reply(turn.content, row["task"], row["entry"], row.get("task_options"),
@@ -67,10 +73,16 @@ class ReasoningGymEnv(Environment):
         retry = [{"role": "user", "content": self.retry_message}]
         return EnvStep(retry, reward=0.0, info={"metrics": metrics})
 
-    def run_tools(self, turn: AssistantTurn) -> list[dict]:
-        """The tool result messages of ``turn``'s calls; none here (the episode runner's
-        tool runner answers them when tools are wired in)."""
-        return []
+    def run_tools(self, turn: AssistantTurn) -> tuple[list[dict], int]:
+        """The tool result messages of ``turn``'s calls (and unreadable calls) and how
+        many of them are errors."""
+        from jaxpt.envs.tools import tool_messages
+
+        if self.runner is None:
+            return [], 0
+        results = self.runner.run(turn.tool_calls, turn.parse_errors)
+        return (tool_messages(turn.tool_calls, results),
+                sum(r.error is not None for r in results))
 
 
 def _call_counts(turn: AssistantTurn) -> dict[str, int]:
