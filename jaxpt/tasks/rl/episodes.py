@@ -98,11 +98,6 @@ class TurnRenderer:
         self.tokenizer, self.tools = tokenizer, list(tools) or None
         self.eos_texts = [t for t in tokenizer.convert_ids_to_tokens(list(eos_ids)) if t]
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The first messages with the tools, as the template renders a generation prompt."""
-        return list(self.tokenizer.apply_chat_template(
-            messages, tools=self.tools, tokenize=True, add_generation_prompt=True))
-
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
             messages, tools=self.tools, tokenize=False, add_generation_prompt=generation_prompt
@@ -243,11 +238,10 @@ class EpisodeRunner:
                 f"{type(error).__name__}: {error}") from error
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        ids = self._renderer(env).prompt_ids(messages) if env.tools else None
-        if ids is None:
-            from jaxpt.data import encode_prompt
+        from jaxpt.data import encode_prompt
 
-            ids = encode_prompt(self.tokenizer, messages)
+        ids = encode_prompt(self.tokenizer, messages,
+                            tools=[_schema(t) for t in env.tools] or None)
         if len(ids) > self.lp:
             ids = ids[-self.lp:]
             self.truncated_prompts += 1
