@@ -100,8 +100,9 @@ class TurnRenderer:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The first messages with the tools, as the template renders a generation prompt."""
-        return list(self.tokenizer.apply_chat_template(
-            messages, tools=self.tools, tokenize=True, add_generation_prompt=True))
+        from jaxpt.data.chat import render_prompt
+
+        return render_prompt(self.tokenizer, messages, self.tools)
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
