@@ -306,7 +306,8 @@ class EnvsSection:
     max_turns: int = 8  # assistant turns per episode
     max_turn_tokens: int | None = None  # per turn; None: what the episode's budget leaves
     max_parallel: int = 8  # environment steps (tool calls) running at once
-    tool_timeout_s: float = 10.0  # wall time per tool call
+    tool_timeout_s: float = 10.0  # wall time per tool call (the python tool's sandbox limit)
+    max_tool_output_chars: int = 2000  # a result past this is cut (head and tail kept)
     max_tool_calls_per_turn: int = 8  # calls past this get an error result, unrun
     parser: str = "auto"  # tool-call format: auto (from the chat template) | hermes | ...
     # the evaluator also scores episodes whose tools are withheld (eval_accuracy_no_tools)

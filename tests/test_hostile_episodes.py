@@ -25,7 +25,6 @@ from tiny import train_rows
 from jaxpt.config import load_config
 from jaxpt.envs.parsers import parse_hermes
 from jaxpt.envs.tool_env import ToolEnv
-from jaxpt.envs.tools import python_tool
 from jaxpt.loop import run
 from jaxpt.rewards.sandbox import run_untrusted
 
@@ -38,8 +37,6 @@ FLOOD = 10_000  # <tool_call> blocks in the flooding turn
 MAX_CALLS_PER_TURN = 8  # envs.max_tool_calls_per_turn
 MAX_OUTPUT_CHARS = 120  # the runner's cap on a result, small: episodes stay short
 
-# The python tool with a 1 s limit (the built-in one allows 5 s), named in envs.tools.
-FAST_PYTHON = python_tool(timeout_s=1.0)
 
 
 def _call(name: str, **arguments) -> str:
@@ -83,7 +80,6 @@ class HostileEnv(ToolEnv):
     def __init__(self, tools=(), *, runner=None, marker: str, secret_file: str, port: int,
                  trainer_pid: int):
         super().__init__(tools, runner=runner)
-        self.runner.max_output_chars = MAX_OUTPUT_CHARS
         self.script = hostile_turns(marker, secret_file, port, trainer_pid)
         self.turn, self.floods = 0, False
 
@@ -145,10 +141,11 @@ def hostile_run(tmp_path_factory, tiny_dir, prompts_file):
         patch.setenv(SECRET, secrets["env"])
         envs = {
             "spec": "test_hostile_episodes:HostileEnv",
-            "tools": ["test_hostile_episodes:FAST_PYTHON", "calculator"],
+            "tools": ["python", "calculator"],
             "kwargs": {"marker": marker, "secret_file": str(secret_file),
                        "port": server.getsockname()[1], "trainer_pid": os.getpid()},
-            "max_turns": 4, "max_turn_tokens": 4, "max_parallel": 32, "tool_timeout_s": 2.0,
+            "max_turns": 4, "max_turn_tokens": 4, "max_parallel": 32, "tool_timeout_s": 1.0,
+            "max_tool_output_chars": MAX_OUTPUT_CHARS,
             "max_tool_calls_per_turn": MAX_CALLS_PER_TURN,
         }
         run(load_config(GRPO_ARITH, [f"{k}={v}" for k, v in overrides.items()],

@@ -18,6 +18,8 @@ from tiny import free_port
 from jaxpt.envs import AssistantTurn, OpenEnvEnvironment
 from jaxpt.envs.openenv import import_openenv_client
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")
+
 pytest.importorskip("openenv")
 
 # The game: guess the digit seed % 10 in at most 3 tries; the observation's `prompt` says
@@ -217,3 +219,49 @@ def test_built_from_config_kwargs_and_import_errors_name_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"jaxpt\[openenv\]"):
         OpenEnvEnvironment("http://x")
 
+
+
+def test_grpo_trains_against_the_server_through_the_adapter(tmp_path, tiny_dir, prompts_file):
+    """Three GRPO steps whose episodes are games on the OpenEnv server (``envs.spec:
+    openenv``): every episode ends by the game's own rule (right, or out of guesses), the
+    server's rewards are the episodes' rewards, and the transcripts hold its hints."""
+    import json
+    import os
+
+    from tiny import train_rows
+
+    from jaxpt.config import load_config
+    from jaxpt.loop import run
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    url, process = start_server()  # its own server: every session it holds is this run's
+    overrides = {
+        "output_dir": str(tmp_path), "model.path": tiny_dir, "data.train": prompts_file,
+        "data.eval": "null", "train.batch_size": 4, "train.max_steps": 3,
+        "train.log_every": 1, "grpo.num_generations": 2, "grpo.max_prompt_length": 48,
+        "grpo.max_completion_length": 128, "grpo.rewards": "[]", "grpo.log_completions": 1,
+        "optim.lr": 3e-3, "logging.progress": "false", "logging.tensorboard": "false",
+        "export.hf": "false", "checkpoint.every": 0, "envs.spec": "openenv",
+        "envs.kwargs": f"{{base_url: '{url}', timeout_s: 60, connect_timeout_s: 60}}",
+        "envs.max_turn_tokens": 3, "envs.max_turns": 4,
+    }
+    config = load_config(os.path.join(root, "configs", "grpo_arith.yaml"),
+                         [f"{k}={v}" for k, v in overrides.items()])
+    try:
+        wait_healthy(url, process)
+        run(config)
+    finally:
+        process.kill()
+        process.wait()
+    rows = train_rows(str(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["episode/end/done"] == 1.0  # the game, not a limit, ended every episode
+        assert 1.0 <= r["episode/turns"] <= 3.0  # at most three guesses
+        assert r["episode/env_errors"] == 0.0 if "episode/env_errors" in r else True
+        assert r["reward"] == r["episode/reward_env"]  # the server's rewards alone
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    with open(os.path.join(str(tmp_path), "completions.jsonl")) as f:
+        episode = json.loads(f.readline())["episode"]
+    assert episode[0]["role"] == "assistant" and episode[1]["role"] == "user"
+    assert re.match(r"(Wrong, go (higher|lower)\.|Right!)", episode[1]["content"])

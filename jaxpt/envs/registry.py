@@ -35,7 +35,7 @@ def env_factory(envs, *, without_tools: bool = False) -> Callable[[], object]:
     ``spec`` with ``kwargs``; an environment that takes ``tools`` gets the section's tools
     (none with ``without_tools``: calls then fail as unknown tools) and one shared
     ``ToolRunner`` with the section's limits."""
-    from jaxpt.envs.tools import ToolRunner, resolve_tools
+    from jaxpt.envs.tools import ToolRunner, python_tool, resolve_tools
 
     cls = env_class(envs.spec or "tools")
     kwargs = dict(envs.kwargs)
@@ -45,12 +45,16 @@ def env_factory(envs, *, without_tools: bool = False) -> Callable[[], object]:
         accepted = {}
     takes_all = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
     if "tools" in accepted or takes_all:
-        tools = [] if without_tools else resolve_tools(list(envs.tools) or
-                                                       list(kwargs.pop("tools", [])))
+        specs = list(envs.tools) or list(kwargs.pop("tools", []))
+        # The python tool's sandbox takes the section's time limit as its own.
+        specs = [python_tool(timeout_s=envs.tool_timeout_s) if s == "python" else s
+                 for s in specs]
+        tools = [] if without_tools else resolve_tools(specs)
         kwargs.pop("tools", None)
         kwargs["tools"] = tools
         if "runner" in accepted:
             kwargs["runner"] = ToolRunner(tools, timeout_s=envs.tool_timeout_s,
+                                          max_output_chars=envs.max_tool_output_chars,
                                           max_calls_per_turn=envs.max_tool_calls_per_turn,
                                           max_workers=envs.max_parallel)
     elif envs.tools:

@@ -31,6 +31,9 @@ from jaxpt.envs.base import AssistantTurn, Environment, EnvStep
 log = logging.getLogger(__name__)
 
 _PROBE = "JAXPT-PROBE-7f3a"  # placeholder content for rendering a template's turn layout
+# No tokenizer packs more characters than this into a token of ordinary text: answers whose
+# text is longer than this many times the room left cannot fit and are not rendered.
+_CHARS_PER_TOKEN = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +331,10 @@ class EpisodeRunner:
             return False
         if episode.turns >= self.limits.max_turns:
             episode.end = "max_turns"
+            return False
+        room = self.lc - len(episode.tokens)
+        if sum(len(str(m.get("content", ""))) for m in result.messages) > _CHARS_PER_TOKEN * room:
+            episode.end = "tokens"  # cannot fit: not worth rendering (a flood of results)
             return False
         assistant = {"role": "assistant", "content": episode.last_turn.content}
         if episode.last_turn.tool_calls:
