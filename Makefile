@@ -7,7 +7,7 @@ EXAMPLES_STAMP := $(VENV)/.installed-examples
 # pytest-xdist workers for `make test` (e.g. `make test WORKERS=1`; 0 runs in-process).
 WORKERS ?= 2
 
-.PHONY: install install-test quickstart rlvr-smollm2 distill-smollm2 judge-smollm2 test lint bench accel-check clean
+.PHONY: install install-test quickstart rlvr-smollm2 distill-smollm2 judge-smollm2 tools-smollm2 test lint bench accel-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ rlvr-smollm2: $(EXAMPLES_STAMP)
 # On-policy distillation of that GRPO model (the teacher) into SmolLM2-135M-Instruct as shipped.
 distill-smollm2: $(EXAMPLES_STAMP)
 	$(PY) -m jaxpt.train --config configs/distill_smollm2_arith.yaml
+
+# Agentic RL: SmolLM2-135M-Instruct with a sandboxed python tool on a reasoning-gym task.
+tools-smollm2: $(EXAMPLES_STAMP)
+	$(PY) -m jaxpt.train --config configs/grpo_smollm2_python_tool.yaml
 
 # RLAIF labels: SmolLM2-135M-Instruct judges arithmetic answer pairs (a right and a wrong
 # worked answer, in random order) in both orders; prints agreement and label accuracy.

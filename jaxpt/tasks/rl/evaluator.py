@@ -69,7 +69,10 @@ def episode_evaluator(ctx: RunContext, cfg, rows, tokenizer, scorer, policy_of: 
         for suffix, runner in runners.items():
             episodes = runner.run(policy, rows, list(range(len(rows))), jax.random.key(0))
             answers = [e.final_text for e in episodes]
-            scores = scorer([r["prompt"] for r in rows], answers, [r["answer"] for r in rows])
+            columns = {key: [r.get(key) for r in rows]
+                       for key in dict.fromkeys(k for r in rows for k in r)
+                       if key not in ("prompt", "completions")}
+            scores = scorer(prompts=[r["prompt"] for r in rows], completions=answers, **columns)
             correct = np.array([s == 1.0 for s in scores], np.float64)
             shown = episode_metrics(episodes, prefix="")
             metrics.update({
