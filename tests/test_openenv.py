@@ -90,13 +90,14 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -
 
 @pytest.fixture(scope="module")
 def servers():
-    """Two game servers started together: one the tests share, one a test kills."""
-    started = [start_server(), start_server()]
+    """Game servers started together: one the scripted tests share, one a test kills, one
+    for the training run alone (every session it holds is the run's)."""
+    started = [start_server(), start_server(), start_server()]
     try:
         import_openenv_client()  # the adapter's own import, while the servers start
         for url, process in started:
             wait_healthy(url, process)
-        yield {"shared": started[0][0], "doomed": started[1]}
+        yield {"shared": started[0][0], "doomed": started[1], "training": started[2][0]}
     finally:
         for _, process in started:
             process.kill()
@@ -221,7 +222,8 @@ def test_built_from_config_kwargs_and_import_errors_name_the_extra(monkeypatch):
 
 
 
-def test_grpo_trains_against_the_server_through_the_adapter(tmp_path, tiny_dir, prompts_file):
+def test_grpo_trains_against_the_server_through_the_adapter(servers, tmp_path, tiny_dir,
+                                                            prompts_file):
     """Three GRPO steps whose episodes are games on the OpenEnv server (``envs.spec:
     openenv``): every episode ends by the game's own rule (right, or out of guesses), the
     server's rewards are the episodes' rewards, and the transcripts hold its hints."""
@@ -234,7 +236,7 @@ def test_grpo_trains_against_the_server_through_the_adapter(tmp_path, tiny_dir, 
     from jaxpt.loop import run
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    url, process = start_server()  # its own server: every session it holds is this run's
+    url = servers["training"]
     overrides = {
         "output_dir": str(tmp_path), "model.path": tiny_dir, "data.train": prompts_file,
         "data.eval": "null", "train.batch_size": 4, "train.max_steps": 3,
@@ -247,12 +249,7 @@ def test_grpo_trains_against_the_server_through_the_adapter(tmp_path, tiny_dir, 
     }
     config = load_config(os.path.join(root, "configs", "grpo_arith.yaml"),
                          [f"{k}={v}" for k, v in overrides.items()])
-    try:
-        wait_healthy(url, process)
-        run(config)
-    finally:
-        process.kill()
-        process.wait()
+    run(config)
     rows = train_rows(str(tmp_path))
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:

@@ -142,13 +142,12 @@ class EpisodeRunner:
     def __init__(self, tokenizer, make_env: Callable[[], Environment], *, sampling,
                  max_prompt_length: int, max_completion_length: int,
                  limits: EpisodeLimits = EpisodeLimits(), parser: str = "auto"):
+        from jaxpt.data.tokenizer import end_of_turn_id
         from jaxpt.envs.parsers import parser_for
 
         self.tokenizer, self.make_env, self.sampling = tokenizer, make_env, sampling
         self.lp, self.lc, self.limits = max_prompt_length, max_completion_length, limits
         self.parser = parser_for(getattr(tokenizer, "chat_template", None), parser)
-        from jaxpt.data.tokenizer import end_of_turn_id
-
         self.eos = set(sampling.eos_token_ids)
         # What closes a turn cut at max_turn_tokens before the environment answers it.
         self.end_of_turn = end_of_turn_id(tokenizer)
