@@ -213,3 +213,22 @@ def test_grpo_on_episodes_logs_them_and_resumes_exactly_after_a_crash_mid_episod
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm", "reward", "episode/length", "episode/policy_tokens"):
         assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("envs.spec", "nowhere.mod:Env", "cannot be imported"),
+    ("envs.tools", "[no_such_tool]", "unknown tool 'no_such_tool'"),
+    ("envs.kwargs", "{colour: red}", "do not fit"),
+    ("envs.parser", "smoke_signals", "envs.parser"),
+    ("envs.max_turns", "0", "envs.max_turns"),
+])
+def test_bad_envs_settings_fail_at_load_naming_the_key(key, value, message, tiny_dir,
+                                                         prompts_file, tmp_path):
+    from jaxpt.config import ConfigError
+    from jaxpt.tasks import get_task
+
+    extra = {"envs.spec": "tools", "envs.tools": "[calculator]", key: value}
+    with pytest.raises(ConfigError, match=message):
+        config = load_config(GRPO_ARITH, _overrides(str(tmp_path), tiny_dir, prompts_file,
+                                                    **extra))
+        get_task("grpo").check_config(config)

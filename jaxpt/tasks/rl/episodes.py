@@ -370,6 +370,27 @@ def episode_runner(ctx, tokenizer, sampling, max_prompt_length: int,
                          parser=envs.parser)
 
 
+def check_envs(config) -> None:
+    """A ConfigError naming the ``envs`` key when its environment, tools or parser cannot
+    be built (an RL task's load-time check)."""
+    from jaxpt.config import ConfigError
+    from jaxpt.envs.parsers import parser_for
+    from jaxpt.envs.registry import env_factory
+
+    envs = config.envs
+    if not envs.enabled():
+        return
+    try:
+        env_factory(envs)
+    except (ValueError, TypeError, ImportError, AttributeError) as error:
+        raise ConfigError(f"config section 'envs' (spec {envs.spec!r}, tools "
+                          f"{list(envs.tools)}): {error}") from None
+    try:
+        parser_for(None, envs.parser)
+    except ValueError as error:
+        raise ConfigError(f"config key 'envs.parser': {error}") from None
+
+
 def episode_seeds(key, count: int) -> list[int]:
     """The environments' seeds of a rollout's ``count`` episodes, from its sampling key
     (a rerun of the rollout seeds them alike)."""
