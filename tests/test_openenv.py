@@ -214,7 +214,7 @@ def test_built_from_config_kwargs_and_import_errors_name_the_extra(monkeypatch):
     env = OpenEnvEnvironment(base_url="http://localhost:8000/", action="text", timeout_s=5)
     assert env.base_url == "http://localhost:8000"
     assert env.make_action(turn("hi")) == {"text": "hi"}
-    with pytest.raises(ValueError, match="not an importable"):
+    with pytest.raises(ValueError, match="cannot be imported"):
         OpenEnvEnvironment("http://x", action="no_such_module_xyz:fn")
     monkeypatch.setitem(sys.modules, "openenv.core.generic_client", None)  # not installed
     with pytest.raises(ImportError, match=r"jaxpt\[openenv\]"):

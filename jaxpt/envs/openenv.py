@@ -21,7 +21,6 @@ broken episode never stops a run.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 from collections.abc import Callable
 
@@ -146,12 +145,9 @@ def _resolve(ref, key: str) -> Callable:
     """A callable, or one named ``"package.module:attribute"``."""
     if callable(ref):
         return ref
-    module_name, _, attr = str(ref).partition(":")
-    try:
-        value = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"OpenEnvEnvironment {key}={ref!r}: not an importable "
-                         f"'package.module:function' ({error})") from None
+    from jaxpt.envs.registry import import_object
+
+    value = import_object(ref, f"OpenEnvEnvironment {key}")
     if not callable(value):
         raise TypeError(f"OpenEnvEnvironment {key}={ref!r} is not callable")
     return value

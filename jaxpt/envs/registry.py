@@ -13,6 +13,20 @@ BUILTIN = {
 }
 
 
+def import_object(path: str, what: str):
+    """What an import path ``package.module:attribute`` (dots after the colon walk
+    attributes) names; a ValueError naming ``what`` and the path when it cannot be found."""
+    module_name, _, attributes = str(path).partition(":")
+    try:
+        value = importlib.import_module(module_name)
+        for name in attributes.split("."):
+            value = getattr(value, name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{what} {path!r} cannot be imported as 'package.module:name': "
+                         f"{error}") from None
+    return value
+
+
 def env_class(spec: str) -> type:
     """The environment class a built-in name (``tools``, ``openenv``, ``reasoning_gym``) or
     an import path ``pkg.module:Class`` names."""
@@ -20,11 +34,7 @@ def env_class(spec: str) -> type:
     if ":" not in path:
         raise ValueError(f"environment {spec!r} is neither a built-in ({sorted(BUILTIN)}) nor "
                          "an import path 'package.module:Class'")
-    module, _, name = path.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"environment {spec!r} cannot be imported: {error}") from None
+    cls = import_object(path, "environment")
     if not callable(cls):
         raise TypeError(f"environment {spec!r} is not a class or factory")
     return cls

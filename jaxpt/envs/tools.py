@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib
 import inspect
 import json
 import math
@@ -120,14 +119,9 @@ def resolve_tools(specs: Iterable[Tool | Callable[..., Any] | str]) -> list[Tool
 
 
 def _import(path: str) -> Any:
-    module_name, _, attr_path = path.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-        for attr in attr_path.split("."):
-            obj = getattr(obj, attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"cannot import tool {path!r}: {exc}") from exc
-    return obj
+    from jaxpt.envs.registry import import_object
+
+    return import_object(path, "tool")
 
 
 # --- running calls --------------------------------------------------------------------------

@@ -255,12 +255,7 @@ def arithmetic_rows(ctx: RunContext, split: str, kind: str) -> list[dict]:
     """Rows of the shipped arithmetic task: examples (``sft``, ``prompt``), preference
     pairs or step-labelled solutions (``steps``), ``split`` train or test; also written to
     ``<output_dir>/data/<name>_<split>.jsonl`` for inspection."""
-    from jaxpt.data import (
-        generate_examples,
-        generate_preference_pairs,
-        generate_step_rows,
-        write_jsonl,
-    )
+    from jaxpt.data import generate_examples, generate_preference_pairs, generate_step_rows
 
     a = ctx.config.data.arithmetic
     # KTO's unpaired rows: the pairs, each read as a desirable and an undesirable example.
@@ -275,19 +270,26 @@ def arithmetic_rows(ctx: RunContext, split: str, kind: str) -> list[dict]:
         rows = generator(n, a.seed, split, task=task)
     except ValueError as error:
         raise ConfigError(f"config section 'data.arithmetic': {error}") from None
-    if ctx.is_main_process:  # every process generates the same rows
-        path = os.path.join(ctx.output_dir, "data", f"{_ARITHMETIC_FILES[kind]}_{split}.jsonl")
+    _write_generated(ctx, f"{_ARITHMETIC_FILES[kind]}_{split}.jsonl", rows)
+    return rows
+
+
+def _write_generated(ctx: RunContext, name: str, rows: list[dict]) -> None:
+    """Generated rows into ``<output_dir>/data/<name>`` for inspection, once (every process
+    generates the same rows; the main one writes them)."""
+    from jaxpt.data import write_jsonl
+
+    if ctx.is_main_process:
+        path = os.path.join(ctx.output_dir, "data", name)
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_jsonl(path, rows)
-    return rows
 
 
 def reasoning_gym_source_rows(ctx: RunContext, split: str, kind: str) -> list[dict]:
     """Prompt rows of the ``data.reasoning_gym`` task: ``size`` problems from ``seed`` for
     ``train``, ``eval_size`` from ``eval_seed`` otherwise; also written to
     ``<output_dir>/data/reasoning_gym_<split>.jsonl`` for inspection."""
-    from jaxpt.data import write_jsonl
     from jaxpt.data.reasoning_gym import HELD_OUT_SEED, reasoning_gym_rows
 
     if kind != "prompt":
@@ -303,11 +305,7 @@ def reasoning_gym_source_rows(ctx: RunContext, split: str, kind: str) -> list[di
                                   instruction=r.instruction, system=r.system)
     except (ImportError, ValueError) as error:
         raise ConfigError(f"config section 'data.reasoning_gym': {error}") from None
-    if ctx.is_main_process:  # every process generates the same rows
-        path = os.path.join(ctx.output_dir, "data", f"reasoning_gym_{split}.jsonl")
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_jsonl(path, rows)
+    _write_generated(ctx, f"reasoning_gym_{split}.jsonl", rows)
     return rows
 
 
