@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax is chatty at INFO
+    # A library imported first may have configured the root logger at WARNING already (then
+    # basicConfig does nothing): jaxpt's own progress lines must still show.
+    logging.getLogger("jaxpt").setLevel(logging.INFO)
     from jaxpt.config import ConfigError, load_config
 
     try:

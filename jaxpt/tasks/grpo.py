@@ -36,7 +36,6 @@ from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import common
 from jaxpt.tasks.base import BuiltModel, RunContext, Task
 from jaxpt.tasks.rl.batch import Rollout, completion_window, shares_prompts, train_batch
-from jaxpt.tasks.rl.episodes import check_envs
 from jaxpt.tasks.rl.evaluator import accuracy_evaluator
 from jaxpt.tasks.rl.forward import completion_hidden
 from jaxpt.tasks.rl.program import RolloutProgram
@@ -265,6 +264,8 @@ def check_config(config) -> None:
     if cfg.reward_model is not None:
         common.check_model_path("grpo.reward_model", cfg.reward_model)
     check_reward_settings("grpo", cfg)
+    from jaxpt.tasks.rl.episodes import check_envs  # envs load tools: only when checking
+
     check_envs(config)
     routing_shape(config)
 

@@ -41,7 +41,6 @@ from jaxpt.step import LossOutput, StepContext
 from jaxpt.tasks import common
 from jaxpt.tasks.base import BuiltModel, RunContext, Task
 from jaxpt.tasks.rl.batch import Rollout, completion_window, train_batch
-from jaxpt.tasks.rl.episodes import check_envs
 from jaxpt.tasks.rl.evaluator import accuracy_evaluator
 from jaxpt.tasks.rl.forward import completion_hidden
 from jaxpt.tasks.rl.program import RolloutProgram
@@ -152,6 +151,8 @@ def check_config(config) -> None:
     if common.lora_enabled(config):
         raise ConfigError("config section 'lora' is not supported by task: ppo yet (under "
                           "LoRA only adapters train, and the critic has none); set lora.rank: 0")
+    from jaxpt.tasks.rl.episodes import check_envs  # envs load tools: only when checking
+
     check_envs(config)
     if cfg.reward_model is None and not cfg.rewards and not config.envs.enabled():
         raise ConfigError("config key 'ppo.rewards' is empty and 'ppo.reward_model' is null: "
