@@ -255,7 +255,6 @@ def test_grpo_trains_against_the_server_through_the_adapter(servers, tmp_path, t
     for r in rows:
         assert r["episode/end/done"] == 1.0  # the game, not a limit, ended every episode
         assert 1.0 <= r["episode/turns"] <= 3.0  # at most three guesses
-        assert r["episode/env_errors"] == 0.0 if "episode/env_errors" in r else True
         assert r["reward"] == r["episode/reward_env"]  # the server's rewards alone
     assert all(np.isfinite(r["loss"]) for r in rows)
     with open(os.path.join(str(tmp_path), "completions.jsonl")) as f:

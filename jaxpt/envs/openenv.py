@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Callable
 
 from jaxpt.envs.base import AssistantTurn, Environment, EnvStep
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ACTION_FIELD = "message"
 TEXT_FIELDS = ("prompt", "text", "message")  # tried in order when no field is named
@@ -102,6 +105,7 @@ class OpenEnvEnvironment(Environment):
         except Exception as error:  # noqa: BLE001 - server, network or action: end, count, go on
             self.close()
             message = f"OpenEnv step failed ({self.base_url}): {type(error).__name__}: {error}"
+            log.warning("%s (the episode ends, counted in episode/env_errors)", message)
             return EnvStep(done=True, info={"error": message, "metrics": {"env_errors": 1}})
         reward = 0.0 if result.reward is None else float(result.reward)
         messages = self.to_messages(result.observation, False)
