@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable
 
 from jaxpt.envs.base import AssistantTurn, Environment, EnvStep
+from jaxpt.envs.imports import import_object
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,6 @@ def _resolve(ref, key: str) -> Callable:
     """A callable, or one named ``"package.module:attribute"``."""
     if callable(ref):
         return ref
-    from jaxpt.envs.registry import import_object
-
     value = import_object(ref, f"OpenEnvEnvironment {key}")
     if not callable(value):
         raise TypeError(f"OpenEnvEnvironment {key}={ref!r} is not callable")

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
+
+from jaxpt.envs.imports import import_object
 
 BUILTIN = {
     "tools": "jaxpt.envs.tool_env:ToolEnv",
     "openenv": "jaxpt.envs.openenv:OpenEnvEnvironment",
     "reasoning_gym": "jaxpt.envs.reasoning_gym:ReasoningGymEnv",
 }
-
-
-def import_object(path: str, what: str):
-    """What an import path ``package.module:attribute`` (dots after the colon walk
-    attributes) names; a ValueError naming ``what`` and the path when it cannot be found."""
-    module_name, _, attributes = str(path).partition(":")
-    try:
-        value = importlib.import_module(module_name)
-        for name in attributes.split("."):
-            value = getattr(value, name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"{what} {path!r} cannot be imported as 'package.module:name': "
-                         f"{error}") from None
-    return value
 
 
 def env_class(spec: str) -> type:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from jaxpt.envs.base import ToolCall
+from jaxpt.envs.imports import import_object
 from jaxpt.rewards.sandbox import run_untrusted
 
 # What ToolResult.error may hold. A cut output is not an error (see ToolResult.truncated).
@@ -86,7 +87,7 @@ def as_tool(spec: Tool | Callable[..., Any] | str, *, timeout_s: float | None = 
         if spec in BUILTIN_TOOLS:
             tool = BUILTIN_TOOLS[spec]()
         elif ":" in spec:
-            tool = as_tool(_import(spec))
+            tool = as_tool(import_object(spec, "tool"))
         else:
             raise ValueError(
                 f"unknown tool {spec!r}: use one of {sorted(BUILTIN_TOOLS)}, an import path "
@@ -116,12 +117,6 @@ def resolve_tools(specs: Iterable[Tool | Callable[..., Any] | str]) -> list[Tool
     if duplicates:
         raise ValueError(f"several tools are named {duplicates}: tool names must be unique")
     return tools
-
-
-def _import(path: str) -> Any:
-    from jaxpt.envs.registry import import_object
-
-    return import_object(path, "tool")
 
 
 # --- running calls --------------------------------------------------------------------------

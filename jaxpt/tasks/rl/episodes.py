@@ -212,7 +212,7 @@ class EpisodeRunner:
                     episode = episodes[i]
                     if self._continue(episode, future.result()):
                         episode.request_id = engine.resume(
-                            episode.request_id, self._appended(episode),
+                            episode.request_id, episode.pending_ids,
                             self._turn_budget(episode), turn_key(i, episode.turns))
                         by_request[episode.request_id] = i
                     else:
@@ -350,10 +350,6 @@ class EpisodeRunner:
                                for m in result.messages]
         episode.pending_ids = episode.pending_ids + ids
         return True
-
-    @staticmethod
-    def _appended(episode: Episode) -> list[int]:
-        return episode.pending_ids
 
 
 def episode_runner(ctx, tokenizer, sampling, max_prompt_length: int,
